@@ -1,0 +1,173 @@
+"""`wds-encode`: the command line. `run` is the default command and keeps pre_encode.py's names.
+
+Options are generated from `EncodeConfig`, so the help, the defaults and the validation never
+disagree. Exit codes: 0 done, 1 too many bad samples (--strict / --max-errors), 2 bad
+configuration or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from . import __version__
+from .config import ConfigError, EncodeConfig, encode_config_from, read_config_file
+
+EXIT_OK, EXIT_BAD_SAMPLES, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _click_type(annotation):
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Union and len(args) == 1:
+        return _click_type(args[0])
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)])
+    if annotation is int:
+        return click.INT
+    if annotation is Path:
+        return click.Path(path_type=Path)
+    return click.STRING
+
+
+def encode_options(func):
+    """Decorate `func` with one click option per EncodeConfig field (default shown, None passed)."""
+    for name, field in reversed(list(EncodeConfig.model_fields.items())):
+        cli_name = (field.alias or name).replace("_", "-")
+        default = field.default
+        help_text = f"{field.description} [default: {default}]"
+        if field.annotation is bool:
+            decl = f"--{cli_name}/--no-{cli_name}" if default else f"--{cli_name}"
+            func = click.option(decl, name, is_flag=True, default=None, help=help_text)(func)
+        else:
+            func = click.option(f"--{cli_name}", name, type=_click_type(field.annotation), default=None,
+                                help=help_text)(func)
+    func = click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+                        default=None, help="YAML/JSON file of these options; flags given here override it")(func)
+    return func
+
+
+def build_config(ctx: click.Context, config_file: Path | None, values: dict) -> EncodeConfig:
+    given = {name: value for name, value in values.items()
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    file_values = None
+    source = "command line"
+    if config_file is not None:
+        file_values = read_config_file(config_file)
+        if file_values is None:
+            file_values = {}
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of option names to values")
+        source = f"{config_file} + command line"
+    return encode_config_from(file_values, given, source)
+
+
+def format_summary(stats) -> str:
+    d = stats.as_dict()
+    lines = [
+        "wds-encode summary",
+        f"  units      {d['units_done']} encoded, {d['units_skipped']} already done, "
+        f"{d['units_failed']} broken (of {d['units_total']})",
+        f"  samples    {d['samples']}  windows written {d['windows']}  rejected {d['rejected']}",
+        f"  audio      {d['audio_hours']:.4f} h in {d['elapsed_seconds']:.1f} s "
+        f"(real-time factor {d['realtime_factor']:.1f}x)",
+        f"  problems   {d['errors']} errors, {d['warnings']} warnings"
+        + ("  (see errors.jsonl)" if d['errors'] or d['warnings'] else ""),
+    ]
+    if d["fp32_retries"]:
+        lines.append(f"  precision  {d['fp32_retries']} batches re-run in fp32 after non-finite latents")
+    if d["stopped_early"]:
+        lines.append("  stopped    at --limit-batches; unfinished units are left for a rerun")
+    return "\n".join(lines)
+
+
+def exit_code_for(stats, config: EncodeConfig) -> int:
+    if config.strict and stats.errors:
+        return EXIT_BAD_SAMPLES
+    if config.max_errors is not None and stats.errors > config.max_errors:
+        return EXIT_BAD_SAMPLES
+    return EXIT_OK
+
+
+def run_encode(config: EncodeConfig) -> int:
+    """Run, print the summary, and return the exit code."""
+    from .manifest import ManifestError
+    from .models import CheckpointError
+    from .runner import run
+
+    try:
+        stats = run(config)
+    except (ConfigError, ManifestError, CheckpointError) as exc:
+        click.echo(f"wds-encode: error: {exc}", err=True)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        click.echo("wds-encode: interrupted; committed units are kept, rerun to finish", err=True)
+        return EXIT_INTERRUPTED
+    click.echo(format_summary(stats))
+    click.echo(f"  output     {config.output_path}")
+    code = exit_code_for(stats, config)
+    if code:
+        click.echo(f"wds-encode: {stats.errors} bad samples (limit: "
+                   f"{'0 with --strict' if config.strict else config.max_errors}); exiting with {code}", err=True)
+    return code
+
+
+class DefaultRunGroup(click.Group):
+    """`wds-encode --model-config ...` means `wds-encode run --model-config ...`, as pre_encode.py."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter):
+        super().format_help(ctx, formatter)
+        run_cmd = self.commands["run"]
+        with formatter.section("Options of `run` (the default command)"):
+            formatter.write_dl([p.get_help_record(ctx) for p in run_cmd.get_params(ctx)
+                                if p.get_help_record(ctx) is not None])
+
+
+@click.group(cls=DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wds-encode")
+def main():
+    """Pre-encode audio datasets (WebDataset shards or folders) into autoencoder latents."""
+
+
+@main.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@encode_options
+@click.pass_context
+def run_command(ctx: click.Context, config_file, **values):
+    """Encode a dataset (the arguments of stable-audio-tools' pre_encode.py, plus more)."""
+    try:
+        config = build_config(ctx, config_file, values)
+    except ConfigError as exc:
+        click.echo(f"wds-encode: bad configuration:\n{exc}", err=True)
+        ctx.exit(EXIT_CONFIG)
+    ctx.exit(run_encode(config))
+
+
+@main.command("demo")
+@click.argument("directory", type=click.Path(path_type=Path), default=Path("demo-out"))
+@click.option("--shards", "num_shards", type=int, default=3, show_default=True, help="Input shards to generate")
+@click.option("--samples-per-shard", type=int, default=20, show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--progress/--no-progress", default=True)
+def demo_command(directory: Path, num_shards: int, samples_per_shard: int, num_workers: int, batch_size: int,
+                 progress: bool):
+    """Generate a small real-audio dataset in DIRECTORY and encode it with the bundled model."""
+    from .demo import prepare_demo
+
+    config = prepare_demo(directory, num_shards=num_shards, samples_per_shard=samples_per_shard,
+                          num_workers=num_workers, batch_size=batch_size, progress=progress)
+    click.echo(f"demo dataset: {config.dataset_config}")
+    sys.exit(run_encode(config))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

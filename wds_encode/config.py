@@ -1,0 +1,239 @@
+"""Configuration at the edge: every option validated once, before any model is loaded.
+
+`EncodeConfig` holds the command's options (stable-audio-tools pre_encode.py names and defaults,
+plus ours). `DatasetConfig` parses stable-audio-tools dataset JSON. Both come from JSON or YAML
+files; command-line flags override the file. Errors are `ConfigError` with the file and field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Bounds for --sample-size: at least one latent frame of any real model, at most ~1 h at 192 kHz.
+MIN_SAMPLE_SIZE = 64
+MAX_SAMPLE_SIZE = 192_000 * 3600
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the file and the field."""
+
+
+def read_config_file(path: str | Path) -> Any:
+    """Parse a JSON or YAML file, with an error that names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: `source: field.path: message (got value)`."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        got = ""
+        if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            got = f" (got {err['input']!r})"
+        lines.append(f"{source}: {where}: {msg}{got}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- encode options
+
+class EncodeConfig(BaseModel):
+    """Every option of `wds-encode run`. Defaults follow stable-audio-tools' pre_encode.py."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              protected_namespaces=())
+
+    # --- the seed's options (pre_encode.py names and defaults)
+    model_config_path: Optional[Path] = Field(None, alias="model_config", description="Model config JSON")
+    ckpt_path: Optional[Path] = Field(None, description="Autoencoder checkpoint (.ckpt or .safetensors)")
+    pretrained_name: Optional[str] = Field(None, description="Folder with model_config.json + weights")
+    dataset_config: Optional[Path] = Field(None, description="Dataset config JSON")
+    output_path: Optional[Path] = Field(None, description="Output folder")
+    batch_size: int = Field(1, ge=1, le=4096, description="Windows per encoder batch")
+    sample_size: int = Field(1320960, ge=MIN_SAMPLE_SIZE, le=MAX_SAMPLE_SIZE,
+                             description="Samples per window (pad/crop), at the model's rate")
+    num_workers: int = Field(4, ge=0, le=256, description="DataLoader worker processes")
+    shuffle: bool = Field(False, description="Shuffle the order of input shards (seeded)")
+    model_half: bool = Field(False, description="Encode in float16 (same as --precision fp16)")
+    is_discrete: bool = Field(False, description="Write discrete tokens instead of latents")
+    num_nodes: int = Field(1, ge=1, description="Nodes (checked against the launcher)")
+    strategy: str = Field("auto", description="Accepted for compatibility (auto / ddp)")
+    limit_batches: Optional[int] = Field(None, ge=1, description="Stop after this many batches per rank")
+
+    # --- ours
+    precision: Optional[Literal["fp32", "fp16", "bf16"]] = Field(
+        None, description="Encoder precision (default fp32, fp16 with --model-half)")
+    latent_mode: Literal["sample", "mean", "params"] = Field(
+        "sample", description="VAE output: sample (seeded by key), mean, or params (mean and std)")
+    chunking: Literal["crop", "split"] = Field(
+        "crop", description="crop: one window per file; split: every window of a long file")
+    max_chunks: Optional[int] = Field(None, ge=1, description="With split: at most this many windows per file")
+    shards: bool = Field(True, description="Also write latent tar shards under OUT/shards")
+    shard_maxcount: int = Field(10000, ge=1, description="Samples per latent shard before a new part")
+    shard_maxsize: int = Field(3_000_000_000, ge=1024, description="Bytes per latent shard before a new part")
+    latent_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of written latents")
+    files_per_unit: int = Field(64, ge=1, description="audio_dir: files per work unit")
+    seed: int = Field(0, description="Seed for random crops, VAE sampling and shard shuffle")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    strict: bool = Field(False, description="Exit non-zero on any bad sample")
+    max_errors: Optional[int] = Field(None, ge=0, description="Exit non-zero when more bad samples than this")
+    overwrite: bool = Field(False, description="Allow writing into a non-empty output of another run")
+    progress: bool = Field(True, description="Show a progress bar")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        allowed = {"auto", "ddp", "ddp_find_unused_parameters_true", "ddp_spawn", "deepspeed"}
+        if value not in allowed:
+            raise ValueError(f"unknown strategy {value!r}; use one of {sorted(allowed)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or value.startswith("cuda:"):
+            return value
+        raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _model_source(self) -> "EncodeConfig":
+        has_pair = self.model_config_path is not None or self.ckpt_path is not None
+        if self.pretrained_name is not None and has_pair:
+            raise ValueError("give either --pretrained-name or --model-config with --ckpt-path, not both")
+        if self.pretrained_name is None:
+            if self.model_config_path is None or self.ckpt_path is None:
+                missing = "--ckpt-path" if self.model_config_path is not None else "--model-config"
+                if self.model_config_path is None and self.ckpt_path is None:
+                    missing = "--model-config and --ckpt-path (or --pretrained-name)"
+                raise ValueError(f"missing {missing}: a model config and its checkpoint go together")
+        if self.dataset_config is None:
+            raise ValueError("missing --dataset-config")
+        if self.output_path is None:
+            raise ValueError("missing --output-path")
+        if self.model_half and self.precision not in (None, "fp16"):
+            raise ValueError(f"--model-half conflicts with --precision {self.precision}")
+        return self
+
+    @property
+    def effective_precision(self) -> str:
+        if self.precision is not None:
+            return self.precision
+        return "fp16" if self.model_half else "fp32"
+
+    def as_args(self) -> dict:
+        """JSON-native dict with pre_encode.py's argument names (for details.json `args`)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        return data
+
+
+def encode_config_from(file_values: dict | None, cli_values: dict, source: str = "command line") -> EncodeConfig:
+    """Merge defaults < config file < command line, validate, and raise ConfigError on problems."""
+    merged: dict[str, Any] = {}
+    for name, value in (file_values or {}).items():
+        merged[name.replace("-", "_")] = value
+    merged.update({k: v for k, v in cli_values.items()})
+    if "model_config_path" in merged:
+        merged["model_config"] = merged.pop("model_config_path")
+    try:
+        return EncodeConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def fields_help() -> dict[str, tuple[Any, str]]:
+    """name -> (default, description) for every EncodeConfig field (CLI help text)."""
+    out = {}
+    for name, field in EncodeConfig.model_fields.items():
+        out[field.alias or name] = (field.default, field.description or "")
+    return out
+
+
+# --------------------------------------------------------------------------- dataset config
+
+class DatasetEntry(BaseModel):
+    """One entry of `datasets[]` in a stable-audio-tools dataset config."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(..., min_length=1)
+    path: Optional[str] = None
+    s3_path: Optional[str] = None
+    profile: Optional[str] = None
+    custom_metadata_module: Optional[str] = None
+
+
+class DatasetConfig(BaseModel):
+    """stable-audio-tools dataset JSON: `dataset_type`, `datasets[]`, `random_crop` (drop_last ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    dataset_type: Literal["audio_dir", "wds", "s3"]
+    datasets: list[DatasetEntry] = Field(..., min_length=1)
+    random_crop: bool = True
+    custom_metadata_module: Optional[str] = None
+    drop_last: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _paths_present(self) -> "DatasetConfig":
+        ids = [d.id for d in self.datasets]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"dataset ids must be unique, repeated: {dupes}")
+        for i, entry in enumerate(self.datasets):
+            if self.dataset_type == "s3":
+                if not (entry.s3_path or (entry.path or "").startswith("s3://")):
+                    raise ValueError(f"datasets[{i}] ({entry.id}): dataset_type s3 needs s3_path")
+            elif not entry.path and not entry.s3_path:
+                raise ValueError(f"datasets[{i}] ({entry.id}): needs path")
+        return self
+
+    def metadata_module_for(self, entry: DatasetEntry) -> Optional[str]:
+        return entry.custom_metadata_module or self.custom_metadata_module
+
+
+def load_dataset_config(path: str | Path) -> DatasetConfig:
+    data = read_config_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a dataset config is a JSON object with dataset_type and datasets")
+    try:
+        config = DatasetConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+    base = Path(path).resolve().parent
+    for entry in config.datasets:
+        for module_field in ("custom_metadata_module",):
+            value = getattr(entry, module_field)
+            if value and not Path(value).is_absolute() and not Path(value).exists():
+                candidate = base / value
+                if candidate.exists():
+                    setattr(entry, module_field, str(candidate))
+    return config
+
+
+def load_model_config(path: str | Path) -> dict:
+    data = read_config_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a model config is a JSON object")
+    for required in ("sample_rate", "model"):
+        if required not in data:
+            raise ConfigError(f"{path}: {required}: field required (a stable-audio-tools model config)")
+    if not isinstance(data["sample_rate"], int) or data["sample_rate"] <= 0:
+        raise ConfigError(f"{path}: sample_rate: must be a positive integer (got {data['sample_rate']!r})")
+    return data

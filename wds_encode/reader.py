@@ -1,0 +1,315 @@
+"""Work unit -> windows: the DataLoader-worker stage.
+
+Each worker reads the work units assigned to it, streams tar members (webdataset's tar iterator),
+groups them by key, decodes each sample into windows (`audio.iter_windows`) and yields
+`WindowItem`s. After the last window of a unit it yields a `ShardEnd` carrying the unit's counts
+and error records, so the main process knows when a unit's outputs are complete. Nothing here
+raises on bad data: every problem becomes an error record.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import webdataset.tariterators as wds_tar
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .audio import AUDIO_EXTENSIONS, AudioDecodeError, iter_windows
+from .sources import Shard
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """What the reader needs to know about the model and the windowing."""
+
+    sample_rate: int
+    channels: int
+    sample_size: int
+    chunking: str = "crop"          # crop | random_crop | split
+    max_chunks: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class WindowItem:
+    """One window ready for the encoder, with its JSON-native metadata."""
+
+    audio: torch.Tensor          # float32 [C, sample_size]
+    padding_mask: torch.Tensor   # bool [sample_size]
+    key: str                     # output key: sanitised source key (+ chunk suffix), unique per shard
+    shard_id: str
+    metadata: dict
+
+
+@dataclass
+class ShardEnd:
+    """End-of-unit marker: every window of `shard` has been yielded before it."""
+
+    shard: Shard
+    samples: int = 0             # input samples (audio members) seen
+    windows: int = 0             # windows yielded
+    rejected: int = 0            # windows rejected by a custom metadata module
+    audio_seconds: float = 0.0   # seconds of real (unpadded) audio in the yielded windows
+    errors: list[dict] = field(default_factory=list)
+    failed: bool = False         # the unit could not be read to its end
+
+
+@dataclass
+class RawSample:
+    """The members of one input sample, before decoding."""
+
+    key: str
+    path: str                    # where it came from (url#member, or file path)
+    audio_name: Optional[str]
+    audio_bytes: Optional[bytes]
+    metadata: dict
+    problems: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def sanitize_key(key: str) -> tuple[str, Optional[str]]:
+    """A key safe as a file or tar member name, and a warning when the original was unsafe.
+
+    Directory separators become `__`; `.`/`..` parts and empty parts are dropped; anything not
+    [A-Za-z0-9_-] (dots included: webdataset splits keys at the first dot) becomes `_`.
+    """
+    unsafe = ".." in key.split("/") or key.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in key)
+    parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    safe = "__".join(_UNSAFE_KEY_CHARS.sub("_", p) for p in parts) or "sample"
+    warning = f"unsafe key {key!r} written as {safe!r}" if unsafe else None
+    return safe, warning
+
+
+def error_record(shard: Shard, key: Optional[str], reason: str, *, level: str = "error", **extra: Any) -> dict:
+    record = {"level": level, "shard": shard.shard_id, "url": shard.url, "key": key, "reason": reason}
+    record.update(extra)
+    return record
+
+
+def _audio_suffix(suffix: str) -> bool:
+    return suffix.rsplit(".", 1)[-1].lower() in AUDIO_EXTENSIONS
+
+
+def _parse_json(data: bytes) -> dict:
+    value = json.loads(data.decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _group_tar_members(shard: Shard, members: list[tuple[str, bytes]]) -> RawSample:
+    key = wds_tar.base_plus_ext(members[0][0])[0]
+    sample = RawSample(key=key, path=shard.url, audio_name=None, audio_bytes=None, metadata={})
+    for name, data in members:
+        suffix = wds_tar.base_plus_ext(name)[1] or ""
+        if _audio_suffix(suffix):
+            if sample.audio_bytes is None:
+                sample.audio_name, sample.audio_bytes = name, data
+                sample.path = f"{shard.url}#{name}"
+            else:
+                sample.problems.append(f"second audio member {name} ignored")
+        elif suffix.lower() == "json":
+            try:
+                sample.metadata = _parse_json(data)
+            except (ValueError, UnicodeDecodeError) as exc:
+                sample.problems.append(f"!invalid JSON metadata in {name}: {exc}")
+    return sample
+
+
+def iter_tar_samples(shard: Shard, fileobj: io.BufferedIOBase, on_error: Callable[[str, str], None]
+                     ) -> Iterator[RawSample]:
+    """Stream a tar and group consecutive members by key.
+
+    A broken tar (truncated, corrupt header) records one error, drops the sample that was being
+    read when it broke, and raises `_ShardBroken`; the samples before it were already yielded.
+    """
+    current_key: Optional[str] = None
+    members: list[tuple[str, bytes]] = []
+    try:
+        for item in wds_tar.tar_file_iterator(fileobj):
+            name, data = item["fname"], item["data"]
+            prefix, _suffix = wds_tar.base_plus_ext(name)
+            if prefix is None:
+                on_error(name, f"member {name!r} has no extension; skipped")
+                continue
+            if current_key is not None and prefix != current_key:
+                yield _group_tar_members(shard, members)
+                members = []
+            current_key = prefix
+            members.append((name, data))
+    except Exception as exc:  # truncated or corrupt tar: report, keep what was read before
+        lost = f"; sample {current_key!r} not encoded (may be incomplete)" if members else ""
+        on_error(current_key or "", f"tar read failed: {type(exc).__name__}: {exc}{lost}")
+        raise _ShardBroken(str(exc)) from None
+    if members:
+        yield _group_tar_members(shard, members)
+
+
+class _ShardBroken(Exception):
+    """The unit's stream broke; samples before the break were processed."""
+
+
+class Reader(IterableDataset):
+    """Yields WindowItems and ShardEnds for the units assigned to this (rank, worker)."""
+
+    def __init__(self, shards: list[Shard], options: ReaderOptions, *, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.shards = list(shards)
+        self.options = options
+        self.rank = rank
+        self.world_size = world_size
+        self._metadata_fns: dict[str, Callable] = {}
+
+    # ------------------------------------------------------------------ assignment
+    def assigned_shards(self) -> list[Shard]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot = self.rank * num_workers + worker
+        slots = self.world_size * num_workers
+        return [s for i, s in enumerate(self.shards) if i % slots == slot]
+
+    def __iter__(self) -> Iterator[WindowItem | ShardEnd]:
+        torch.set_num_threads(1)
+        for shard in self.assigned_shards():
+            yield from self.read_shard(shard)
+
+    # ------------------------------------------------------------------ one unit
+    def read_shard(self, shard: Shard) -> Iterator[WindowItem | ShardEnd]:
+        end = ShardEnd(shard=shard)
+        used_keys: set[str] = set()
+
+        def on_error(key: str, reason: str) -> None:
+            end.errors.append(error_record(shard, key, reason))
+
+        try:
+            for raw in self._raw_samples(shard, on_error):
+                yield from self._windows_of(shard, raw, end, used_keys)
+        except _ShardBroken:
+            end.failed = True
+        except OSError as exc:
+            end.failed = True
+            on_error("", f"cannot read work unit: {exc}")
+        yield end
+
+    def _raw_samples(self, shard: Shard, on_error: Callable[[str, str], None]) -> Iterator[RawSample]:
+        if not shard.is_tar:
+            for rel in shard.files:
+                path = os.path.join(shard.url, rel)
+                key = os.path.splitext(rel)[0]
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError as exc:
+                    on_error(key, f"cannot read {path}: {exc}")
+                    continue
+                yield RawSample(key=key, path=path, audio_name=rel, audio_bytes=data, metadata={},
+                                extra={"relpath": rel})
+            return
+        with open(shard.url, "rb") as f:
+            yield from iter_tar_samples(shard, f, on_error)
+
+    def _windows_of(self, shard: Shard, raw: RawSample, end: ShardEnd, used_keys: set[str]
+                    ) -> Iterator[WindowItem]:
+        key, warning = sanitize_key(raw.key)
+        if warning:
+            end.errors.append(error_record(shard, raw.key, warning, level="warning"))
+        fatal = [p[1:] for p in raw.problems if p.startswith("!")]
+        for problem in raw.problems:
+            if not problem.startswith("!"):
+                end.errors.append(error_record(shard, raw.key, problem, level="warning"))
+        if raw.audio_bytes is None:
+            end.errors.append(error_record(shard, raw.key, "sample has no audio member "
+                                           f"({'/'.join(AUDIO_EXTENSIONS)})"))
+            return
+        end.samples += 1
+        if fatal:
+            end.errors.append(error_record(shard, raw.key, fatal[0]))
+            return
+        if key in used_keys:
+            base, n = key, 1
+            while f"{base}_dup{n}" in used_keys:
+                n += 1
+            key = f"{base}_dup{n}"
+            end.errors.append(error_record(shard, raw.key, f"duplicate key in unit, written as {key!r}",
+                                           level="warning"))
+        used_keys.add(key)
+        ext = (raw.audio_name or "").rsplit(".", 1)[-1].lower()
+        opts = self.options
+        try:
+            windows = list(iter_windows(raw.audio_bytes, ext=ext, sample_rate=opts.sample_rate,
+                                        channels=opts.channels, sample_size=opts.sample_size,
+                                        chunking=opts.chunking, key=raw.key, seed=opts.seed,
+                                        max_chunks=opts.max_chunks))
+            items = [self._item(shard, raw, key, w) for w in windows]
+        except AudioDecodeError as exc:
+            end.errors.append(error_record(shard, raw.key, f"{raw.audio_name}: {exc}"))
+            return
+        except Exception as exc:  # never let one sample stop the run
+            end.errors.append(error_record(shard, raw.key, f"{raw.audio_name}: {type(exc).__name__}: {exc}"))
+            return
+        for item in items:
+            if item is None:
+                end.rejected += 1
+                continue
+            end.windows += 1
+            end.audio_seconds += item.metadata["valid_length"] / opts.sample_rate
+            yield item
+
+    def _item(self, shard: Shard, raw: RawSample, key: str, window) -> Optional[WindowItem]:
+        md: dict[str, Any] = dict(raw.metadata)
+        if "text" in md and "prompt" not in md:
+            md["prompt"] = md["text"]
+        md.update(window.metadata())
+        md.update(raw.extra)
+        out_key = key if window.num_chunks == 1 else f"{key}_{window.chunk_index:04d}"
+        md.update({"path": raw.path, "__key__": raw.key, "key": out_key,
+                   "dataset_id": shard.dataset_id, "source_shard": shard.shard_id})
+        if shard.custom_metadata_module:
+            custom = self._custom_metadata(shard.custom_metadata_module)(dict(md), window.audio)
+            if custom:
+                if custom.get("__reject__"):
+                    return None
+                md.update({k: _json_native(v) for k, v in custom.items() if not k.startswith("__")})
+        json.dumps(md)  # fail here, on this sample, rather than in the writer
+        return WindowItem(audio=window.audio, padding_mask=window.padding_mask, key=out_key,
+                          shard_id=shard.shard_id, metadata=md)
+
+    def _custom_metadata(self, module_path: str) -> Callable:
+        fn = self._metadata_fns.get(module_path)
+        if fn is None:
+            fn = load_custom_metadata_fn(module_path)
+            self._metadata_fns[module_path] = fn
+        return fn
+
+
+def load_custom_metadata_fn(module_path: str) -> Callable:
+    """`get_custom_metadata(info, audio)` from a stable-audio-tools custom metadata module file."""
+    spec = importlib.util.spec_from_file_location("wds_encode_custom_metadata", module_path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"custom_metadata_module {module_path!r} cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, "get_custom_metadata", None)
+    if not callable(fn):
+        raise AttributeError(f"custom_metadata_module {module_path!r} has no get_custom_metadata(info, audio)")
+    return fn
+
+
+def _json_native(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

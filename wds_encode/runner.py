@@ -1,0 +1,346 @@
+"""The per-rank loop: DataLoader -> batches -> encoder -> writer thread -> commits.
+
+Workers decode in parallel; this process batches windows, encodes them, and hands the latents to a
+writer thread through a bounded queue, so the device never waits on disk. A unit's `ShardEnd`
+travels through the same queue after the unit's last batch, so the writer commits a unit only once
+all of its windows are written.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
+from .encoder import BatchEncoder
+from .manifest import RunManifest, run_identity, versions
+from .models import load_autoencoder
+from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
+from .sources import Shard, list_shards
+from .writers import FolderWriter, LatentShardWriter
+
+WRITE_QUEUE_DEPTH = 8
+
+
+@dataclass
+class RunStats:
+    units_total: int = 0
+    units_skipped: int = 0        # already done in an earlier run
+    units_done: int = 0
+    units_failed: int = 0         # could not be read to the end (still committed with what was read)
+    samples: int = 0
+    windows: int = 0
+    rejected: int = 0
+    errors: int = 0
+    warnings: int = 0
+    audio_seconds: float = 0.0
+    batches: int = 0
+    fp32_retries: int = 0
+    elapsed_seconds: float = 0.0
+    stopped_early: bool = False
+
+    @property
+    def realtime_factor(self) -> float:
+        return self.audio_seconds / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        data = dict(self.__dict__)
+        data["audio_hours"] = self.audio_seconds / 3600
+        data["realtime_factor"] = self.realtime_factor
+        return data
+
+
+@dataclass
+class _Pending:
+    """What the writer keeps per open unit until its ShardEnd arrives."""
+
+    folder_files: list[Path] = field(default_factory=list)
+    shard_writer: Optional[LatentShardWriter] = None
+    written: int = 0
+    errors: list[dict] = field(default_factory=list)
+
+
+def resolve_model_source(config: EncodeConfig) -> tuple[dict, Path]:
+    """(model config dict, checkpoint path) from --model-config/--ckpt-path or --pretrained-name."""
+    if config.pretrained_name is not None:
+        folder = Path(config.pretrained_name).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(
+                f"--pretrained-name {config.pretrained_name!r}: no such folder. This version resolves a "
+                "local folder holding model_config.json and model.safetensors / model.ckpt; download the "
+                "model (e.g. `huggingface-cli download stabilityai/stable-audio-open-1.0 --local-dir DIR`) "
+                "and pass DIR, or use --model-config with --ckpt-path")
+        configs = [folder / n for n in ("model_config.json", "vae_config.json") if (folder / n).is_file()]
+        ckpts = [folder / n for n in ("model.safetensors", "model.ckpt", "vae_model.ckpt") if (folder / n).is_file()]
+        if not configs or not ckpts:
+            raise ConfigError(f"--pretrained-name {folder}: needs model_config.json (or vae_config.json) and "
+                              "model.safetensors / model.ckpt / vae_model.ckpt in that folder")
+        return load_model_config(configs[0]), ckpts[0]
+    assert config.model_config_path is not None and config.ckpt_path is not None
+    if not config.ckpt_path.is_file():
+        raise ConfigError(f"--ckpt-path {config.ckpt_path}: file not found")
+    return load_model_config(config.model_config_path), config.ckpt_path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+class _WriterThread(threading.Thread):
+    """Writes batches and commits units, in queue order. A failure stops the run (disk full...)."""
+
+    def __init__(self, config: EncodeConfig, manifest: RunManifest, folder: FolderWriter,
+                 downsampling_ratio: int, on_unit_done):
+        super().__init__(name="wds-encode-writer", daemon=True)
+        self.config = config
+        self.manifest = manifest
+        self.folder = folder
+        self.downsampling_ratio = downsampling_ratio
+        self.on_unit_done = on_unit_done
+        self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_DEPTH)
+        self.pending: dict[str, _Pending] = {}
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                job = self.queue.get()
+                if job is None:
+                    return
+                kind, payload = job
+                if kind == "batch":
+                    self._write_batch(*payload)
+                else:
+                    self._commit(payload)
+        except BaseException as exc:  # surfaced by the main loop
+            self.error = exc
+            while True:  # keep draining so the producer never blocks forever
+                if self.queue.get() is None:
+                    return
+
+    def _unit(self, shard_id: str) -> _Pending:
+        pend = self.pending.get(shard_id)
+        if pend is None:
+            pend = self.pending[shard_id] = _Pending()
+        return pend
+
+    def _write_batch(self, batch_index: int, items: list[WindowItem], encoded) -> None:
+        latents = encoded.latents
+        if latents.is_floating_point() and self.config.latent_dtype == "float16":
+            latents = latents.to(torch.float16)
+        arrays = latents.numpy()
+        masks = encoded.padding_masks.tolist()
+        for i, item in enumerate(items):
+            pend = self._unit(item.shard_id)
+            if not encoded.finite[i]:
+                shard_name = item.metadata["source_shard"]
+                pend.errors.append({"level": "error", "shard": shard_name, "url": item.metadata["path"],
+                                    "key": item.metadata["__key__"],
+                                    "reason": "encoder produced non-finite latents (also in fp32)"})
+                continue
+            array = np.ascontiguousarray(arrays[i])
+            md = dict(item.metadata)
+            md["padding_mask"] = masks[i]
+            md["latent_shape"] = list(array.shape)
+            md["latent_length"] = int(array.shape[-1])
+            md["latent_mode"] = "tokens" if self.config.is_discrete else self.config.latent_mode
+            md["downsampling_ratio"] = self.downsampling_ratio
+            latent_id = self.folder.latent_id(batch_index, i)
+            md["latent_id"] = latent_id
+            pend.folder_files.extend(self.folder.stage(latent_id, array, md))
+            if self.config.shards:
+                if pend.shard_writer is None:
+                    dataset_id, name = item.shard_id.split("/", 1)
+                    pend.shard_writer = LatentShardWriter(
+                        self.config.output_path / "shards", dataset_id, name,
+                        maxcount=self.config.shard_maxcount, maxsize=self.config.shard_maxsize)
+                pend.shard_writer.write(item.key, array, md)
+            pend.written += 1
+
+    def _commit(self, end: ShardEnd) -> None:
+        pend = self.pending.pop(end.shard.shard_id, _Pending())
+        outputs: list[str] = []
+        if pend.shard_writer is not None:
+            outputs = [str(p.relative_to(self.config.output_path)) for p in pend.shard_writer.commit()]
+        self.folder.commit(pend.folder_files)
+        errors = end.errors + pend.errors
+        self.manifest.append_errors(errors)
+        self.manifest.write_record({
+            "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank,
+            "samples": end.samples, "windows": pend.written, "rejected": end.rejected,
+            "errors": sum(1 for e in errors if e["level"] == "error"),
+            "warnings": sum(1 for e in errors if e["level"] != "error"),
+            "failed": end.failed, "latent_shards": outputs,
+            "folder_ids": sorted(p.stem for p in pend.folder_files if p.suffix == ".npy"),
+        })
+        self.on_unit_done(end, pend.written, errors)
+
+    def discard_open_units(self) -> int:
+        for pend in self.pending.values():
+            self.folder.discard(pend.folder_files)
+            if pend.shard_writer is not None:
+                pend.shard_writer.discard()
+        count = len(self.pending)
+        self.pending.clear()
+        return count
+
+
+def _collate(items: list[WindowItem]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    audio = torch.stack([it.audio for it in items])
+    masks = torch.stack([it.padding_mask for it in items])
+    keys = [f"{it.shard_id}/{it.key}" for it in items]
+    return audio, masks, keys
+
+
+def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats:
+    """Encode every unfinished unit of the dataset; returns the run's statistics."""
+    assert config.dataset_config is not None and config.output_path is not None
+    started = time.time()
+    dataset_config: DatasetConfig = load_dataset_config(config.dataset_config)
+    model_config, ckpt_path = resolve_model_source(config)
+    for entry in dataset_config.datasets:  # fail fast on a broken metadata module
+        module = dataset_config.metadata_module_for(entry)
+        if module:
+            try:
+                load_custom_metadata_fn(module)
+            except Exception as exc:
+                raise ConfigError(f"{config.dataset_config}: custom_metadata_module {module}: {exc}") from exc
+    device = pick_device(config.device)
+    model = load_autoencoder(model_config, ckpt_path)
+    if config.is_discrete and not getattr(model.bottleneck, "is_discrete", False):
+        raise ConfigError(f"--is-discrete: the model's bottleneck ({type(model.bottleneck).__name__}) "
+                          "is continuous and has no tokens; drop --is-discrete")
+    if config.sample_size % model.downsampling_ratio:
+        raise ConfigError(f"--sample-size {config.sample_size} is not a multiple of the model's "
+                          f"downsampling_ratio {model.downsampling_ratio}; latents would not line up "
+                          f"(try {config.sample_size // model.downsampling_ratio * model.downsampling_ratio})")
+
+    chunking = config.chunking
+    if chunking == "crop" and dataset_config.random_crop:
+        chunking = "random_crop"
+    options = {**config.model_dump(), "effective_precision": config.effective_precision}
+    identity = run_identity(model_config, ckpt_path, options, dataset_config.random_crop)
+    manifest = RunManifest(config.output_path)
+    done = manifest.prepare(identity, config.overwrite)
+
+    shards = list_shards(dataset_config, files_per_unit=config.files_per_unit, shuffle=config.shuffle,
+                         seed=config.seed)
+    todo = [s for s in shards if s.shard_id not in done]
+    stats = RunStats(units_total=len(shards), units_skipped=len(shards) - len(todo))
+    details = {
+        "model_config": model_config,
+        "dataset_config": dataset_config.model_dump(mode="json"),
+        "sample_size": config.sample_size,
+        "args": config.as_args(),
+        "run_identity": identity,
+        "versions": versions(),
+        "model": {"sample_rate": model.sample_rate, "audio_channels": model.audio_channels,
+                  "latent_dim": model.latent_dim, "downsampling_ratio": model.downsampling_ratio},
+        "started_at": started,
+    }
+    if rank == 0:
+        manifest.write_details(details)
+
+    reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.audio_channels,
+                                        sample_size=config.sample_size, chunking=chunking,
+                                        max_chunks=config.max_chunks, seed=config.seed),
+                    rank=rank, world_size=world_size)
+    num_workers = min(config.num_workers, len(todo))
+    loader = DataLoader(reader, batch_size=None, num_workers=num_workers,
+                        pin_memory=device.type == "cuda",
+                        prefetch_factor=max(2, config.batch_size) if num_workers else None)
+    encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
+                           latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed)
+    folder = FolderWriter(config.output_path, rank)
+    bar = tqdm(total=None, unit="win", disable=not config.progress, dynamic_ncols=True, desc=f"rank {rank}")
+
+    def on_unit_done(end: ShardEnd, written: int, errors: list[dict]) -> None:
+        stats.units_done += 1
+        stats.units_failed += int(end.failed)
+        stats.samples += end.samples
+        stats.windows += written
+        stats.rejected += end.rejected
+        stats.audio_seconds += end.audio_seconds
+        stats.errors += sum(1 for e in errors if e["level"] == "error")
+        stats.warnings += sum(1 for e in errors if e["level"] != "error")
+
+    writer = _WriterThread(config, manifest, folder, model.downsampling_ratio, on_unit_done)
+    writer.start()
+
+    def put(job) -> None:
+        while True:
+            if writer.error is not None:
+                raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
+            try:
+                writer.queue.put(job, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    batch: list[WindowItem] = []
+    ends_after_batch: list[ShardEnd] = []
+    batch_index = folder.first_batch_index
+    audio_seen = 0.0
+
+    def flush() -> None:
+        nonlocal batch, ends_after_batch, batch_index
+        if batch:
+            audio, masks, keys = _collate(batch)
+            encoded = encoder.encode(audio, masks, keys)
+            stats.fp32_retries += int(encoded.fp32_retry)
+            put(("batch", (batch_index, batch, encoded)))
+            batch_index += 1
+            stats.batches += 1
+            bar.update(len(batch))
+        for end in ends_after_batch:
+            put(("end", end))
+        batch, ends_after_batch = [], []
+
+    try:
+        for item in loader:
+            if isinstance(item, ShardEnd):
+                if batch:
+                    ends_after_batch.append(item)
+                else:
+                    put(("end", item))
+                continue
+            batch.append(item)
+            audio_seen += item.metadata["valid_length"] / model.sample_rate
+            if len(batch) >= config.batch_size:
+                flush()
+                elapsed = max(time.time() - started, 1e-9)
+                bar.set_postfix(units=f"{stats.units_done + stats.units_skipped}/{stats.units_total}",
+                                hours=f"{audio_seen / 3600:.3f}", rtf=f"{audio_seen / elapsed:.0f}x")
+                if config.limit_batches is not None and stats.batches >= config.limit_batches:
+                    stats.stopped_early = True
+                    break
+        else:
+            flush()
+    finally:
+        bar.close()
+        writer.queue.put(None)
+        writer.join()
+        del loader
+    if writer.error is not None:
+        raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
+    writer.discard_open_units()
+    stats.elapsed_seconds = time.time() - started
+    if rank == 0:
+        details["finished_at"] = time.time()
+        details["stats"] = stats.as_dict()
+        manifest.write_details(details)
+    return stats
