@@ -1,0 +1,213 @@
+"""Native re-implementation of stable-audio-tools' "oobleck" encoder and decoder.
+
+Why native: stable-audio-tools pulls in a large dependency tree (training code, conditioners,
+alias-free-torch, dac, ...) that an encoding tool does not need. This module reproduces the
+network exactly, with the *same module nesting*, so that a checkpoint's state_dict keys map 1:1
+(`encoder.layers.1.layers.0.layers.1.weight`, ...).
+
+Difference from upstream: convolutions are plain `nn.Conv1d` / `nn.ConvTranspose1d` holding a
+single `weight`. Upstream wraps them in `weight_norm` (keys `weight_g` / `weight_v`); the
+checkpoint loader folds those into `weight` once at load time (see `checkpoint.py`), which is
+numerically the same forward pass and avoids recomputing the norm on every call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import ModelConfigError, UnsupportedModelError
+
+
+class SnakeBeta(nn.Module):
+    """x + 1/(beta + 1e-9) * sin(alpha * x)^2, with alpha/beta stored as logs (upstream default)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = torch.exp(self.alpha)[None, :, None]
+        beta = torch.exp(self.beta)[None, :, None]
+        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
+
+
+def _activation(use_snake: bool, channels: int, antialias: bool) -> nn.Module:
+    if antialias:
+        raise UnsupportedModelError(
+            "oobleck 'antialias_activation': true is not supported yet (it needs alias-free "
+            "up/down-sampling filters around each activation); use a model trained without it"
+        )
+    return SnakeBeta(channels) if use_snake else nn.ELU()
+
+
+class ResidualUnit(nn.Module):
+    """act -> conv k7 (dilated) -> act -> conv k1, plus skip. Keys: `layers.{0..3}`."""
+
+    def __init__(self, channels: int, dilation: int, use_snake: bool):
+        super().__init__()
+        self.layers = nn.Sequential(
+            _activation(use_snake, channels, False),
+            nn.Conv1d(channels, channels, kernel_size=7, dilation=dilation, padding=3 * dilation),
+            _activation(use_snake, channels, False),
+            nn.Conv1d(channels, channels, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x)
+
+
+class EncoderBlock(nn.Module):
+    """3 residual units (dilation 1/3/9) -> act -> strided conv (kernel 2*stride)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, use_snake: bool,
+                 antialias: bool):
+        super().__init__()
+        self.layers = nn.Sequential(
+            ResidualUnit(in_channels, 1, use_snake),
+            ResidualUnit(in_channels, 3, use_snake),
+            ResidualUnit(in_channels, 9, use_snake),
+            # upstream passes antialias only to this activation, not to the residual units
+            _activation(use_snake, in_channels, antialias),
+            nn.Conv1d(in_channels, out_channels, kernel_size=2 * stride, stride=stride,
+                      padding=math.ceil(stride / 2)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class DecoderBlock(nn.Module):
+    """act -> upsample (transposed conv, or nearest + conv) -> 3 residual units."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, use_snake: bool,
+                 antialias: bool, use_nearest_upsample: bool):
+        super().__init__()
+        if use_nearest_upsample:
+            upsample: nn.Module = nn.Sequential(
+                nn.Upsample(scale_factor=stride, mode="nearest"),
+                nn.Conv1d(in_channels, out_channels, kernel_size=2 * stride, stride=1,
+                          bias=False, padding="same"),
+            )
+        else:
+            upsample = nn.ConvTranspose1d(in_channels, out_channels, kernel_size=2 * stride,
+                                          stride=stride, padding=math.ceil(stride / 2))
+        self.layers = nn.Sequential(
+            _activation(use_snake, in_channels, antialias),
+            upsample,
+            ResidualUnit(out_channels, 1, use_snake),
+            ResidualUnit(out_channels, 3, use_snake),
+            ResidualUnit(out_channels, 9, use_snake),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class OobleckEncoder(nn.Module):
+    """audio [B, in_channels, N] -> pre-bottleneck latents [B, latent_dim, ~N / prod(strides)]."""
+
+    def __init__(self, in_channels: int = 2, channels: int = 128, latent_dim: int = 32,
+                 c_mults: list[int] | None = None, strides: list[int] | None = None,
+                 use_snake: bool = False, antialias_activation: bool = False):
+        super().__init__()
+        c_mults = [1, 2, 4, 8] if c_mults is None else list(c_mults)
+        strides = [2, 4, 8, 8] if strides is None else list(strides)
+        if len(strides) != len(c_mults):
+            raise ModelConfigError(
+                f"oobleck: 'strides' ({len(strides)} entries) and 'c_mults' ({len(c_mults)} "
+                "entries) must have the same length")
+        self.in_channels = in_channels
+        self.latent_dim = latent_dim
+        self.strides = strides
+        dims = [m * channels for m in [1] + c_mults]
+        layers: list[nn.Module] = [nn.Conv1d(in_channels, dims[0], kernel_size=7, padding=3)]
+        for i, stride in enumerate(strides):
+            layers.append(EncoderBlock(dims[i], dims[i + 1], stride, use_snake,
+                                       antialias_activation))
+        layers += [
+            _activation(use_snake, dims[-1], antialias_activation),
+            nn.Conv1d(dims[-1], latent_dim, kernel_size=3, padding=1),
+        ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    def output_length(self, num_samples: int) -> int:
+        """Exact number of latent frames for `num_samples` input samples (conv arithmetic)."""
+        n = num_samples
+        for s in self.strides:
+            n = (n + 2 * math.ceil(s / 2) - 2 * s) // s + 1
+        return n
+
+
+class OobleckDecoder(nn.Module):
+    """latents [B, latent_dim, T] -> audio [B, out_channels, T * prod(strides)]."""
+
+    def __init__(self, out_channels: int = 2, channels: int = 128, latent_dim: int = 32,
+                 c_mults: list[int] | None = None, strides: list[int] | None = None,
+                 use_snake: bool = False, antialias_activation: bool = False,
+                 use_nearest_upsample: bool = False, final_tanh: bool = True):
+        super().__init__()
+        c_mults = [1, 2, 4, 8] if c_mults is None else list(c_mults)
+        strides = [2, 4, 8, 8] if strides is None else list(strides)
+        if len(strides) != len(c_mults):
+            raise ModelConfigError(
+                f"oobleck decoder: 'strides' ({len(strides)} entries) and 'c_mults' "
+                f"({len(c_mults)} entries) must have the same length")
+        self.out_channels = out_channels
+        self.latent_dim = latent_dim
+        dims = [m * channels for m in [1] + c_mults]
+        layers: list[nn.Module] = [nn.Conv1d(latent_dim, dims[-1], kernel_size=7, padding=3)]
+        for i in range(len(strides), 0, -1):
+            layers.append(DecoderBlock(dims[i], dims[i - 1], strides[i - 1], use_snake,
+                                       antialias_activation, use_nearest_upsample))
+        layers += [
+            _activation(use_snake, dims[0], antialias_activation),
+            nn.Conv1d(dims[0], out_channels, kernel_size=7, padding=3, bias=False),
+            nn.Tanh() if final_tanh else nn.Identity(),
+        ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+_ENCODER_KEYS = {"in_channels", "channels", "latent_dim", "c_mults", "strides", "use_snake",
+                 "antialias_activation"}
+_DECODER_KEYS = {"out_channels", "channels", "latent_dim", "c_mults", "strides", "use_snake",
+                 "antialias_activation", "use_nearest_upsample", "final_tanh"}
+
+
+def _check_fields(cfg: Mapping[str, Any], allowed: set[str], field: str) -> dict[str, Any]:
+    if not isinstance(cfg, Mapping):
+        raise ModelConfigError(f"'{field}' must be an object, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ModelConfigError(
+            f"'{field}' has unknown oobleck option(s) {unknown}; allowed: {sorted(allowed)}")
+    out = dict(cfg)
+    for key in ("c_mults", "strides"):
+        if key in out and (not isinstance(out[key], (list, tuple)) or not out[key]
+                           or not all(isinstance(v, int) and v > 0 for v in out[key])):
+            raise ModelConfigError(f"'{field}.{key}' must be a non-empty list of positive ints, "
+                                   f"got {out[key]!r}")
+    for key in ("in_channels", "out_channels", "channels", "latent_dim"):
+        if key in out and not (isinstance(out[key], int) and out[key] > 0):
+            raise ModelConfigError(f"'{field}.{key}' must be a positive int, got {out[key]!r}")
+    return out
+
+
+def build_oobleck_encoder(cfg: Mapping[str, Any], field: str) -> OobleckEncoder:
+    """Build from an `encoder.config` dict; `field` is its JSON path, used in error messages."""
+    return OobleckEncoder(**_check_fields(cfg, _ENCODER_KEYS, field))
+
+
+def build_oobleck_decoder(cfg: Mapping[str, Any], field: str) -> OobleckDecoder:
+    """Build from a `decoder.config` dict; `field` is its JSON path, used in error messages."""
+    return OobleckDecoder(**_check_fields(cfg, _DECODER_KEYS, field))
