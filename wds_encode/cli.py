@@ -96,12 +96,12 @@ def exit_code_for(stats, config: EncodeConfig) -> int:
 def run_encode(config: EncodeConfig) -> int:
     """Run, print the summary, and return the exit code."""
     from .manifest import ManifestError
-    from .models import CheckpointError
+    from .models import CheckpointError, ModelConfigError
     from .runner import run
 
     try:
         stats = run(config)
-    except (ConfigError, ManifestError, CheckpointError) as exc:
+    except (ConfigError, ManifestError, CheckpointError, ModelConfigError) as exc:
         click.echo(f"wds-encode: error: {exc}", err=True)
         return EXIT_CONFIG
     except KeyboardInterrupt:

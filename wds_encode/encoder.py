@@ -48,6 +48,10 @@ class BatchEncoder:
         self.is_discrete = is_discrete
         self.seed = seed
         self.model = model.to(device).eval()
+        if device.type == "cuda" and precision == "fp32":
+            # cuDNN convolutions default to TF32, which moves fp32 latents by ~1e-3: keep fp32 exact
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.dtype = PRECISION_DTYPES[precision]
         self.low_model = None
         if self.dtype != torch.float32:

@@ -248,14 +248,14 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
         "args": config.as_args(),
         "run_identity": identity,
         "versions": versions(),
-        "model": {"sample_rate": model.sample_rate, "audio_channels": model.audio_channels,
+        "model": {"sample_rate": model.sample_rate, "audio_channels": model.in_channels,
                   "latent_dim": model.latent_dim, "downsampling_ratio": model.downsampling_ratio},
         "started_at": started,
     }
     if rank == 0:
         manifest.write_details(details)
 
-    reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.audio_channels,
+    reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
                                         sample_size=config.sample_size, chunking=chunking,
                                         max_chunks=config.max_chunks, seed=config.seed),
                     rank=rank, world_size=world_size)

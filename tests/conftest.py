@@ -1,0 +1,49 @@
+"""Shared fixtures: real audio shards made by wds_encode.synth, the bundled model, the real command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WDS_ENCODE = str(Path(sys.executable).with_name("wds-encode"))
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `wds-encode` command, as a user would."""
+    return subprocess.run([WDS_ENCODE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def write_dataset_config(path: Path, dataset_type: str, datasets: list[dict], **extra) -> Path:
+    path.write_text(json.dumps({"dataset_type": dataset_type, "datasets": datasets, **extra}))
+    return path
+
+
+def read_folder_layout(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
+    """Every (latent, metadata) of OUT/{rank}/*.npy, by output key; fails on a duplicate key."""
+    found: dict[str, tuple[np.ndarray, dict]] = {}
+    for npy in sorted(out.glob("[0-9]*/*.npy")):
+        md = json.loads(npy.with_suffix(".json").read_text())
+        key = f"{md['source_shard']}/{md['key']}"
+        assert key not in found, f"duplicate output for {key}"
+        found[key] = (np.load(npy), md)
+    return found
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    from wds_encode.models import demo_model_paths
+    return demo_model_paths()
+
+
+@pytest.fixture(scope="session")
+def mixed_shards(tmp_path_factory):
+    """3 shards x 20 samples: FLAC/WAV/MP3/OGG, 16-48 kHz, mono and stereo, 0.3-3 s."""
+    from wds_encode.synth import write_tar_shards
+    folder = tmp_path_factory.mktemp("mixed")
+    paths, samples = write_tar_shards(folder, 3, 20, seed=1, name="mix")
+    return folder, paths, samples

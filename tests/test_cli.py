@@ -1,0 +1,155 @@
+"""End-to-end: the real `wds-encode` command on real shards, checked on what it wrote."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from conftest import read_folder_layout, run_cli, write_dataset_config
+
+SAMPLE_SIZE = 4096
+SEED_OPTIONS = ["--model-config", "--ckpt-path", "--pretrained-name", "--dataset-config", "--output-path",
+                "--batch-size", "--sample-size", "--num-workers", "--shuffle", "--model-half", "--is-discrete",
+                "--num-nodes", "--strategy", "--limit-batches"]
+CONTRACT_FIELDS = ["audio_channels", "sample_rate", "padding_mask", "path", "__key__", "duration", "start_time",
+                   "end_time", "seconds_start", "seconds_total", "timestamps", "chunk_index", "num_chunks",
+                   "latent_shape", "dataset_id", "source_shard"]
+
+
+def encode(demo_model, dataset_config, out, *extra):
+    config, ckpt = demo_model
+    return run_cli("--model-config", config, "--ckpt-path", ckpt, "--dataset-config", dataset_config,
+                   "--output-path", out, "--sample-size", SAMPLE_SIZE, "--no-progress", *extra)
+
+
+def read_latent_shards(out):
+    found = {}
+    for tar in sorted((out / "shards").rglob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False).decode():
+            key = f"{sample['json']['source_shard']}/{sample['__key__']}"
+            assert key not in found, f"duplicate latent shard sample {key}"
+            found[key] = (sample["npy"], sample["json"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, demo_model, mixed_shards):
+    folder, _paths, samples = mixed_shards
+    tmp = tmp_path_factory.mktemp("mixed_run")
+    dataset = write_dataset_config(tmp / "d.json", "wds", [{"id": "mix", "path": str(folder)}],
+                                   random_crop=False)
+    result = encode(demo_model, dataset, tmp / "out", "--batch-size", 4, "--num-workers", 2)
+    return result, tmp / "out", samples, dataset
+
+
+def test_exactly_one_output_per_input_sample(mixed_run):
+    result, out, samples, _ = mixed_run
+    assert result.returncode == 0, result.stderr
+    assert "windows written 60" in result.stdout
+    folder = read_folder_layout(out)
+    shards = read_latent_shards(out)
+    # every input key exactly once, in both outputs
+    assert sorted(md["__key__"] for _, md in folder.values()) == sorted(s.key for s in samples)
+    assert sorted(shards) == sorted(folder) and len(folder) == 60 == len(samples)
+    for key, (latent, md) in folder.items():
+        assert np.array_equal(latent, shards[key][0])
+        assert md == shards[key][1]
+
+
+def test_latent_shapes_masks_and_metadata(mixed_run, demo_model):
+    _, out, samples, _ = mixed_run
+    model_config = json.loads(open(demo_model[0]).read())
+    ratio = model_config["model"]["downsampling_ratio"]
+    latent_dim = model_config["model"]["latent_dim"]
+    by_key = {s.key: s for s in samples}
+    for latent, md in read_folder_layout(out).values():
+        assert latent.shape == (latent_dim, SAMPLE_SIZE // ratio) and latent.dtype == np.float32
+        assert np.isfinite(latent).all()
+        for field in CONTRACT_FIELDS:
+            assert field in md, field
+        src = by_key[md["__key__"]]
+        assert md["sample_rate"] == model_config["sample_rate"]
+        assert md["audio_channels"] == model_config["audio_channels"]
+        assert md["source_sample_rate"] == src.sample_rate and md["source_channels"] == src.channels
+        assert md["latent_shape"] == list(latent.shape)
+        # padding mask: ones for the real audio, then zeros, at latent resolution
+        mask = md["padding_mask"]
+        assert len(mask) == latent.shape[1]
+        ones = sum(mask)
+        assert mask == [1] * ones + [0] * (len(mask) - ones)
+        real = min(md["valid_length"], SAMPLE_SIZE)
+        assert abs(ones - real / ratio) <= 1, (ones, real)
+        assert md["seconds_total"] == math.ceil(md["total_length"] / md["sample_rate"])
+        assert md["seconds_start"] == 0 and md["start_time"] == 0
+        assert md["prompt"] == md["text"]  # the input's text field is kept and copied to prompt
+        assert md["path"].endswith(f"#{src.key}.{src.ext}")
+
+
+def test_details_json_and_manifest(mixed_run):
+    _, out, _, dataset = mixed_run
+    details = json.loads((out / "details.json").read_text())
+    for field in ("model_config", "dataset_config", "sample_size", "args", "run_identity", "stats"):
+        assert field in details
+    assert details["sample_size"] == SAMPLE_SIZE
+    assert details["args"]["dataset_config"] == str(dataset)
+    assert details["stats"]["windows"] == 60 and details["stats"]["errors"] == 0
+    records = [json.loads(p.read_text()) for p in (out / "manifest").glob("*.json")]
+    assert sorted(r["shard"] for r in records) == ["mix/mix-000000", "mix/mix-000001", "mix/mix-000002"]
+    assert sum(r["windows"] for r in records) == 60
+
+
+def test_rerun_skips_done_units_and_refuses_other_options(mixed_run, demo_model):
+    _, out, _, dataset = mixed_run
+    again = encode(demo_model, dataset, out, "--batch-size", 4, "--num-workers", 2)
+    assert again.returncode == 0, again.stderr
+    assert "3 already done" in again.stdout and "windows written 0" in again.stdout
+    assert len(read_folder_layout(out)) == 60
+    refused = encode(demo_model, dataset, out, "--latent-mode", "mean")
+    assert refused.returncode == 2
+    assert "different run" in refused.stderr and "latent_mode" in refused.stderr
+
+
+def test_sample_mode_is_deterministic_across_batch_and_worker_counts(mixed_run, demo_model, tmp_path):
+    _, out, _, dataset = mixed_run
+    reference = read_folder_layout(out)
+    rerun = encode(demo_model, dataset, tmp_path / "again", "--batch-size", 4, "--num-workers", 2)
+    assert rerun.returncode == 0, rerun.stderr
+    again = read_folder_layout(tmp_path / "again")
+    assert again.keys() == reference.keys()
+    for key in reference:
+        assert np.array_equal(again[key][0], reference[key][0]), key
+    other = encode(demo_model, dataset, tmp_path / "other", "--batch-size", 7, "--num-workers", 0)
+    assert other.returncode == 0, other.stderr
+    for key, (latent, _) in read_folder_layout(tmp_path / "other").items():
+        np.testing.assert_allclose(latent, reference[key][0], rtol=1e-4, atol=1e-5)  # float rounding only
+    mean = encode(demo_model, dataset, tmp_path / "mean", "--latent-mode", "mean", "--num-workers", 0)
+    assert mean.returncode == 0, mean.stderr
+    diffs = [np.abs(lat - reference[k][0]).max() for k, (lat, _) in read_folder_layout(tmp_path / "mean").items()]
+    assert min(diffs) > 1e-4  # sampling really adds noise
+
+
+def test_help_lists_every_seed_option_with_default():
+    for args in ([], ["run"]):
+        result = run_cli(*args, "--help")
+        assert result.returncode == 0
+        for option in SEED_OPTIONS:
+            assert option in result.stdout, (args, option)
+        assert "[default: 1320960]" in result.stdout and "[default: 4]" in result.stdout
+
+
+def test_bad_config_fails_fast_with_the_field(tmp_path, demo_model):
+    bad = write_dataset_config(tmp_path / "d.json", "wds", [{"id": "x"}])
+    result = encode(demo_model, bad, tmp_path / "out")
+    assert result.returncode == 2
+    assert "datasets[0] (x): needs path" in result.stderr and str(bad) in result.stderr
+    result = run_cli("--dataset-config", bad, "--output-path", tmp_path / "o", "--batch-size", "0",
+                     "--model-config", demo_model[0], "--ckpt-path", demo_model[1])
+    assert result.returncode == 2 and "batch_size" in result.stderr
+    result = run_cli("--dataset-config", bad, "--output-path", tmp_path / "o")
+    assert result.returncode == 2 and "--model-config" in result.stderr

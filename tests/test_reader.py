@@ -1,0 +1,144 @@
+"""reader.py: tar members -> windows and error records; never raises on bad data."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from wds_encode.reader import Reader, ReaderOptions, ShardEnd, WindowItem, sanitize_key
+from wds_encode.sources import Shard
+from wds_encode.synth import encode_audio_bytes
+
+OPTS = ReaderOptions(sample_rate=16000, channels=2, sample_size=8000, chunking="crop")
+
+
+def tone(seconds=0.4, sr=16000, channels=1):
+    t = np.arange(int(seconds * sr)) / sr
+    wave = 0.5 * np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    return np.repeat(wave[:, None], channels, axis=1)
+
+
+def float_wav(audio, sr=16000):
+    buf = io.BytesIO()
+    sf.write(buf, audio, sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def read_all(path, options=OPTS):
+    shard = Shard(url=str(path), dataset_id="ds", name=path.stem)
+    out = list(Reader([shard], options).read_shard(shard))
+    assert isinstance(out[-1], ShardEnd) and all(isinstance(i, WindowItem) for i in out[:-1])
+    return out[:-1], out[-1]
+
+
+def test_good_samples_with_metadata(tmp_path):
+    flac = encode_audio_bytes(tone(channels=1), 16000, "flac")
+    path = write_tar(tmp_path / "s.tar", [("a.flac", flac), ("a.json", json.dumps({"text": "hi", "bpm": 90}).encode()),
+                                          ("sub/b.audio.flac", flac)])
+    items, end = read_all(path)
+    assert [i.key for i in items] == ["a", "sub__b"]
+    assert end.samples == 2 and end.windows == 2 and not end.errors and not end.failed
+    a = items[0]
+    assert a.audio.shape == (2, 8000) and a.padding_mask.sum() == 6400
+    assert a.metadata["prompt"] == "hi" and a.metadata["bpm"] == 90
+    assert a.metadata["__key__"] == "a" and a.metadata["source_shard"] == "ds/s"
+    assert a.metadata["path"] == f"{path}#a.flac"
+    assert items[1].metadata["__key__"] == "sub/b"
+
+
+def test_corrupt_members_become_records(tmp_path):
+    good = encode_audio_bytes(tone(), 16000, "flac")
+    members = [
+        ("good1.flac", good),
+        ("trunc.flac", good[: len(good) // 3]),
+        ("noise.wav", np.random.default_rng(0).bytes(3000)),
+        ("empty.flac", b""),
+        ("meta_only.json", b'{"text": "no audio"}'),
+        ("../evil.flac", good),
+        ("badjson.flac", good), ("badjson.json", b"{not json"),
+        ("nan.wav", float_wav(np.full((800, 1), np.nan, np.float32))),
+        ("good2.flac", good),
+    ]
+    items, end = read_all(write_tar(tmp_path / "bad.tar", members))
+    keys = [i.key for i in items]
+    assert "good1" in keys and "good2" in keys and "evil" in keys
+    reasons = {r["key"]: r for r in end.errors}
+    for bad in ("noise", "empty", "meta_only", "badjson", "nan"):
+        assert reasons[bad]["level"] == "error", bad
+        assert reasons[bad]["shard"] == "ds/bad"
+    assert "no audio member" in reasons["meta_only"]["reason"]
+    assert "invalid JSON" in reasons["badjson"]["reason"]
+    assert reasons["../evil"]["level"] == "warning" and "unsafe key" in reasons["../evil"]["reason"]
+    # a truncated FLAC either decodes what is there or is an error record: never both, never a crash
+    assert ("trunc" in keys) != ("trunc" in reasons)
+    assert not end.failed
+
+
+def test_truncated_tar_keeps_what_was_read(tmp_path):
+    good = encode_audio_bytes(tone(), 16000, "wav")
+    path = write_tar(tmp_path / "cut.tar", [(f"k{i}.wav", good) for i in range(6)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    items, end = read_all(path)
+    assert end.failed
+    assert 1 <= len(items) < 6
+    assert [i.key for i in items] == [f"k{i}" for i in range(len(items))]
+    assert any("tar read failed" in r["reason"] for r in end.errors)
+
+
+def test_missing_shard_is_a_record(tmp_path):
+    items, end = read_all(tmp_path / "missing.tar")
+    assert not items and end.failed and "cannot read" in end.errors[0]["reason"]
+
+
+def test_split_and_custom_metadata(tmp_path):
+    module = tmp_path / "md.py"
+    module.write_text("def get_custom_metadata(info, audio):\n"
+                      "    if info['chunk_index'] == 1:\n        return {'__reject__': True}\n"
+                      "    return {'peak': float(audio.abs().max()), 'rel': info['__key__']}\n")
+    path = write_tar(tmp_path / "s.tar", [("long.wav", encode_audio_bytes(tone(seconds=1.8), 16000, "wav"))])
+    shard = Shard(url=str(path), dataset_id="ds", name="s", custom_metadata_module=str(module))
+    opts = ReaderOptions(sample_rate=16000, channels=1, sample_size=8000, chunking="split")
+    out = list(Reader([shard], opts).read_shard(shard))
+    items, end = out[:-1], out[-1]
+    assert [i.key for i in items] == ["long_0000", "long_0002", "long_0003"]
+    assert end.rejected == 1 and end.windows == 3
+    assert all(i.metadata["num_chunks"] == 4 and i.metadata["rel"] == "long" for i in items)
+    assert items[0].metadata["peak"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_workers_split_units_exactly_once():
+    shards = [Shard(url=f"/x/{i}.tar", dataset_id="ds", name=str(i)) for i in range(7)]
+    seen = []
+    for rank in range(2):
+        reader = Reader(shards, OPTS, rank=rank, world_size=2)
+        seen += [s.name for s in reader.assigned_shards()]
+    assert sorted(seen, key=int) == [str(i) for i in range(7)]
+
+
+@pytest.mark.parametrize("key, safe, warns", [
+    ("plain-key_1", "plain-key_1", False),
+    ("dir/sub/file", "dir__sub__file", False),
+    ("../../etc/passwd", "etc__passwd", True),
+    ("/abs/x", "abs__x", True),
+    ("a\x00b\nc", "a_b_c", True),
+    ("with.dots and space", "with_dots_and_space", False),
+    ("..", "sample", True),
+])
+def test_sanitize_key(key, safe, warns):
+    out, warning = sanitize_key(key)
+    assert out == safe and (warning is not None) == warns
