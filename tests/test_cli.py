@@ -153,3 +153,146 @@ def test_bad_config_fails_fast_with_the_field(tmp_path, demo_model):
     assert result.returncode == 2 and "batch_size" in result.stderr
     result = run_cli("--dataset-config", bad, "--output-path", tmp_path / "o")
     assert result.returncode == 2 and "--model-config" in result.stderr
+
+
+def _tone_bytes(ext, seconds=0.5, sr=22050, channels=1):
+    from wds_encode.synth import encode_audio_bytes
+    t = np.arange(int(seconds * sr)) / sr
+    wave = (0.4 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    return encode_audio_bytes(np.repeat(wave[:, None], channels, axis=1), sr, ext)
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def corrupt_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corrupt")
+    good = _tone_bytes("flac")
+    _tar(folder / "a.tar", [
+        ("good1.flac", good), ("good1.json", b'{"text": "fine"}'),
+        ("truncated.flac", good[: len(good) // 3]),
+        ("random.wav", np.random.default_rng(1).bytes(5000)),
+        ("zero.flac", b""),
+        ("../escape.flac", good),
+        ("orphan.json", b'{"text": "no audio"}'),
+        ("good2.wav", _tone_bytes("wav", channels=2)),
+    ])
+    _tar(folder / "b.tar", [(f"cut{i}.wav", _tone_bytes("wav", seconds=1.0)) for i in range(8)])
+    data = (folder / "b.tar").read_bytes()
+    (folder / "b.tar").write_bytes(data[: len(data) // 2 + 100])  # a tar cut in the middle of a member
+    _tar(folder / "c.tar", [("fine.mp3", _tone_bytes("mp3")), ("fine2.ogg", _tone_bytes("ogg"))])
+    return folder
+
+
+def test_corrupt_members_are_recorded_and_the_rest_is_written(corrupt_dataset, demo_model, tmp_path):
+    dataset = write_dataset_config(tmp_path / "d.json", "wds", [{"id": "bad", "path": str(corrupt_dataset)}],
+                                   random_crop=False)
+    result = encode(demo_model, dataset, tmp_path / "out", "--num-workers", 2, "--batch-size", 2)
+    assert result.returncode == 0, result.stderr
+    written = {md["__key__"] for _, md in read_folder_layout(tmp_path / "out").values()}
+    assert {"good1", "good2", "../escape", "fine", "fine2"} <= written
+    assert {f"cut{i}" for i in range(3)} <= written  # what came before the cut is kept
+    assert not {"random", "zero", "orphan"} & written
+    records = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    by_key = {}
+    for r in records:
+        by_key.setdefault(r["key"], []).append(r)
+        assert r["shard"].startswith("bad/") and r["reason"]
+    for bad in ("random", "zero", "orphan"):
+        assert by_key[bad][0]["level"] == "error", bad
+    assert ("truncated" in by_key) != ("truncated" in written)
+    assert by_key["../escape"][0]["level"] == "warning"
+    assert any("tar read failed" in r["reason"] and r["shard"] == "bad/b" for r in records)
+    # the sanitised key never escapes the output folders
+    assert not list(tmp_path.glob("escape*")) and not list((tmp_path / "out").glob("*/escape*"))
+    names = tarfile.open(tmp_path / "out" / "shards" / "bad" / "a-000.tar").getnames()
+    assert "escape.npy" in names and all("/" not in n and ".." not in n for n in names)
+    assert "errors" in result.stdout and "see errors.jsonl" in result.stdout
+
+    strict = encode(demo_model, dataset, tmp_path / "strict", "--num-workers", 0, "--strict")
+    assert strict.returncode == 1 and "bad samples" in strict.stderr
+    tolerant = encode(demo_model, dataset, tmp_path / "tolerant", "--num-workers", 0, "--max-errors", 100)
+    assert tolerant.returncode == 0
+    limited = encode(demo_model, dataset, tmp_path / "limited", "--num-workers", 0, "--max-errors", 1)
+    assert limited.returncode == 1
+
+
+def test_audio_dir_with_custom_metadata_and_split(tmp_path, demo_model):
+    from wds_encode.synth import write_audio_folder
+    samples = write_audio_folder(tmp_path / "audio", 9, seed=3, min_seconds=0.05, max_seconds=0.25)
+    module = tmp_path / "md.py"
+    module.write_text("def get_custom_metadata(info, audio):\n"
+                      "    return {'folder': info['relpath'].split('/')[0], 'rms': float(audio.pow(2).mean().sqrt())}\n")
+    dataset = write_dataset_config(tmp_path / "d.json", "audio_dir",
+                                   [{"id": "dir", "path": str(tmp_path / "audio"),
+                                     "custom_metadata_module": str(module)}], random_crop=False)
+    result = encode(demo_model, dataset, tmp_path / "out", "--chunking", "split", "--files-per-unit", 4,
+                    "--num-workers", 2, "--batch-size", 3)
+    assert result.returncode == 0, result.stderr
+    found = read_folder_layout(tmp_path / "out")
+    by_source = {}
+    for latent, md in found.values():
+        by_source.setdefault(md["__key__"], []).append(md)
+        assert md["folder"] == md["relpath"].split("/")[0] and md["rms"] > 0
+    assert len(by_source) == 9
+    for key, mds in by_source.items():
+        mds.sort(key=lambda m: m["chunk_index"])
+        n = mds[0]["num_chunks"]
+        assert [m["chunk_index"] for m in mds] == list(range(n))
+        assert sum(m["valid_length"] for m in mds) == mds[0]["total_length"]
+        assert n == math.ceil(mds[0]["total_length"] / SAMPLE_SIZE)
+        if n > 1:
+            assert [m["key"] for m in mds] == [f"{mds[0]['key'].rsplit('_', 1)[0]}_{i:04d}" for i in range(n)]
+    assert sum(len(v) for v in by_source.values()) > 9  # some files really were split
+    units = sorted(p.name for p in (tmp_path / "out" / "manifest").glob("*.json"))
+    assert units == ["dir__files-000000.json", "dir__files-000001.json", "dir__files-000002.json"]
+
+
+def test_limit_batches_leaves_unfinished_units_for_a_rerun(mixed_shards, demo_model, tmp_path):
+    folder, _, samples = mixed_shards
+    dataset = write_dataset_config(tmp_path / "d.json", "wds", [{"id": "mix", "path": str(folder)}],
+                                   random_crop=False)
+    first = encode(demo_model, dataset, tmp_path / "out", "--limit-batches", 3, "--batch-size", 8,
+                   "--num-workers", 0)
+    assert first.returncode == 0, first.stderr
+    assert "stopped" in first.stdout
+    partial = read_folder_layout(tmp_path / "out")
+    assert len(partial) < 60 and not list((tmp_path / "out").rglob("*.partial"))
+    rest = encode(demo_model, dataset, tmp_path / "out", "--batch-size", 8, "--num-workers", 0)
+    assert rest.returncode == 0, rest.stderr
+    done = read_folder_layout(tmp_path / "out")
+    assert sorted(md["__key__"] for _, md in done.values()) == sorted(s.key for s in samples)
+
+
+def test_demo_command(tmp_path):
+    result = run_cli("demo", tmp_path / "demo", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "wds-encode summary" in result.stdout
+    windows = int(result.stdout.split("windows written")[1].split()[0])
+    assert windows > 0
+    out = tmp_path / "demo" / "out"
+    assert len(list(out.glob("0/*.npy"))) == windows == len(list(out.glob("0/*.json")))
+    assert sum(1 for _ in read_latent_shards(out)) == windows
+
+
+def test_folder_layout_reads_like_stable_audio_tools_pre_encoded_dataset(mixed_run):
+    """The checks PreEncodedDataset (stable-audio-tools 0.0.19) makes on each file, restated."""
+    _, out, _, _ = mixed_run
+    latent_crop_length = 16
+    for npy in sorted(out.glob("**/*.npy")):
+        if "shards" in npy.parts:
+            continue
+        latents = np.load(str(npy))
+        info = json.loads(open(str(npy).replace(".npy", ".json")).read())
+        last_ix = len(info["padding_mask"]) - 1 - info["padding_mask"][::-1].index(1)
+        assert 0 <= last_ix < latents.shape[1]
+        cropped = latents[:, :latent_crop_length]
+        assert cropped.shape == (latents.shape[0], latent_crop_length)
+        assert isinstance(info["seconds_total"], int) and isinstance(info["seconds_start"], int)
+        assert isinstance(info["prompt"], str) and info["prompt"].strip()
