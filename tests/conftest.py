@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -20,6 +22,16 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def write_dataset_config(path: Path, dataset_type: str, datasets: list[dict], **extra) -> Path:
     path.write_text(json.dumps({"dataset_type": dataset_type, "datasets": datasets, **extra}))
+    return path
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar with exactly these members, in this order (names are not checked: tests need bad ones)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return path
 
 

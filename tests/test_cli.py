@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import tarfile
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from conftest import read_folder_layout, run_cli, write_dataset_config
+from conftest import read_folder_layout, run_cli, write_dataset_config, write_tar
 
 SAMPLE_SIZE = 4096
 SEED_OPTIONS = ["--model-config", "--ckpt-path", "--pretrained-name", "--dataset-config", "--output-path",
@@ -162,19 +161,11 @@ def _tone_bytes(ext, seconds=0.5, sr=22050, channels=1):
     return encode_audio_bytes(np.repeat(wave[:, None], channels, axis=1), sr, ext)
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
 def corrupt_dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corrupt")
     good = _tone_bytes("flac")
-    _tar(folder / "a.tar", [
+    write_tar(folder / "a.tar", [
         ("good1.flac", good), ("good1.json", b'{"text": "fine"}'),
         ("truncated.flac", good[: len(good) // 3]),
         ("random.wav", np.random.default_rng(1).bytes(5000)),
@@ -183,10 +174,10 @@ def corrupt_dataset(tmp_path_factory):
         ("orphan.json", b'{"text": "no audio"}'),
         ("good2.wav", _tone_bytes("wav", channels=2)),
     ])
-    _tar(folder / "b.tar", [(f"cut{i}.wav", _tone_bytes("wav", seconds=1.0)) for i in range(8)])
+    write_tar(folder / "b.tar", [(f"cut{i}.wav", _tone_bytes("wav", seconds=1.0)) for i in range(8)])
     data = (folder / "b.tar").read_bytes()
     (folder / "b.tar").write_bytes(data[: len(data) // 2 + 100])  # a tar cut in the middle of a member
-    _tar(folder / "c.tar", [("fine.mp3", _tone_bytes("mp3")), ("fine2.ogg", _tone_bytes("ogg"))])
+    write_tar(folder / "c.tar", [("fine.mp3", _tone_bytes("mp3")), ("fine2.ogg", _tone_bytes("ogg"))])
     return folder
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -13,6 +12,8 @@ import soundfile as sf
 from wds_encode.reader import Reader, ReaderOptions, ShardEnd, WindowItem, sanitize_key
 from wds_encode.sources import Shard
 from wds_encode.synth import encode_audio_bytes
+
+from conftest import write_tar
 
 OPTS = ReaderOptions(sample_rate=16000, channels=2, sample_size=8000, chunking="crop")
 
@@ -27,15 +28,6 @@ def float_wav(audio, sr=16000):
     buf = io.BytesIO()
     sf.write(buf, audio, sr, format="WAV", subtype="FLOAT")
     return buf.getvalue()
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def read_all(path, options=OPTS):

@@ -108,6 +108,17 @@ class DecoderBlock(nn.Module):
         return self.layers(x)
 
 
+def _layout(c_mults: list[int] | None, strides: list[int] | None, what: str) -> tuple[list[int], list[int]]:
+    """stable-audio-tools' defaults for the per-block widths and strides, checked to pair up."""
+    c_mults = [1, 2, 4, 8] if c_mults is None else list(c_mults)
+    strides = [2, 4, 8, 8] if strides is None else list(strides)
+    if len(strides) != len(c_mults):
+        raise ModelConfigError(
+            f"{what}: 'strides' ({len(strides)} entries) and 'c_mults' ({len(c_mults)} "
+            "entries) must have the same length")
+    return c_mults, strides
+
+
 class OobleckEncoder(nn.Module):
     """audio [B, in_channels, N] -> pre-bottleneck latents [B, latent_dim, ~N / prod(strides)]."""
 
@@ -115,12 +126,7 @@ class OobleckEncoder(nn.Module):
                  c_mults: list[int] | None = None, strides: list[int] | None = None,
                  use_snake: bool = False, antialias_activation: bool = False):
         super().__init__()
-        c_mults = [1, 2, 4, 8] if c_mults is None else list(c_mults)
-        strides = [2, 4, 8, 8] if strides is None else list(strides)
-        if len(strides) != len(c_mults):
-            raise ModelConfigError(
-                f"oobleck: 'strides' ({len(strides)} entries) and 'c_mults' ({len(c_mults)} "
-                "entries) must have the same length")
+        c_mults, strides = _layout(c_mults, strides, "oobleck")
         self.in_channels = in_channels
         self.latent_dim = latent_dim
         self.strides = strides
@@ -154,12 +160,7 @@ class OobleckDecoder(nn.Module):
                  use_snake: bool = False, antialias_activation: bool = False,
                  use_nearest_upsample: bool = False, final_tanh: bool = True):
         super().__init__()
-        c_mults = [1, 2, 4, 8] if c_mults is None else list(c_mults)
-        strides = [2, 4, 8, 8] if strides is None else list(strides)
-        if len(strides) != len(c_mults):
-            raise ModelConfigError(
-                f"oobleck decoder: 'strides' ({len(strides)} entries) and 'c_mults' "
-                f"({len(c_mults)} entries) must have the same length")
+        c_mults, strides = _layout(c_mults, strides, "oobleck decoder")
         self.out_channels = out_channels
         self.latent_dim = latent_dim
         dims = [m * channels for m in [1] + c_mults]
