@@ -46,6 +46,7 @@ class RunStats:
     batches: int = 0
     fp32_retries: int = 0
     elapsed_seconds: float = 0.0
+    loop_seconds: float = 0.0     # from the first window to the last commit (steady-state throughput)
     stopped_early: bool = False
 
     @property
@@ -310,8 +311,11 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
             put(("end", end))
         batch, ends_after_batch = [], []
 
+    loop_started: Optional[float] = None
     try:
         for item in loader:
+            if loop_started is None:
+                loop_started = time.time()
             if isinstance(item, ShardEnd):
                 if batch:
                     ends_after_batch.append(item)
@@ -339,6 +343,7 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
         raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
     writer.discard_open_units()
     stats.elapsed_seconds = time.time() - started
+    stats.loop_seconds = time.time() - loop_started if loop_started is not None else 0.0
     if rank == 0:
         details["finished_at"] = time.time()
         details["stats"] = stats.as_dict()
