@@ -296,6 +296,7 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
     ends_after_batch: list[ShardEnd] = []
     batch_index = folder.first_batch_index
     audio_seen = 0.0
+    files_seen = 0
 
     def flush() -> None:
         nonlocal batch, ends_after_batch, batch_index
@@ -324,10 +325,12 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
                 continue
             batch.append(item)
             audio_seen += item.metadata["valid_length"] / model.sample_rate
+            files_seen += item.metadata["chunk_index"] == 0
             if len(batch) >= config.batch_size:
                 flush()
                 elapsed = max(time.time() - started, 1e-9)
-                bar.set_postfix(units=f"{stats.units_done + stats.units_skipped}/{stats.units_total}",
+                bar.set_postfix(files=files_seen,
+                                units=f"{stats.units_done + stats.units_skipped}/{stats.units_total}",
                                 hours=f"{audio_seen / 3600:.3f}", rtf=f"{audio_seen / elapsed:.0f}x")
                 if config.limit_batches is not None and stats.batches >= config.limit_batches:
                     stats.stopped_early = True

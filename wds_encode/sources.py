@@ -54,13 +54,17 @@ def _expand_tar_paths(spec: str) -> tuple[list[str], str]:
         return found, root
     expanded = list(braceexpand.braceexpand(spec))
     paths: list[str] = []
+    missing: list[str] = []
     for item in expanded:
         if any(c in item for c in "*?["):
             paths.extend(sorted(glob.glob(item, recursive=True)))
         elif os.path.isfile(item):
             paths.append(item)
         else:
-            raise ConfigError(f"dataset path {spec!r}: {item} does not exist")
+            missing.append(item)
+    if missing:
+        raise ConfigError(f"dataset path {spec!r}: {len(missing)} of {len(expanded)} shards do not exist "
+                          f"(first: {missing[0]}); fix the pattern or the files")
     root = os.path.commonpath([os.path.abspath(os.path.dirname(p)) for p in paths]) if paths else ""
     return [os.path.abspath(p) for p in paths], root
 

@@ -1,0 +1,73 @@
+"""sources.py: every way of naming shards gives the same ordered, uniquely named work units."""
+
+import pytest
+
+from wds_encode.config import ConfigError, DatasetConfig
+from wds_encode.sources import list_shards, safe_name
+
+
+@pytest.fixture
+def tree(tmp_path):
+    for rel in ("a/x-000.tar", "a/x-001.tar", "a/x-002.tar", "b/x-000.tar", "b/notes.txt"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    return tmp_path
+
+
+def wds(path, **kw):
+    return DatasetConfig(dataset_type="wds", datasets=[{"id": "d", "path": str(path)}], **kw)
+
+
+def test_directory_is_recursive_and_names_are_unique(tree):
+    shards = list_shards(wds(tree))
+    assert [s.name for s in shards] == ["a__x-000", "a__x-001", "a__x-002", "b__x-000"]
+    assert all(s.is_tar and s.shard_id == f"d/{s.name}" for s in shards)
+
+
+def test_brace_glob_and_single_file(tree):
+    brace = list_shards(wds(f"{tree}/a/x-{{000..002}}.tar"))
+    glob = list_shards(wds(f"{tree}/a/x-*.tar"))
+    one = list_shards(wds(f"{tree}/a/x-001.tar"))
+    assert [s.url for s in brace] == [s.url for s in glob] == [str(tree / f"a/x-00{i}.tar") for i in range(3)]
+    assert [s.name for s in brace] == ["x-000", "x-001", "x-002"]
+    assert [s.name for s in one] == ["x-001"]
+
+
+def test_missing_inputs_are_config_errors(tree):
+    with pytest.raises(ConfigError, match=r"7 of 10 shards do not exist \(first: .*x-003.tar\)"):
+        list_shards(wds(f"{tree}/a/x-{{000..009}}.tar"))
+    with pytest.raises(ConfigError, match="no .tar shards"):
+        list_shards(wds(f"{tree}/none-*.tar"))
+    with pytest.raises(ConfigError, match="s3://"):
+        list_shards(DatasetConfig(dataset_type="s3", datasets=[{"id": "d", "s3_path": "s3://b/p/"}]))
+
+
+def test_several_datasets_and_seeded_shuffle(tree):
+    config = DatasetConfig(dataset_type="wds", datasets=[{"id": "one", "path": str(tree / "a")},
+                                                         {"id": "two", "path": str(tree / "b")}])
+    ordered = [s.shard_id for s in list_shards(config)]
+    assert ordered == ["one/x-000", "one/x-001", "one/x-002", "two/x-000"]
+    shuffled = [s.shard_id for s in list_shards(config, shuffle=True, seed=1)]
+    assert sorted(shuffled) == sorted(ordered)
+    assert shuffled == [s.shard_id for s in list_shards(config, shuffle=True, seed=1)]
+
+
+def test_audio_dir_units(tmp_path):
+    for i in range(5):
+        (tmp_path / f"g{i % 2}").mkdir(exist_ok=True)
+        (tmp_path / f"g{i % 2}" / f"f{i}.wav").write_bytes(b"")
+    (tmp_path / "readme.txt").write_text("not audio")
+    config = DatasetConfig(dataset_type="audio_dir", datasets=[{"id": "dir", "path": str(tmp_path),
+                                                                 "custom_metadata_module": "/m.py"}])
+    units = list_shards(config, files_per_unit=2)
+    assert [u.name for u in units] == ["files-000000", "files-000001", "files-000002"]
+    assert [f for u in units for f in u.files] == ["g0/f0.wav", "g0/f2.wav", "g0/f4.wav", "g1/f1.wav", "g1/f3.wav"]
+    assert all(not u.is_tar and u.custom_metadata_module == "/m.py" for u in units)
+    with pytest.raises(ConfigError, match="does not exist"):
+        list_shards(DatasetConfig(dataset_type="audio_dir", datasets=[{"id": "x", "path": str(tmp_path / "no")}]))
+
+
+@pytest.mark.parametrize("rel, name", [("a/b/c.tar", "a__b__c"), ("../x.tar", "x"), ("we ird.tar", "we_ird")])
+def test_safe_name(rel, name):
+    assert safe_name(rel) == name
