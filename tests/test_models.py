@@ -38,7 +38,8 @@ UNSUPPORTED_GOLDEN = {"dac_vae": "dac", "oobleck_rvq": "rvq", "oobleck_dac_rvq":
 def golden(name: str) -> Path:
     path = GOLDEN_DIR / name
     if not (path / "model_config.json").is_file():
-        pytest.skip(f"golden data not found at {path} (set WDS_GOLDEN_DIR)")
+        pytest.fail(f"golden data not found at {path}: the checkout needs ../shared/golden beside it, "
+                    "or WDS_GOLDEN_DIR pointing at it")
     return path
 
 
