@@ -152,6 +152,14 @@ def test_bad_config_fails_fast_with_the_field(tmp_path, demo_model):
     assert result.returncode == 2 and "batch_size" in result.stderr
     result = run_cli("--dataset-config", bad, "--output-path", tmp_path / "o")
     assert result.returncode == 2 and "--model-config" in result.stderr
+    missing = write_dataset_config(tmp_path / "m.json", "wds", [{"id": "x", "path": f"{tmp_path}/s-{{0..3}}.tar"}])
+    result = encode(demo_model, missing, tmp_path / "out")
+    assert result.returncode == 2 and "4 of 4 shards do not exist" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written, nothing loaded
+    wrong_size = write_dataset_config(tmp_path / "ok.json", "wds", [{"id": "x", "path": str(tmp_path)}])
+    write_tar(tmp_path / "one.tar", [])
+    result = encode(demo_model, wrong_size, tmp_path / "out", "--sample-size", 1000)
+    assert result.returncode == 2 and "multiple of the model's downsampling_ratio 64" in result.stderr
 
 
 def _tone_bytes(ext, seconds=0.5, sr=22050, channels=1):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
 from .encoder import BatchEncoder
 from .manifest import RunManifest, run_identity, versions
-from .models import load_autoencoder
+from .models import load_autoencoder, resolve_autoencoder_config
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
 from .sources import Shard, list_shards
 from .writers import FolderWriter, LatentShardWriter
@@ -207,12 +207,26 @@ def _collate(items: list[WindowItem]) -> tuple[torch.Tensor, torch.Tensor, list[
     return audio, masks, keys
 
 
-def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats:
-    """Encode every unfinished unit of the dataset; returns the run's statistics."""
+@dataclass
+class RunPlan:
+    """Everything checked before the model loads: a bad input fails here, in seconds."""
+
+    config: EncodeConfig
+    dataset_config: DatasetConfig
+    model_config: dict
+    ckpt_path: Path
+    downsampling_ratio: int
+    chunking: str
+    manifest: RunManifest
+    identity: dict
+    shards: list[Shard]
+    todo: list[Shard]
+
+
+def plan_run(config: EncodeConfig) -> RunPlan:
+    """Validate configs, list the work units, and check the output folder belongs to this run."""
     assert config.dataset_config is not None and config.output_path is not None
-    started = time.time()
-    dataset_config: DatasetConfig = load_dataset_config(config.dataset_config)
-    model_config, ckpt_path = resolve_model_source(config)
+    dataset_config = load_dataset_config(config.dataset_config)
     for entry in dataset_config.datasets:  # fail fast on a broken metadata module
         module = dataset_config.metadata_module_for(entry)
         if module:
@@ -220,16 +234,14 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
                 load_custom_metadata_fn(module)
             except Exception as exc:
                 raise ConfigError(f"{config.dataset_config}: custom_metadata_module {module}: {exc}") from exc
-    device = pick_device(config.device)
-    model = load_autoencoder(model_config, ckpt_path)
-    if config.is_discrete and not getattr(model.bottleneck, "is_discrete", False):
-        raise ConfigError(f"--is-discrete: the model's bottleneck ({type(model.bottleneck).__name__}) "
-                          "is continuous and has no tokens; drop --is-discrete")
-    if config.sample_size % model.downsampling_ratio:
+    shards = list_shards(dataset_config, files_per_unit=config.files_per_unit, shuffle=config.shuffle,
+                         seed=config.seed)
+    model_config, ckpt_path = resolve_model_source(config)
+    ratio = int(resolve_autoencoder_config(model_config).ae_config["downsampling_ratio"])
+    if config.sample_size % ratio:
         raise ConfigError(f"--sample-size {config.sample_size} is not a multiple of the model's "
-                          f"downsampling_ratio {model.downsampling_ratio}; latents would not line up "
-                          f"(try {config.sample_size // model.downsampling_ratio * model.downsampling_ratio})")
-
+                          f"downsampling_ratio {ratio}; latents would not line up "
+                          f"(try {config.sample_size // ratio * ratio})")
     chunking = config.chunking
     if chunking == "crop" and dataset_config.random_crop:
         chunking = "random_crop"
@@ -237,30 +249,53 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
     identity = run_identity(model_config, ckpt_path, options, dataset_config.random_crop)
     manifest = RunManifest(config.output_path)
     done = manifest.prepare(identity, config.overwrite)
-
-    shards = list_shards(dataset_config, files_per_unit=config.files_per_unit, shuffle=config.shuffle,
-                         seed=config.seed)
     todo = [s for s in shards if s.shard_id not in done]
-    stats = RunStats(units_total=len(shards), units_skipped=len(shards) - len(todo))
+    return RunPlan(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
+                   downsampling_ratio=ratio, chunking=chunking, manifest=manifest, identity=identity,
+                   shards=shards, todo=todo)
+
+
+def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats:
+    """Encode every unfinished unit of the dataset; returns the run's statistics."""
+    started = time.time()
+    plan = plan_run(config)
+    device = pick_device(config.device)
+    model = load_autoencoder(plan.model_config, plan.ckpt_path)
+    if config.is_discrete and not getattr(model.bottleneck, "is_discrete", False):
+        raise ConfigError(f"--is-discrete: the model's bottleneck ({type(model.bottleneck).__name__}) "
+                          "is continuous and has no tokens; drop --is-discrete")
+    stats = RunStats(units_total=len(plan.shards), units_skipped=len(plan.shards) - len(plan.todo))
     details = {
-        "model_config": model_config,
-        "dataset_config": dataset_config.model_dump(mode="json"),
+        "model_config": plan.model_config,
+        "dataset_config": plan.dataset_config.model_dump(mode="json"),
         "sample_size": config.sample_size,
         "args": config.as_args(),
-        "run_identity": identity,
+        "run_identity": plan.identity,
         "versions": versions(),
         "model": {"sample_rate": model.sample_rate, "audio_channels": model.in_channels,
                   "latent_dim": model.latent_dim, "downsampling_ratio": model.downsampling_ratio},
         "started_at": started,
     }
     if rank == 0:
-        manifest.write_details(details)
+        plan.manifest.write_details(details)
+    _encode_units(plan, model, device, stats, rank=rank, world_size=world_size, started=started)
+    stats.elapsed_seconds = time.time() - started
+    if rank == 0:
+        details["finished_at"] = time.time()
+        details["stats"] = stats.as_dict()
+        plan.manifest.write_details(details)
+    return stats
 
-    reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
-                                        sample_size=config.sample_size, chunking=chunking,
-                                        max_chunks=config.max_chunks, seed=config.seed),
+
+def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *, rank: int, world_size: int,
+                  started: float) -> None:
+    """The loop: loader -> batches -> encoder -> writer thread; fills `stats`."""
+    config = plan.config
+    reader = Reader(plan.todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
+                                             sample_size=config.sample_size, chunking=plan.chunking,
+                                             max_chunks=config.max_chunks, seed=config.seed),
                     rank=rank, world_size=world_size)
-    num_workers = min(config.num_workers, len(todo))
+    num_workers = min(config.num_workers, len(plan.todo))
     loader = DataLoader(reader, batch_size=None, num_workers=num_workers,
                         pin_memory=device.type == "cuda",
                         prefetch_factor=max(2, config.batch_size) if num_workers else None)
@@ -279,7 +314,7 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
         stats.errors += sum(1 for e in errors if e["level"] == "error")
         stats.warnings += sum(1 for e in errors if e["level"] != "error")
 
-    writer = _WriterThread(config, manifest, folder, model.downsampling_ratio, on_unit_done)
+    writer = _WriterThread(config, plan.manifest, folder, model.downsampling_ratio, on_unit_done)
     writer.start()
 
     def put(job) -> None:
@@ -345,10 +380,4 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
     if writer.error is not None:
         raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
     writer.discard_open_units()
-    stats.elapsed_seconds = time.time() - started
     stats.loop_seconds = time.time() - loop_started if loop_started is not None else 0.0
-    if rank == 0:
-        details["finished_at"] = time.time()
-        details["stats"] = stats.as_dict()
-        manifest.write_details(details)
-    return stats
