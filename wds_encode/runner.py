@@ -343,6 +343,9 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
             batch_index += 1
             stats.batches += 1
             bar.update(len(batch))
+            bar.set_postfix(files=files_seen, units=f"{stats.units_done + stats.units_skipped}/{stats.units_total}",
+                            hours=f"{audio_seen / 3600:.3f}",
+                            rtf=f"{audio_seen / max(time.time() - started, 1e-9):.0f}x")
         for end in ends_after_batch:
             put(("end", end))
         batch, ends_after_batch = [], []
@@ -363,10 +366,6 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
             files_seen += item.metadata["chunk_index"] == 0
             if len(batch) >= config.batch_size:
                 flush()
-                elapsed = max(time.time() - started, 1e-9)
-                bar.set_postfix(files=files_seen,
-                                units=f"{stats.units_done + stats.units_skipped}/{stats.units_total}",
-                                hours=f"{audio_seen / 3600:.3f}", rtf=f"{audio_seen / elapsed:.0f}x")
                 if config.limit_batches is not None and stats.batches >= config.limit_batches:
                     stats.stopped_early = True
                     break
