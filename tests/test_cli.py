@@ -133,6 +133,23 @@ def test_sample_mode_is_deterministic_across_batch_and_worker_counts(mixed_run, 
     assert min(diffs) > 1e-4  # sampling really adds noise
 
 
+def test_options_from_a_config_file_with_flags_overriding(mixed_run, demo_model, tmp_path):
+    _, _, _, dataset = mixed_run
+    config, ckpt = demo_model
+    options = tmp_path / "opts.yaml"
+    options.write_text(f"model_config: {config}\nckpt_path: {ckpt}\ndataset_config: {dataset}\n"
+                       f"output_path: {tmp_path / 'out'}\nsample_size: {SAMPLE_SIZE}\nbatch_size: 5\n"
+                       "num_workers: 0\nlimit_batches: 2\nprogress: false\n")
+    result = run_cli("run", "--config", options, "--batch-size", 3)
+    assert result.returncode == 0, result.stderr
+    details = json.loads((tmp_path / "out" / "details.json").read_text())
+    assert details["args"]["batch_size"] == 3 and details["args"]["limit_batches"] == 2
+    assert details["stats"]["batches"] == 2
+    options.write_text("batch_size: 0\n")
+    bad = run_cli("run", "--config", options)
+    assert bad.returncode == 2 and f"{options} + command line: batch_size" in bad.stderr
+
+
 def test_help_lists_every_seed_option_with_default():
     for args in ([], ["run"]):
         result = run_cli(*args, "--help")

@@ -100,3 +100,13 @@ def test_unparsable_files(tmp_path):
     bad_model.write_text(json.dumps({"model_type": "autoencoder"}))
     with pytest.raises(ConfigError, match="sample_rate"):
         load_model_config(bad_model)
+
+
+def test_base_yaml_lists_every_option_with_its_default():
+    from pathlib import Path
+
+    import yaml
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/encode/base.yaml").read_text())
+    assert set(values) == set(fields_help())
+    for name, (default, _) in fields_help().items():
+        assert values[name] == default, name
