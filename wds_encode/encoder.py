@@ -71,28 +71,36 @@ class BatchEncoder:
             for key in keys])
         return noise.to(pre.device, non_blocking=True)
 
-    def _run(self, model: torch.nn.Module, audio: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    def _run(self, model: torch.nn.Module, audio: torch.Tensor, keys: list[str]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents or tokens, per-sample finiteness of the continuous values they came from)."""
         x = audio.to(self.device, non_blocking=True).to(next(model.parameters()).dtype)
         pre = model.encode_pre_bottleneck(x).float()
         if self.is_discrete:
-            return self.bottleneck.encode_tokens(pre)
-        return self.bottleneck.encode(pre, mode=self.latent_mode, noise=self._noise(pre, keys))
+            return self.bottleneck.encode_tokens(pre), torch.isfinite(pre.flatten(1)).all(dim=1)
+        out = self.bottleneck.encode(pre, mode=self.latent_mode, noise=self._noise(pre, keys))
+        return out, torch.isfinite(out.flatten(1)).all(dim=1)
 
     @torch.inference_mode()
     def encode(self, audio: torch.Tensor, padding_masks: torch.Tensor, keys: list[str]) -> EncodedBatch:
         retried = False
         if self.low_model is not None:
-            out = self._run(self.low_model, audio, keys)
-            if not self.is_discrete and not bool(torch.isfinite(out).all()):
-                out = self._run(self.model, audio, keys)
+            out, finite = self._run(self.low_model, audio, keys)
+            if not bool(finite.all()):
+                out, finite = self._run(self.model, audio, keys)
                 retried = True
                 self.retries += 1
         else:
-            out = self._run(self.model, audio, keys)
-        if out.is_floating_point():
-            finite = torch.isfinite(out.flatten(1)).all(dim=1).tolist()
-        else:
-            finite = [True] * out.shape[0]
+            out, finite = self._run(self.model, audio, keys)
         out = out.cpu()
         masks = latent_padding_mask(padding_masks, out.shape[-1])
-        return EncodedBatch(latents=out, padding_masks=masks, finite=finite, fp32_retry=retried)
+        return EncodedBatch(latents=out, padding_masks=masks, finite=finite.cpu().tolist(), fp32_retry=retried)
+
+
+def token_dtype(codebook_size: int) -> torch.dtype:
+    """The smallest integer dtype that holds every token of a codebook of this size."""
+    if codebook_size <= 1 << 8:
+        return torch.uint8
+    if codebook_size <= 1 << 15:
+        return torch.int16
+    return torch.int32

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
-from .encoder import BatchEncoder
+from .encoder import BatchEncoder, token_dtype
 from .manifest import RunManifest, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
@@ -105,12 +105,13 @@ class _WriterThread(threading.Thread):
     """Writes batches and commits units, in queue order. A failure stops the run (disk full...)."""
 
     def __init__(self, config: EncodeConfig, manifest: RunManifest, folder: FolderWriter,
-                 downsampling_ratio: int, on_unit_done):
+                 output_dtype: torch.dtype, latent_metadata: dict, on_unit_done):
         super().__init__(name="wds-encode-writer", daemon=True)
         self.config = config
         self.manifest = manifest
         self.folder = folder
-        self.downsampling_ratio = downsampling_ratio
+        self.output_dtype = output_dtype
+        self.latent_metadata = latent_metadata
         self.on_unit_done = on_unit_done
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_DEPTH)
         self.pending: dict[str, _Pending] = {}
@@ -140,10 +141,7 @@ class _WriterThread(threading.Thread):
         return pend
 
     def _write_batch(self, batch_index: int, items: list[WindowItem], encoded) -> None:
-        latents = encoded.latents
-        if latents.is_floating_point() and self.config.latent_dtype == "float16":
-            latents = latents.to(torch.float16)
-        arrays = latents.numpy()
+        arrays = encoded.latents.to(self.output_dtype).numpy()
         masks = encoded.padding_masks.tolist()
         for i, item in enumerate(items):
             pend = self._unit(item.shard_id)
@@ -158,8 +156,7 @@ class _WriterThread(threading.Thread):
             md["padding_mask"] = masks[i]
             md["latent_shape"] = list(array.shape)
             md["latent_length"] = int(array.shape[-1])
-            md["latent_mode"] = "tokens" if self.config.is_discrete else self.config.latent_mode
-            md["downsampling_ratio"] = self.downsampling_ratio
+            md.update(self.latent_metadata)
             latent_id = self.folder.latent_id(batch_index, i)
             md["latent_id"] = latent_id
             pend.folder_files.extend(self.folder.stage(latent_id, array, md))
@@ -198,6 +195,20 @@ class _WriterThread(threading.Thread):
         count = len(self.pending)
         self.pending.clear()
         return count
+
+
+def latent_format(config: EncodeConfig, model) -> tuple[torch.dtype, dict]:
+    """The dtype written and the fields every window's metadata gets about its latents."""
+    metadata = {"downsampling_ratio": model.downsampling_ratio}
+    if config.is_discrete:
+        bottleneck = model.bottleneck
+        metadata.update(latent_mode="tokens", codebook_size=int(bottleneck.codebook_size),
+                        num_quantizers=int(bottleneck.num_quantizers))
+        return token_dtype(bottleneck.codebook_size), metadata
+    metadata["latent_mode"] = config.latent_mode
+    if config.latent_mode == "params":
+        metadata["params_layout"] = "mean,std"  # channels [0, C/2): mean; [C/2, C): std
+    return (torch.float16 if config.latent_dtype == "float16" else torch.float32), metadata
 
 
 def _collate(items: list[WindowItem]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -314,7 +325,7 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
         stats.errors += sum(1 for e in errors if e["level"] == "error")
         stats.warnings += sum(1 for e in errors if e["level"] != "error")
 
-    writer = _WriterThread(config, plan.manifest, folder, model.downsampling_ratio, on_unit_done)
+    writer = _WriterThread(config, plan.manifest, folder, *latent_format(config, model), on_unit_done)
     writer.start()
 
     def put(job) -> None:
