@@ -21,15 +21,21 @@ from torch import nn
 from .autoencoder import AutoencoderModel
 from .bottlenecks import build_bottleneck
 from .checkpoint import load_strict, read_checkpoint
+from .dac import build_dac_decoder, build_dac_encoder
 from .errors import ModelConfigError, UnsupportedModelError
 from .oobleck import build_oobleck_decoder, build_oobleck_encoder
+from .seanet import build_seanet_decoder, build_seanet_encoder
 
 # type -> builder(config, field). Add new encoders/decoders here.
 ENCODERS: dict[str, Callable[[Mapping[str, Any], str], nn.Module]] = {
     "oobleck": build_oobleck_encoder,
+    "dac": build_dac_encoder,
+    "seanet": build_seanet_encoder,
 }
 DECODERS: dict[str, Callable[[Mapping[str, Any], str], nn.Module]] = {
     "oobleck": build_oobleck_decoder,
+    "dac": build_dac_decoder,
+    "seanet": build_seanet_decoder,
 }
 # Types stable-audio-tools knows, named in errors to tell "not supported yet" from a typo.
 KNOWN_UPSTREAM_CODECS = ("oobleck", "dac", "seanet", "local_attn", "taae")
@@ -163,10 +169,12 @@ def build_autoencoder(model_config: Mapping[str, Any], *, with_decoder: bool = F
     decoder = None
     if with_decoder:
         decoder = _build_codec(_require(ae, "decoder", f), f"{f}.decoder", DECODERS, "decoder")
-        dec_in = getattr(decoder, "latent_dim", latent_dim)
-        if dec_in != latent_dim:
+        expected = bottleneck.decoder_channels(latent_dim)  # + noise_augment_dim where configured
+        dec_in = getattr(decoder, "latent_dim", expected)
+        if dec_in != expected:
             raise ModelConfigError(f"model config: '{f}.decoder.config.latent_dim' = {dec_in} "
-                                   f"but '{f}.latent_dim' = {latent_dim}")
+                                   f"but the bottleneck gives the decoder {expected} channels "
+                                   f"('{f}.latent_dim' = {latent_dim})")
     soft_clip = bool(_mapping(ae.get("decoder", {}), f"{f}.decoder").get("soft_clip", False))
 
     return AutoencoderModel(
