@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wds_encode.config import EncodeConfig  # noqa: E402
 from wds_encode.encoder import BatchEncoder  # noqa: E402
-from wds_encode.models import build_autoencoder, demo_model_paths  # noqa: E402
+from wds_encode.models import demo_model_paths  # noqa: E402
 from wds_encode.models.demo_model import demo_state_dict  # noqa: E402
 from wds_encode.runner import pick_device, run  # noqa: E402
 from wds_encode.synth import write_tar_shards  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import tarfile
 import sys
@@ -13,6 +14,18 @@ import numpy as np
 import pytest
 
 WDS_ENCODE = str(Path(sys.executable).with_name("wds-encode"))
+
+
+GOLDEN_DIR = Path(os.environ.get("WDS_GOLDEN_DIR") or Path(__file__).resolve().parents[2] / "shared" / "golden")
+
+
+def golden_model(name: str) -> tuple[Path, Path]:
+    """(model_config.json, model.safetensors) of a model saved by stable-audio-tools itself."""
+    folder = GOLDEN_DIR / name
+    if not (folder / "model_config.json").is_file():
+        pytest.fail(f"golden data not found at {folder}: the checkout needs ../shared/golden beside it, "
+                    "or WDS_GOLDEN_DIR pointing at it")
+    return folder / "model_config.json", folder / "model.safetensors"
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

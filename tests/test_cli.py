@@ -242,6 +242,7 @@ def test_corrupt_members_are_recorded_and_the_rest_is_written(corrupt_dataset, d
 def test_audio_dir_with_custom_metadata_and_split(tmp_path, demo_model):
     from wds_encode.synth import write_audio_folder
     samples = write_audio_folder(tmp_path / "audio", 9, seed=3, min_seconds=0.05, max_seconds=0.25)
+    assert len(samples) == 9
     module = tmp_path / "md.py"
     module.write_text("def get_custom_metadata(info, audio):\n"
                       "    return {'folder': info['relpath'].split('/')[0], 'rms': float(audio.pow(2).mean().sqrt())}\n")

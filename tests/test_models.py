@@ -487,20 +487,32 @@ def test_demo_model_loads_and_gives_sane_latents():
     assert torch.isfinite(params).all()
     assert 0.1 < mean[0].std() < 10  # neither vanished nor exploded
     assert (mean[0].std(dim=-1) > 1e-3).all()  # every channel varies over time
-    assert (std > 0).all() and 0.05 < std.mean() < 2
+    assert (std > 0).all() and std.mean() < 2
     assert not torch.allclose(mean[0], mean[1], atol=1e-2)  # depends on the input
     decoded = load_autoencoder(cfg, ckpt_path, with_decoder=True).decode(mean)
     assert decoded.shape == audio.shape and torch.isfinite(decoded).all()
 
 
-def test_demo_model_is_reproducible():
-    _, ckpt_path = demo_model_paths()
-    bundled = load_file(str(ckpt_path))
-    regenerated = demo_state_dict()
-    assert bundled.keys() == regenerated.keys()
-    for key, tensor in regenerated.items():
-        assert torch.allclose(bundled[key], tensor, atol=1e-6), key
-    config_path, _ = demo_model_paths()
+def test_demo_model_is_trained_from_the_seeded_init(tmp_path):
+    """The bundled weights are scripts/train_demo_model.py's training of demo_state_dict()."""
     from wds_encode.models.demo_model import DEMO_MODEL_CONFIG
+    from wds_encode.verify import log_mel, mel_distance
 
+    config_path, ckpt_path = demo_model_paths()
     assert json.loads(config_path.read_text()) == DEMO_MODEL_CONFIG
+    bundled = load_file(str(ckpt_path))
+    init = demo_state_dict()
+    assert {k: v.shape for k, v in bundled.items()} == {k: v.shape for k, v in init.items()}
+    untrained = tmp_path / "init.safetensors"
+    save_file(init, str(untrained))
+    cfg = load_model_config(config_path)
+    n = 64 * 512
+    t = torch.arange(n) / 44100
+    audio = torch.stack([0.3 * torch.sin(2 * math.pi * 220 * t), 0.2 * torch.sin(2 * math.pi * 330 * t + 1)])[None]
+    distances = []
+    for ckpt in (ckpt_path, untrained):
+        model = load_autoencoder(cfg, ckpt, with_decoder=True)
+        decoded = model.decode(model.encode(audio, mode="mean"))
+        distances.append(mel_distance(log_mel(audio[0], 44100), log_mel(decoded[0], 44100)))
+    trained, random_init = distances
+    assert trained < 1.0 and trained < random_init / 4, distances

@@ -169,5 +169,61 @@ def demo_command(directory: Path, num_shards: int, samples_per_shard: int, num_w
     sys.exit(run_encode(config))
 
 
+@main.command("verify")
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--model-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Model config (default: the one recorded in OUTPUT/details.json)")
+@click.option("--ckpt-path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Checkpoint (default: the one recorded in OUTPUT/details.json)")
+@click.option("--pretrained-name", default=None, help="Model folder instead of --model-config/--ckpt-path")
+@click.option("-n", "num_windows", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows to check")
+@click.option("--min-snr", type=float, default=None,
+              help="Also flag the output when the median round-trip SNR (dB) is below this [default: off]")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which windows are picked")
+def verify_command(output: Path, model_config, ckpt_path, pretrained_name, num_windows, min_snr, device, seed):
+    """Decode N windows of OUTPUT and compare them with their source audio (SNR, mel distance, re-encode).
+
+    Exits 1 when the output looks wrong for this model, 2 when it cannot be checked.
+    """
+    from .models import ModelConfigError, load_autoencoder
+    from .runner import pick_device, resolve_model_source
+    from . import verify
+
+    try:
+        details = verify.load_details(output)
+        recorded = details.get("args", {})
+        values = {"model_config": model_config or (None if pretrained_name else recorded.get("model_config")),
+                  "ckpt_path": ckpt_path or (None if pretrained_name else recorded.get("ckpt_path")),
+                  "pretrained_name": pretrained_name or (None if (model_config or ckpt_path)
+                                                         else recorded.get("pretrained_name")),
+                  "dataset_config": "-", "output_path": str(output)}
+        config = encode_config_from(None, values, "verify")
+        model_cfg, ckpt = resolve_model_source(config)
+        try:
+            model = load_autoencoder(model_cfg, ckpt, with_decoder=True)
+        except ModelConfigError as exc:
+            click.echo(f"note: cannot build this model's decoder ({exc}); checking re-encoding only", err=True)
+            model = load_autoencoder(model_cfg, ckpt)
+        dev = pick_device(device)
+        model = model.to(dev)
+        checks = verify.verify_output(output, model, details=details, n=num_windows, seed=seed, device=dev)
+    except (ConfigError, FileNotFoundError, ModelConfigError) as exc:
+        click.echo(f"wds-encode verify: error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(verify.format_checks(checks))
+    reasons = verify.verdict(checks, min_snr)
+    if verify.checkpoint_matches(details, ckpt) is False:
+        reasons.insert(0, f"{ckpt} is not the checkpoint this output was encoded with (details.json sha256)")
+    if model.decoder is None:
+        click.echo("no decoder: SNR and mel distance not computed")
+    if reasons:
+        for reason in reasons:
+            click.echo(f"FLAGGED: {reason}")
+        sys.exit(EXIT_BAD_SAMPLES)
+    click.echo(f"OK: {len(checks)} windows match this model")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

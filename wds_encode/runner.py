@@ -24,7 +24,7 @@ from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_confi
 from .encoder import BatchEncoder, token_dtype
 from .manifest import RunManifest, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
-from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
+from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, load_custom_metadata_fn
 from .sources import Shard, list_shards
 from .writers import FolderWriter, LatentShardWriter
 

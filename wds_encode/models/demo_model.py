@@ -1,17 +1,17 @@
 """Generator of the bundled demo model (`assets/demo_model_config.json` + `.safetensors`).
 
-The demo lets `wds-encode demo`, the tests and CI run end to end with no download. Its weights
-are random but deterministic (seeded) and scaled so activations stay O(0.1..1) through every
-layer, giving non-degenerate latents. They are saved in stable-audio-tools' layout
+The demo lets `wds-encode demo`, the tests and CI run end to end with no download. Its initial
+weights are seeded and scaled so activations stay O(0.1..1) through every layer; the bundled
+file is that init trained briefly on synthetic audio (scripts/train_demo_model.py), so the round
+trip is recognisable and `wds-encode verify` has something real to check. They are saved in
+stable-audio-tools' layout
 (`weight_g` / `weight_v`, decoder included), so loading the demo exercises the same code path as
 a real checkpoint, and stable-audio-tools itself can load the files.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,14 +73,3 @@ def demo_state_dict(config: dict[str, Any] = DEMO_MODEL_CONFIG, seed: int = DEMO
     final_bias = f"encoder.layers.{len(config['model']['encoder']['config']['strides']) + 2}.bias"
     out[final_bias][latent:] -= 1.5
     return out
-
-
-def write_demo_model(config_path: str | Path, ckpt_path: str | Path) -> None:
-    """Write the demo config JSON and safetensors weights (deterministic bytes)."""
-    from safetensors.torch import save_file
-
-    Path(config_path).write_text(json.dumps(DEMO_MODEL_CONFIG, indent=1) + "\n",
-                                 encoding="utf-8")
-    # one metadata entry only: safetensors writes a multi-key metadata map in random order
-    save_file(demo_state_dict(), str(ckpt_path), metadata={"format": "pt"})
-    Path(ckpt_path).chmod(0o644)  # safetensors creates the file owner-only

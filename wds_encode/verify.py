@@ -1,0 +1,225 @@
+"""`wds-encode verify`: decode a sample of written windows and compare them with their source.
+
+Encoding with the wrong checkpoint, config or method silently gives garbage latents; a round trip
+catches it before a week of training does. For N windows of an output folder this reports:
+- `snr_db`: SNR of decode(latents) against the source audio window (needs a decoder),
+- `mel`: mean absolute log-mel distance between the two,
+- `rank`: how many other sampled sources the decoded window is closer to (in log-mel distance)
+  than to its own; 0 means it is closest to its own source. Waveform SNR depends on phase, which
+  many codecs do not keep, so the default judgement uses this self-calibrating ranking: decoded
+  audio that is not closer to its own source than to others is garbage, whatever the model,
+- `reencode`: relative difference between the stored latents and the source window re-encoded
+  now with the given model (same key-seeded noise), which is ~0 only for the very model, options
+  and checkpoint that wrote them,
+and whether the checkpoint is the one recorded in details.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .audio import conform_channels, decode_audio, resample
+from .encoder import BatchEncoder, PRECISION_DTYPES
+from .manifest import file_sha256
+
+REENCODE_TOLERANCE = 1e-3   # relative L2; fp32 reruns agree to ~1e-6, low precision to ~1e-2 at worst
+MIN_OWN_SOURCE_FRACTION = 0.5  # of windows whose decoding is closest to their own source
+
+
+@dataclass
+class WindowCheck:
+    latent_id: str
+    key: str
+    snr_db: Optional[float]
+    mel_distance: Optional[float]
+    reencode_error: Optional[float]
+    problem: Optional[str] = None
+    rank: Optional[int] = None   # other sources closer to the decoded window than its own
+
+
+def pick_windows(output: Path, n: int, seed: int = 0) -> list[Path]:
+    """N latent files of the folder layout, spread over the run (deterministic for a seed)."""
+    files = sorted(p for p in output.glob("[0-9]*/*.npy"))
+    if not files:
+        raise FileNotFoundError(f"{output}: no latent files (OUT/RANK/ID.npy) to verify")
+    if len(files) <= n:
+        return files
+    rng = np.random.default_rng(seed)
+    return sorted(files[i] for i in rng.choice(len(files), size=n, replace=False))
+
+
+def read_source(path: str) -> tuple[bytes, str]:
+    """Bytes and extension of the audio a window came from: a file, or `SHARD.tar#MEMBER`."""
+    if "#" in path:
+        url, member = path.rsplit("#", 1)
+        if os.path.isfile(url):
+            with tarfile.open(url, "r|*") as tar:
+                for info in tar:
+                    if info.name == member:
+                        data = tar.extractfile(info).read()
+                        return data, member.rsplit(".", 1)[-1].lower()
+            raise FileNotFoundError(f"member {member!r} not found in {url}")
+    with open(path, "rb") as f:
+        return f.read(), path.rsplit(".", 1)[-1].lower()
+
+
+def source_window(md: dict, channels: int, sample_rate: int, sample_size: int) -> tuple[torch.Tensor, int]:
+    """The window as the encoder saw it (zero-padded to sample_size) and its real length."""
+    data, ext = read_source(md["path"])
+    audio, rate = decode_audio(data, ext)
+    audio = resample(conform_channels(audio, channels), rate, sample_rate)
+    start, length = int(md["offset"]), int(md["valid_length"])
+    window = torch.zeros(channels, sample_size)
+    segment = audio[:, start:start + length]
+    window[:, :segment.shape[1]] = segment
+    return window, segment.shape[1]
+
+
+def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    noise = (reference - estimate).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-20) / noise)
+
+
+def log_mel(audio: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Log-mel spectrogram of the channel mix of [C, N] audio (zero-padded to the window)."""
+    import torchaudio
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=1024, hop_length=256, n_mels=64)
+    return torch.log10(mel(audio.mean(0)) + 1e-5)
+
+
+def mel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean())
+
+
+def _latents_for_decoder(model, stored: np.ndarray, md: dict) -> torch.Tensor:
+    mode = md.get("latent_mode", "sample")
+    latents = torch.from_numpy(np.asarray(stored)).unsqueeze(0)
+    if mode == "tokens":
+        return model.bottleneck.decode_tokens(latents.long())
+    latents = latents.float()
+    if mode == "params":
+        latents = latents.chunk(2, dim=1)[0]  # the mean
+    return latents
+
+
+def verify_output(output: Path, model, *, details: dict, n: int = 8, seed: int = 0,
+                  device: torch.device = torch.device("cpu")) -> list[WindowCheck]:
+    """Check N windows of `output` against their sources with `model` (loaded with its decoder if any)."""
+    args = details.get("args", {})
+    sample_size = int(details["sample_size"])
+    mode = args.get("latent_mode", "sample")
+    precision = args.get("precision") or ("fp16" if args.get("model_half") else "fp32")
+    is_discrete = bool(args.get("is_discrete"))
+    encoder = BatchEncoder(model, device=device, precision=precision if precision in PRECISION_DTYPES else "fp32",
+                           latent_mode=mode, is_discrete=is_discrete, seed=int(args.get("seed", 0)))
+    checks: list[WindowCheck] = []
+    mels: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for npy in pick_windows(output, n, seed):
+        md = json.loads(npy.with_suffix(".json").read_text())
+        stored = np.load(npy)
+        check = WindowCheck(npy.stem, md.get("key", md.get("__key__", "")), None, None, None)
+        try:
+            window, length = source_window(md, model.in_channels, model.sample_rate, sample_size)
+        except Exception as exc:
+            check.problem = f"source not readable: {exc}"
+            checks.append(check)
+            continue
+        mask = torch.zeros(1, sample_size, dtype=torch.bool)
+        mask[0, :length] = True
+        again = encoder.encode(window.unsqueeze(0), mask, [f"{md['source_shard']}/{md['key']}"]).latents[0]
+        if again.shape != stored.shape:
+            check.reencode_error = math.inf
+            check.problem = f"latent shape {list(stored.shape)} but this model gives {list(again.shape)}"
+        elif is_discrete:
+            check.reencode_error = float((again.numpy() != stored).mean())
+        else:
+            ref = torch.from_numpy(stored.astype(np.float32))
+            check.reencode_error = float((again - ref).norm() / ref.norm().clamp_min(1e-12))
+        if model.decoder is not None and check.problem is None:
+            with torch.inference_mode():
+                decoded = model.decode(_latents_for_decoder(model, stored, md).to(device))[0].float().cpu()
+            decoded = decoded[:, :window.shape[1]].clone()
+            decoded[:, length:] = 0  # compare the real audio only
+            check.snr_db = snr_db(window[:, :length], decoded[:, :length])
+            mels.append((len(checks), log_mel(window, model.sample_rate), log_mel(decoded, model.sample_rate)))
+        checks.append(check)
+    _rank_against_other_sources(checks, mels)
+    return checks
+
+
+def _rank_against_other_sources(checks: list[WindowCheck], mels: list[tuple[int, torch.Tensor, torch.Tensor]]
+                                ) -> None:
+    """Fill `mel_distance` (to the own source) and `rank` (other sources closer than the own one)."""
+    for i, _source, decoded in mels:
+        own = None
+        distances = []
+        for j, source, _ in mels:
+            d = mel_distance(decoded, source)
+            if i == j:
+                own = d
+            else:
+                distances.append(d)
+        checks[i].mel_distance = own
+        if distances:
+            checks[i].rank = sum(d <= own for d in distances)
+
+
+def checkpoint_matches(details: dict, ckpt_path: Path) -> Optional[bool]:
+    recorded = details.get("run_identity", {}).get("checkpoint_sha256")
+    if not recorded:
+        return None
+    return file_sha256(ckpt_path) == recorded
+
+
+def verdict(checks: list[WindowCheck], min_snr_db: Optional[float] = None) -> list[str]:
+    """Human-readable reasons to distrust the output; empty when it looks right."""
+    reasons = []
+    broken = [c for c in checks if c.problem]
+    if broken:
+        reasons.append(f"{len(broken)} windows could not be checked ({broken[0].problem})")
+    errors = [c.reencode_error for c in checks if c.reencode_error is not None]
+    if errors and float(np.median(errors)) > REENCODE_TOLERANCE:
+        reasons.append(f"re-encoding the sources gives different latents (median relative difference "
+                       f"{np.median(errors):.3g} > {REENCODE_TOLERANCE}): this is not the model, checkpoint or "
+                       "options that wrote this output")
+    ranked = [c.rank for c in checks if c.rank is not None]
+    if len(ranked) >= 2:
+        own = sum(r == 0 for r in ranked) / len(ranked)
+        if own < MIN_OWN_SOURCE_FRACTION:
+            reasons.append(f"decoded windows are not recognisably their sources: only {own:.0%} are closer to their "
+                           f"own source than to the other {len(ranked) - 1} sampled ones (log-mel distance); "
+                           "wrong checkpoint or config")
+    snrs = [c.snr_db for c in checks if c.snr_db is not None]
+    if min_snr_db is not None and snrs and float(np.median(snrs)) < min_snr_db:
+        reasons.append(f"median round-trip SNR {np.median(snrs):.1f} dB < --min-snr {min_snr_db} dB")
+    return reasons
+
+
+def format_checks(checks: list[WindowCheck]) -> str:
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+    lines = [f"{'window':<16} {'snr_db':>8} {'mel':>7} {'rank':>5} {'reencode':>9}  key"]
+    for c in checks:
+        lines.append(f"{c.latent_id:<16} {num(c.snr_db, '8.2f')} {num(c.mel_distance, '7.3f')} "
+                     f"{num(c.rank, '5d')} {num(c.reencode_error, '9.2e')}  {c.key}"
+                     + (f"  ({c.problem})" if c.problem else ""))
+    return "\n".join(lines)
+
+
+def load_details(output: Path) -> dict:
+    path = output / "details.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{output}: no details.json; is this a wds-encode output folder?")
+    return json.loads(path.read_text(encoding="utf-8"))
