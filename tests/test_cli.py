@@ -313,3 +313,47 @@ def test_folder_layout_reads_like_stable_audio_tools_pre_encoded_dataset(mixed_r
         assert cropped.shape == (latents.shape[0], latent_crop_length)
         assert isinstance(info["seconds_total"], int) and isinstance(info["seconds_start"], int)
         assert isinstance(info["prompt"], str) and info["prompt"].strip()
+
+
+@pytest.mark.parametrize("name, dtype", [("oobleck_rvq", np.uint8), ("oobleck_fsq", None)])
+def test_is_discrete_writes_integer_tokens(mixed_shards, tmp_path, name, dtype):
+    from conftest import golden_model
+    from wds_encode.config import load_model_config
+    from wds_encode.models import load_autoencoder
+    from wds_encode.verify import source_window
+    folder, _, _ = mixed_shards
+    config, ckpt = golden_model(name)
+    dataset = write_dataset_config(tmp_path / "d.json", "wds", [{"id": "mix", "path": str(folder)}],
+                                   random_crop=False)
+    result = run_cli("--model-config", config, "--ckpt-path", ckpt, "--dataset-config", dataset,
+                     "--output-path", tmp_path / "out", "--sample-size", 1024, "--is-discrete", "--no-progress",
+                     "--num-workers", 1, "--batch-size", 8)
+    assert result.returncode == 0, result.stderr
+    model = load_autoencoder(load_model_config(config), ckpt)
+    q, size = model.bottleneck.num_quantizers, model.bottleneck.codebook_size
+    expected_dtype = dtype or (np.uint8 if size <= 256 else np.int16)
+    found = read_folder_layout(tmp_path / "out")
+    assert len(found) == 60
+    for i, (tokens, md) in enumerate(sorted(found.values(), key=lambda v: v[1]["key"])):
+        assert tokens.dtype == expected_dtype and tokens.shape == (q, 1024 // model.downsampling_ratio)
+        assert md["latent_mode"] == "tokens" and md["codebook_size"] == size and md["num_quantizers"] == q
+        assert int(tokens.max()) < size
+        if i < 5:  # the tokens are the bottleneck's own, for the same window read back from its source
+            window, _ = source_window(md, model.in_channels, model.sample_rate, 1024)
+            again = model.bottleneck.encode_tokens(model.encode_pre_bottleneck(window[None]))[0]
+            assert np.array_equal(again.numpy(), tokens.astype(np.int64))
+    assert read_latent_shards(tmp_path / "out").keys() == found.keys()
+    continuous = run_cli("--model-config", config, "--ckpt-path", ckpt, "--dataset-config", dataset,
+                         "--output-path", tmp_path / "cont", "--sample-size", 1024, "--no-progress",
+                         "--num-workers", 0, "--batch-size", 20, "--limit-batches", 1)
+    assert continuous.returncode == 0, continuous.stderr
+    cont = read_folder_layout(tmp_path / "cont")
+    assert len(cont) == 20  # the limit stops after one batch, which held exactly the first unit
+    latents = next(iter(cont.values()))[0]
+    assert latents.dtype == np.float32 and latents.shape == (model.latent_dim, 1024 // model.downsampling_ratio)
+
+
+def test_is_discrete_refuses_a_continuous_model(mixed_run, demo_model, tmp_path):
+    _, _, _, dataset = mixed_run
+    result = encode(demo_model, dataset, tmp_path / "out", "--is-discrete")
+    assert result.returncode == 2 and "is continuous and has no tokens" in result.stderr

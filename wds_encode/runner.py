@@ -372,6 +372,8 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
                 else:
                     put(("end", item))
                 continue
+            if stats.stopped_early:
+                break  # the first window past --limit-batches: units ending before it were committed
             batch.append(item)
             audio_seen += item.metadata["valid_length"] / model.sample_rate
             files_seen += item.metadata["chunk_index"] == 0
@@ -379,7 +381,6 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
                 flush()
                 if config.limit_batches is not None and stats.batches >= config.limit_batches:
                     stats.stopped_early = True
-                    break
         else:
             flush()
     finally:
