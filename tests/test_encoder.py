@@ -102,3 +102,12 @@ def test_bf16_is_close_to_fp32(model):
     assert out.latents.dtype == torch.float32 and not out.fp32_retry
     rel = (out.latents - ref.latents).norm() / ref.latents.norm()
     assert rel < 0.05
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_same_latents(model):
+    audio, masks = batch()
+    plain = BatchEncoder(model, device=torch.device("cpu"), latent_mode="mean").encode(audio, masks, list("abc"))
+    compiled = BatchEncoder(model, device=torch.device("cpu"), latent_mode="mean", compile=True)
+    out = compiled.encode(audio, masks, list("abc"))
+    torch.testing.assert_close(out.latents, plain.latents, rtol=1e-4, atol=1e-4)

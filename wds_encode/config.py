@@ -63,7 +63,8 @@ class EncodeConfig(BaseModel):
     # --- the seed's options (pre_encode.py names and defaults)
     model_config_path: Optional[Path] = Field(None, alias="model_config", description="Model config JSON")
     ckpt_path: Optional[Path] = Field(None, description="Autoencoder checkpoint (.ckpt or .safetensors)")
-    pretrained_name: Optional[str] = Field(None, description="Folder with model_config.json + weights")
+    pretrained_name: Optional[str] = Field(
+        None, description="Model folder or Hugging Face repo id (local cache; see --allow-download)")
     dataset_config: Optional[Path] = Field(None, description="Dataset config JSON")
     output_path: Optional[Path] = Field(None, description="Output folder")
     batch_size: int = Field(1, ge=1, le=4096, description="Windows per encoder batch")
@@ -78,6 +79,10 @@ class EncodeConfig(BaseModel):
     limit_batches: Optional[int] = Field(None, ge=1, description="Stop after this many batches per rank")
 
     # --- ours
+    allow_download: bool = Field(False, description="Let --pretrained-name download from the Hugging Face hub")
+    allow_unsafe_pickle: bool = Field(
+        False, description="Load .ckpt files that hold Python objects besides tensors (runs code from the file)")
+    compile: bool = Field(False, description="torch.compile the encoder (slower start, faster on long runs)")
     precision: Optional[Literal["fp32", "fp16", "bf16"]] = Field(
         None, description="Encoder precision (default fp32, fp16 with --model-half)")
     latent_mode: Literal["sample", "mean", "params"] = Field(

@@ -41,7 +41,7 @@ class BatchEncoder:
     """Owns the model copies on the device and turns CPU batches into CPU latents."""
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, precision: str = "fp32",
-                 latent_mode: str = "sample", is_discrete: bool = False, seed: int = 0):
+                 latent_mode: str = "sample", is_discrete: bool = False, seed: int = 0, compile: bool = False):
         self.device = device
         self.precision = precision
         self.latent_mode = latent_mode
@@ -56,6 +56,9 @@ class BatchEncoder:
         self.low_model = None
         if self.dtype != torch.float32:
             self.low_model = copy.deepcopy(self.model).to(self.dtype)
+        # the encoder network each model copy runs; torch.compile'd on request (one graph per batch shape)
+        self._encoders = {id(m): (torch.compile(m.encoder, dynamic=False) if compile else m.encoder)
+                          for m in (self.model, self.low_model) if m is not None}
         self.retries = 0
 
     @property
@@ -75,7 +78,7 @@ class BatchEncoder:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents or tokens, per-sample finiteness of the continuous values they came from)."""
         x = audio.to(self.device, non_blocking=True).to(next(model.parameters()).dtype)
-        pre = model.encode_pre_bottleneck(x).float()
+        pre = self._encoders[id(model)](x).float()
         if self.is_discrete:
             return self.bottleneck.encode_tokens(pre), torch.isfinite(pre.flatten(1)).all(dim=1)
         out = self.bottleneck.encode(pre, mode=self.latent_mode, noise=self._noise(pre, keys))

@@ -24,6 +24,7 @@ from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_confi
 from .encoder import BatchEncoder, token_dtype
 from .manifest import RunManifest, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
+from .models.pretrained import resolve_pretrained
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, load_custom_metadata_fn
 from .sources import Shard, list_shards
 from .writers import FolderWriter, LatentShardWriter
@@ -73,19 +74,8 @@ class _Pending:
 def resolve_model_source(config: EncodeConfig) -> tuple[dict, Path]:
     """(model config dict, checkpoint path) from --model-config/--ckpt-path or --pretrained-name."""
     if config.pretrained_name is not None:
-        folder = Path(config.pretrained_name).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(
-                f"--pretrained-name {config.pretrained_name!r}: no such folder. This version resolves a "
-                "local folder holding model_config.json and model.safetensors / model.ckpt; download the "
-                "model (e.g. `huggingface-cli download stabilityai/stable-audio-open-1.0 --local-dir DIR`) "
-                "and pass DIR, or use --model-config with --ckpt-path")
-        configs = [folder / n for n in ("model_config.json", "vae_config.json") if (folder / n).is_file()]
-        ckpts = [folder / n for n in ("model.safetensors", "model.ckpt", "vae_model.ckpt") if (folder / n).is_file()]
-        if not configs or not ckpts:
-            raise ConfigError(f"--pretrained-name {folder}: needs model_config.json (or vae_config.json) and "
-                              "model.safetensors / model.ckpt / vae_model.ckpt in that folder")
-        return load_model_config(configs[0]), ckpts[0]
+        config_path, ckpt_path = resolve_pretrained(config.pretrained_name, allow_download=config.allow_download)
+        return load_model_config(config_path), ckpt_path
     assert config.model_config_path is not None and config.ckpt_path is not None
     if not config.ckpt_path.is_file():
         raise ConfigError(f"--ckpt-path {config.ckpt_path}: file not found")
@@ -271,7 +261,7 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
     started = time.time()
     plan = plan_run(config)
     device = pick_device(config.device)
-    model = load_autoencoder(plan.model_config, plan.ckpt_path)
+    model = load_autoencoder(plan.model_config, plan.ckpt_path, allow_unsafe_pickle=config.allow_unsafe_pickle)
     if config.is_discrete and not getattr(model.bottleneck, "is_discrete", False):
         raise ConfigError(f"--is-discrete: the model's bottleneck ({type(model.bottleneck).__name__}) "
                           "is continuous and has no tokens; drop --is-discrete")
@@ -311,7 +301,8 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
                         pin_memory=device.type == "cuda",
                         prefetch_factor=max(2, config.batch_size) if num_workers else None)
     encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
-                           latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed)
+                           latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
+                           compile=config.compile)
     folder = FolderWriter(config.output_path, rank)
     bar = tqdm(total=None, unit="win", disable=not config.progress, dynamic_ncols=True, desc=f"rank {rank}")
 

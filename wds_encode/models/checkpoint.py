@@ -102,7 +102,7 @@ class _TensorSource:
                     f"cannot load {self.path} with torch.load(weights_only=True): "
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n"
                     "The file is corrupt or holds pickled Python objects besides tensors. "
-                    "If you trust its source, load it with allow_unsafe_pickle=True (this runs "
+                    "If you trust its source, pass --allow-unsafe-pickle (allow_unsafe_pickle=True; this runs "
                     "arbitrary code from the file), or convert it to .safetensors."
                 ) from exc
             try:
