@@ -28,22 +28,9 @@ from wds_encode.config import EncodeConfig  # noqa: E402
 from wds_encode.encoder import BatchEncoder  # noqa: E402
 from wds_encode.models import demo_model_paths  # noqa: E402
 from wds_encode.models.demo_model import demo_state_dict  # noqa: E402
+from wds_encode.models.reference_configs import STABLE_AUDIO_OPEN_VAE as SAO_VAE  # noqa: E402
 from wds_encode.runner import pick_device, run  # noqa: E402
 from wds_encode.synth import write_tar_shards  # noqa: E402
-
-# stable-audio-open-1.0 vae_config.json, the autoencoder users run at scale
-SAO_VAE = {
-    "model_type": "autoencoder", "sample_size": 65536, "sample_rate": 44100, "audio_channels": 2,
-    "model": {
-        "encoder": {"type": "oobleck", "config": {"in_channels": 2, "channels": 128, "c_mults": [1, 2, 4, 8, 16],
-                                                  "strides": [2, 4, 4, 8, 8], "latent_dim": 128, "use_snake": True}},
-        "decoder": {"type": "oobleck", "config": {"out_channels": 2, "channels": 128, "c_mults": [1, 2, 4, 8, 16],
-                                                  "strides": [2, 4, 4, 8, 8], "latent_dim": 64, "use_snake": True,
-                                                  "final_tanh": False}},
-        "bottleneck": {"type": "vae"}, "latent_dim": 64, "downsampling_ratio": 2048, "io_channels": 2,
-    },
-}
-
 
 def model_files(name: str, folder: Path) -> tuple[Path, Path, dict]:
     if name == "demo":

@@ -17,14 +17,21 @@ WDS_ENCODE = str(Path(sys.executable).with_name("wds-encode"))
 
 
 GOLDEN_DIR = Path(os.environ.get("WDS_GOLDEN_DIR") or Path(__file__).resolve().parents[2] / "shared" / "golden")
+GOLDEN_CKPTS = ("model.ckpt", "model.safetensors", "wrapped.safetensors")
 
 
-def golden_model(name: str) -> tuple[Path, Path]:
-    """(model_config.json, model.safetensors) of a model saved by stable-audio-tools itself."""
+def golden(name: str) -> Path:
+    """The folder of a model saved by stable-audio-tools itself, with its inputs and outputs."""
     folder = GOLDEN_DIR / name
     if not (folder / "model_config.json").is_file():
         pytest.fail(f"golden data not found at {folder}: the checkout needs ../shared/golden beside it, "
                     "or WDS_GOLDEN_DIR pointing at it")
+    return folder
+
+
+def golden_model(name: str) -> tuple[Path, Path]:
+    """(model_config.json, model.safetensors) of a golden model."""
+    folder = golden(name)
     return folder / "model_config.json", folder / "model.safetensors"
 
 

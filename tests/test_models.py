@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import pathlib
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import GOLDEN_CKPTS, golden
 from wds_encode.models import (
     CheckpointError,
     ModelConfigError,
@@ -27,18 +27,7 @@ from wds_encode.config import load_model_config
 from wds_encode.models.checkpoint import fold_weight_norm_pair, unfold_weight_norm
 from wds_encode.models.demo_model import demo_state_dict
 
-GOLDEN_DIR = Path(os.environ.get("WDS_GOLDEN_DIR")
-                  or Path(__file__).resolve().parents[2] / "shared" / "golden")
-GOLDEN_CKPTS = ("model.ckpt", "model.safetensors", "wrapped.safetensors")
 SUPPORTED_GOLDEN = ("oobleck_snake_vae", "oobleck_elu_tanh")
-
-
-def golden(name: str) -> Path:
-    path = GOLDEN_DIR / name
-    if not (path / "model_config.json").is_file():
-        pytest.fail(f"golden data not found at {path}: the checkout needs ../shared/golden beside it, "
-                    "or WDS_GOLDEN_DIR pointing at it")
-    return path
 
 
 # ----------------------------------------------------------------------------- golden data

@@ -4,14 +4,13 @@ data, shrunk copies of stable-audio-tools' DAC configs, half precision, checkpoi
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import GOLDEN_CKPTS, golden
 from wds_encode.config import load_model_config
 from wds_encode.models import (
     CheckpointError,
@@ -22,17 +21,6 @@ from wds_encode.models import (
 from wds_encode.models.checkpoint import unfold_weight_norm
 from wds_encode.models.dac import DACDecoder, DACEncoder
 
-GOLDEN_DIR = Path(os.environ.get("WDS_GOLDEN_DIR")
-                  or Path(__file__).resolve().parents[2] / "shared" / "golden")
-GOLDEN_CKPTS = ("model.ckpt", "model.safetensors", "wrapped.safetensors")
-
-
-def golden(name: str) -> Path:
-    path = GOLDEN_DIR / name
-    if not (path / "model_config.json").is_file():
-        pytest.fail(f"golden data not found at {path}: the checkout needs ../shared/golden beside "
-                    "it, or WDS_GOLDEN_DIR pointing at it")
-    return path
 
 
 # ----------------------------------------------------------------------------- golden data

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from conftest import GOLDEN_CKPTS, golden
 from wds_encode.config import load_model_config
 from wds_encode.models import (
     CheckpointError,
@@ -25,19 +25,8 @@ from wds_encode.models import (
 )
 from wds_encode.models.bottlenecks import build_bottleneck
 
-GOLDEN_DIR = Path(os.environ.get("WDS_GOLDEN_DIR")
-                  or Path(__file__).resolve().parents[2] / "shared" / "golden")
-GOLDEN_CKPTS = ("model.ckpt", "model.safetensors", "wrapped.safetensors")
 DISCRETE_GOLDEN = ("oobleck_rvq", "oobleck_dac_rvq", "oobleck_fsq")
 FIELD = "model.bottleneck.config"
-
-
-def golden(name: str) -> Path:
-    path = GOLDEN_DIR / name
-    if not (path / "model_config.json").is_file():
-        pytest.fail(f"golden data not found at {path}: the checkout needs ../shared/golden beside "
-                    "it, or WDS_GOLDEN_DIR pointing at it")
-    return path
 
 
 def golden_tokens(name: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from wds_encode.models import build_autoencoder, load_autoencoder
+from wds_encode.models.reference_configs import STABLE_AUDIO_OPEN_VAE
 
 TRAINING = {"training": {"learning_rate": 1e-4, "loss_configs": {"bottleneck": {"type": "kl"}}}}
 
@@ -27,17 +28,7 @@ STABLE_AUDIO_1_0_VAE = {
 }
 
 # stable_audio_2_0_vae.json (and stable-audio-open-1.0's vae_config.json): oobleck, vae
-STABLE_AUDIO_2_0_VAE_FULL = {
-    "model_type": "autoencoder", "sample_size": 65536, "sample_rate": 44100, "audio_channels": 2,
-    "model": {
-        "encoder": {"type": "oobleck", "config": {"in_channels": 2, "channels": 128, "c_mults": [1, 2, 4, 8, 16],
-                                                  "strides": [2, 4, 4, 8, 8], "latent_dim": 128, "use_snake": True}},
-        "decoder": {"type": "oobleck", "config": {"out_channels": 2, "channels": 128, "c_mults": [1, 2, 4, 8, 16],
-                                                  "strides": [2, 4, 4, 8, 8], "latent_dim": 64, "use_snake": True,
-                                                  "final_tanh": False}},
-        "bottleneck": {"type": "vae"}, "latent_dim": 64, "downsampling_ratio": 2048, "io_channels": 2,
-    }, **TRAINING,
-}
+STABLE_AUDIO_2_0_VAE_FULL = {**STABLE_AUDIO_OPEN_VAE, **TRAINING}
 
 
 def shrink_oobleck(config, channels=4):
