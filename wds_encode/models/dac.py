@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import ModelConfigError
+from .oobleck import strided_output_length
 
 
 class Snake1d(nn.Module):
@@ -139,10 +140,7 @@ class DACEncoder(nn.Module):
 
     def output_length(self, num_samples: int) -> int:
         """Exact number of latent frames for `num_samples` input samples (conv arithmetic)."""
-        n = num_samples
-        for s in self.strides:
-            n = (n + 2 * math.ceil(s / 2) - 2 * s) // s + 1
-        return n
+        return strided_output_length(num_samples, self.strides)
 
 
 class _DACDecoderCore(nn.Module):

@@ -108,6 +108,14 @@ class DecoderBlock(nn.Module):
         return self.layers(x)
 
 
+def strided_output_length(num_samples: int, strides: list[int]) -> int:
+    """Frames after the downsampling convs oobleck and DAC share: kernel 2s, stride s, padding ceil(s/2)."""
+    n = num_samples
+    for s in strides:
+        n = (n + 2 * math.ceil(s / 2) - 2 * s) // s + 1
+    return n
+
+
 def _layout(c_mults: list[int] | None, strides: list[int] | None, what: str) -> tuple[list[int], list[int]]:
     """stable-audio-tools' defaults for the per-block widths and strides, checked to pair up."""
     c_mults = [1, 2, 4, 8] if c_mults is None else list(c_mults)
@@ -146,10 +154,7 @@ class OobleckEncoder(nn.Module):
 
     def output_length(self, num_samples: int) -> int:
         """Exact number of latent frames for `num_samples` input samples (conv arithmetic)."""
-        n = num_samples
-        for s in self.strides:
-            n = (n + 2 * math.ceil(s / 2) - 2 * s) // s + 1
-        return n
+        return strided_output_length(num_samples, self.strides)
 
 
 class OobleckDecoder(nn.Module):
