@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,16 @@ def test_pick_windows_is_deterministic(tmp_path):
     assert len(pick_windows(tmp_path, 50)) == 20
     with pytest.raises(FileNotFoundError):
         pick_windows(tmp_path / "empty", 3)
+
+
+def test_verify_without_a_runnable_decoder_checks_re_encoding_only(demo_output, demo_model, tmp_path):
+    config = json.loads(demo_model[0].read_text())
+    config["model"]["decoder"]["type"] = "local_attn"  # a decoder this version cannot build
+    path = tmp_path / "no_decoder.json"
+    path.write_text(json.dumps(config))
+    result = run_cli("verify", demo_output, "-n", 4, "--model-config", path, "--ckpt-path", demo_model[1])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "checking re-encoding only" in result.stderr
+    assert "no decoder: SNR and mel distance not computed" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines()[1:5]]
+    assert all(r[1] == "-" and float(r[4]) < 1e-4 for r in rows)
