@@ -357,3 +357,17 @@ def test_is_discrete_refuses_a_continuous_model(mixed_run, demo_model, tmp_path)
     _, _, _, dataset = mixed_run
     result = encode(demo_model, dataset, tmp_path / "out", "--is-discrete")
     assert result.returncode == 2 and "is continuous and has no tokens" in result.stderr
+
+
+def test_overwrite_replaces_outputs_instead_of_adding_to_them(mixed_run, demo_model, tmp_path):
+    _, _, _, dataset = mixed_run
+    first = encode(demo_model, dataset, tmp_path / "out", "--num-workers", 0, "--batch-size", 20)
+    assert first.returncode == 0, first.stderr
+    stale = tmp_path / "out" / "shards" / "mix" / "gone-000.tar.partial"
+    stale.write_bytes(b"left by a crash")
+    second = encode(demo_model, dataset, tmp_path / "out", "--num-workers", 0, "--batch-size", 20,
+                    "--latent-mode", "mean", "--overwrite")
+    assert second.returncode == 0, second.stderr
+    found = read_folder_layout(tmp_path / "out")  # fails on any duplicate
+    assert len(found) == 60 and all(md["latent_mode"] == "mean" for _, md in found.values())
+    assert len(read_latent_shards(tmp_path / "out")) == 60 and not stale.exists()

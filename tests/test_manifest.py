@@ -52,3 +52,23 @@ def test_error_log_appends_json_lines(tmp_path):
     manifest.append_errors([{"level": "warning", "key": "b"}, {"level": "error", "key": "c"}])
     lines = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
     assert [r["key"] for r in lines] == ["a", "b", "c"]
+
+
+def test_overwrite_removes_earlier_outputs_only(tmp_path, ckpt):
+    out = tmp_path / "out"
+    ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
+    manifest = RunManifest(out)
+    manifest.prepare(ident, overwrite=False)
+    manifest.write_details({"run_identity": ident})
+    manifest.write_record({"shard": "ds/a"})
+    manifest.append_errors([{"level": "error"}])
+    (out / "0").mkdir()
+    for name in ("0000000000000.npy", "0000000000000.json", "0000000010000.npy.partial", "notes.txt"):
+        (out / "0" / name).write_text("x")
+    (out / "shards" / "ds").mkdir(parents=True)
+    (out / "shards" / "ds" / "a-000.tar").write_text("x")
+    (out / "mine.txt").write_text("keep")
+    assert RunManifest(out).prepare(ident, overwrite=True) == set()
+    assert sorted(p.name for p in (out / "0").iterdir()) == ["notes.txt"]
+    assert not (out / "shards").exists() and not (out / "errors.jsonl").exists()
+    assert (out / "mine.txt").read_text() == "keep" and (out / "details.json").exists()

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .writers import write_atomic
+from .writers import clear_outputs, write_atomic
 
 # Options that change what is written; anything else (workers, batch size, progress) does not.
 IDENTITY_OPTIONS = ("sample_size", "chunking", "max_chunks", "latent_mode", "is_discrete", "seed",
@@ -89,12 +89,16 @@ class RunManifest:
                 raise ManifestError(
                     f"{self.root} holds the output of a different run (changed: {', '.join(changed) or 'identity'}); "
                     "use a new --output-path, or --overwrite to re-encode everything into it")
-            self.clear_records()
-            return set()
         if overwrite:
-            self.clear_records()
+            self.clear()
             return set()
         return self.done_ids()
+
+    def clear(self) -> None:
+        """--overwrite: forget every finished unit and remove its outputs, so nothing is written twice."""
+        self.clear_records()
+        clear_outputs(self.root)
+        self.errors_path.unlink(missing_ok=True)
 
     def clear_records(self) -> None:
         if self.records_dir.is_dir():

@@ -27,7 +27,7 @@ from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, load_custom_metadata_fn
 from .sources import Shard, list_shards
-from .writers import FolderWriter, LatentShardWriter
+from .writers import SHARDS_DIR, FolderWriter, LatentShardWriter, remove_partials
 
 WRITE_QUEUE_DEPTH = 8
 
@@ -154,7 +154,7 @@ class _WriterThread(threading.Thread):
                 if pend.shard_writer is None:
                     dataset_id, name = item.shard_id.split("/", 1)
                     pend.shard_writer = LatentShardWriter(
-                        self.config.output_path / "shards", dataset_id, name,
+                        self.config.output_path / SHARDS_DIR, dataset_id, name,
                         maxcount=self.config.shard_maxcount, maxsize=self.config.shard_maxsize)
                 pend.shard_writer.write(item.key, array, md)
             pend.written += 1
@@ -304,6 +304,8 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
                            latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
                            compile=config.compile)
     folder = FolderWriter(config.output_path, rank)
+    if world_size == 1:  # latent tars of units an interrupted run left open (per-rank folders clean themselves)
+        remove_partials(config.output_path / SHARDS_DIR)
     bar = tqdm(total=None, unit="win", disable=not config.progress, dynamic_ncols=True, desc=f"rank {rank}")
 
     def on_unit_done(end: ShardEnd, written: int, errors: list[dict]) -> None:

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -48,6 +49,32 @@ def remove_partials(folder: Path) -> int:
             path.unlink(missing_ok=True)
             count += 1
     return count
+
+
+_OUTPUT_FILE_RE = re.compile(r"^\d+\.(npy|json)(\.partial)?$")
+SHARDS_DIR = "shards"
+
+
+def clear_outputs(root: Path) -> int:
+    """Remove both output forms of earlier runs under `root` (for --overwrite); returns files removed.
+
+    Only what the writers create is touched: `ROOT/{rank}/{id}.npy|json` and `ROOT/shards/`.
+    """
+    removed = 0
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    for rank_dir in root.iterdir():
+        if rank_dir.is_dir() and rank_dir.name.isdigit():
+            for path in rank_dir.iterdir():
+                if _OUTPUT_FILE_RE.match(path.name):
+                    path.unlink()
+                    removed += 1
+    shards = root / SHARDS_DIR
+    if shards.is_dir():
+        removed += sum(1 for p in shards.rglob("*") if p.is_file())
+        shutil.rmtree(shards)
+    return removed
 
 
 class FolderWriter:
