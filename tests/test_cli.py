@@ -371,3 +371,34 @@ def test_overwrite_replaces_outputs_instead_of_adding_to_them(mixed_run, demo_mo
     found = read_folder_layout(tmp_path / "out")  # fails on any duplicate
     assert len(found) == 60 and all(md["latent_mode"] == "mean" for _, md in found.values())
     assert len(read_latent_shards(tmp_path / "out")) == 60 and not stale.exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_exactly_once(mixed_run, demo_model, tmp_path):
+    """SIGKILL mid-run (after some units committed), rerun: every sample exactly once, nothing lost."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import WDS_ENCODE
+    _, _, samples, dataset = mixed_run
+    config, ckpt = demo_model
+    out = tmp_path / "out"
+    args = [WDS_ENCODE, "--model-config", str(config), "--ckpt-path", str(ckpt), "--dataset-config", str(dataset),
+            "--output-path", str(out), "--sample-size", "131072", "--batch-size", "2", "--num-workers", "1",
+            "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "manifest").glob("*.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    committed = len(list((out / "manifest").glob("*.json")))
+    assert 1 <= committed < 3, "the kill should land after the first unit and before the last"
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{committed} already done" in rerun.stdout
+    found = read_folder_layout(out)  # fails on any duplicate
+    assert sorted(md["__key__"] for _, md in found.values()) == sorted(s.key for s in samples)
+    assert read_latent_shards(out).keys() == found.keys()
+    assert not list(out.rglob("*.partial")) and not list((out / "manifest" / "commits").glob("*"))

@@ -72,3 +72,21 @@ def test_overwrite_removes_earlier_outputs_only(tmp_path, ckpt):
     assert sorted(p.name for p in (out / "0").iterdir()) == ["notes.txt"]
     assert not (out / "shards").exists() and not (out / "errors.jsonl").exists()
     assert (out / "mine.txt").read_text() == "keep" and (out / "details.json").exists()
+
+
+def test_an_interrupted_commit_is_rolled_back(tmp_path, ckpt):
+    out = tmp_path / "out"
+    ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
+    manifest = RunManifest(out)
+    manifest.prepare(ident, overwrite=False)
+    done_file, half_file, kept = out / "0" / "1.npy", out / "0" / "2.npy", out / "0" / "3.npy"
+    done_file.parent.mkdir(parents=True)
+    for f in (done_file, half_file, kept):
+        f.write_text("x")
+    finished = manifest.begin_commit("ds/done", [done_file])
+    manifest.write_record({"shard": "ds/done"})  # died before removing the journal: the unit is done
+    manifest.begin_commit("ds/half", [half_file, out / "shards" / "ds" / "half-000.tar"])  # died mid-commit
+    assert finished.exists()
+    assert RunManifest(out).prepare(ident, overwrite=False) == {"ds/done"}
+    assert done_file.exists() and kept.exists() and not half_file.exists()
+    assert not list((out / "manifest" / "commits").glob("*.json"))

@@ -92,7 +92,42 @@ class RunManifest:
         if overwrite:
             self.clear()
             return set()
+        self.roll_back_unfinished_commits()
         return self.done_ids()
+
+    # A unit's commit: journal (the files about to appear) -> renames -> record -> journal removed.
+    # A journal without its record means the run died mid-commit: its files are removed, the unit redone.
+    def _journal_path(self, shard_id: str) -> Path:
+        return self.records_dir / "commits" / record_name(shard_id)
+
+    def begin_commit(self, shard_id: str, final_paths: list[Path]) -> Path:
+        journal = self._journal_path(shard_id)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(journal, json.dumps({"shard": shard_id, "files": [str(p) for p in final_paths]}).encode())
+        return journal
+
+    @staticmethod
+    def finish_commit(journal: Path) -> None:
+        journal.unlink(missing_ok=True)
+
+    def roll_back_unfinished_commits(self) -> int:
+        """Remove the outputs of units whose commit was interrupted; returns how many units."""
+        folder = self.records_dir / "commits"
+        if not folder.is_dir():
+            return 0
+        done = self.done_ids()
+        rolled = 0
+        for journal in folder.glob("*.json"):
+            try:
+                entry = json.loads(journal.read_text(encoding="utf-8"))
+            except ValueError:
+                entry = {"shard": None, "files": []}  # torn journal write: nothing was renamed yet
+            if entry["shard"] not in done:
+                for name in entry["files"]:
+                    Path(name).unlink(missing_ok=True)
+                rolled += 1
+            journal.unlink()
+        return rolled
 
     def clear(self) -> None:
         """--overwrite: forget every finished unit and remove its outputs, so nothing is written twice."""
@@ -102,7 +137,7 @@ class RunManifest:
 
     def clear_records(self) -> None:
         if self.records_dir.is_dir():
-            for path in self.records_dir.glob("*.json"):
+            for path in [*self.records_dir.glob("*.json"), *self.records_dir.glob("commits/*.json")]:
                 path.unlink()
 
     def done_ids(self) -> set[str]:

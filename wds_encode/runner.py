@@ -160,21 +160,25 @@ class _WriterThread(threading.Thread):
             pend.written += 1
 
     def _commit(self, end: ShardEnd) -> None:
+        """Make a unit's outputs visible, then record it done; a crash in between is rolled back at restart."""
         pend = self.pending.pop(end.shard.shard_id, _Pending())
-        outputs: list[str] = []
+        tars = pend.shard_writer.parts if pend.shard_writer is not None else []
+        journal = self.manifest.begin_commit(end.shard.shard_id, [*pend.folder_files, *tars])
         if pend.shard_writer is not None:
-            outputs = [str(p.relative_to(self.config.output_path)) for p in pend.shard_writer.commit()]
+            pend.shard_writer.commit()
         self.folder.commit(pend.folder_files)
         errors = end.errors + pend.errors
-        self.manifest.append_errors(errors)
         self.manifest.write_record({
             "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank,
             "samples": end.samples, "windows": pend.written, "rejected": end.rejected,
             "errors": sum(1 for e in errors if e["level"] == "error"),
             "warnings": sum(1 for e in errors if e["level"] != "error"),
-            "failed": end.failed, "latent_shards": outputs,
+            "failed": end.failed, "latent_shards": [str(p.relative_to(self.config.output_path)) for p in tars],
             "folder_ids": sorted(p.stem for p in pend.folder_files if p.suffix == ".npy"),
+            "problems": errors,
         })
+        self.manifest.finish_commit(journal)
+        self.manifest.append_errors(errors)
         self.on_unit_done(end, pend.written, errors)
 
     def discard_open_units(self) -> int:
