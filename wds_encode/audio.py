@@ -12,9 +12,11 @@ Nothing here keeps module-level state, so it is safe in DataLoader workers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -192,6 +194,24 @@ def _norm_ext(ext: str) -> str:
 # --------------------------------------------------------------------------- readers
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null while C code runs (Python's own stderr is untouched)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 to redirect
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class _SoundFileReader:
     """Reads source frame ranges [start, stop) from bytes through libsndfile, bounded in memory.
 
@@ -224,7 +244,12 @@ class _SoundFileReader:
 
     def probe(self, check_end: bool) -> None:
         """Establish the frame count (``check_end``: also seek-verify noisy formats like MP3)."""
-        self.frames = self._initial_frames(self._fmt, check_end)
+        with self._quiet():
+            self.frames = self._initial_frames(self._fmt, check_end)
+
+    def _quiet(self):
+        """Silence libmpg123's harmless after-seek messages, which users would read as errors."""
+        return _native_stderr_silenced() if self._fmt in _NOISY_SEEK_FORMATS else contextlib.nullcontext()
 
     # -- lifecycle
     def close(self) -> None:
@@ -342,7 +367,8 @@ class _SoundFileReader:
         else:
             begin = start
         if begin < stop:
-            parts.append(self._fetch(begin, stop))
+            with self._quiet():
+                parts.append(self._fetch(begin, stop))
         out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if len(out) != want:
             raise AudioDecodeError(f"internal read error in .{self._ext} audio")
