@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ModelConfigError, UnsupportedModelError
+from .options import check_options
 
 
 class SnakeBeta(nn.Module):
@@ -190,23 +191,13 @@ _DECODER_KEYS = {"out_channels", "channels", "latent_dim", "c_mults", "strides",
                  "antialias_activation", "use_nearest_upsample", "final_tanh"}
 
 
+_POSITIVE_INTS = {"in_channels", "out_channels", "channels", "latent_dim"}
+_INT_LISTS = {"c_mults", "strides"}
+
+
 def _check_fields(cfg: Mapping[str, Any], allowed: set[str], field: str) -> dict[str, Any]:
-    if not isinstance(cfg, Mapping):
-        raise ModelConfigError(f"'{field}' must be an object, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ModelConfigError(
-            f"'{field}' has unknown oobleck option(s) {unknown}; allowed: {sorted(allowed)}")
-    out = dict(cfg)
-    for key in ("c_mults", "strides"):
-        if key in out and (not isinstance(out[key], (list, tuple)) or not out[key]
-                           or not all(isinstance(v, int) and v > 0 for v in out[key])):
-            raise ModelConfigError(f"'{field}.{key}' must be a non-empty list of positive ints, "
-                                   f"got {out[key]!r}")
-    for key in ("in_channels", "out_channels", "channels", "latent_dim"):
-        if key in out and not (isinstance(out[key], int) and out[key] > 0):
-            raise ModelConfigError(f"'{field}.{key}' must be a positive int, got {out[key]!r}")
-    return out
+    return check_options(cfg, field, "oobleck", allowed=allowed, positive_ints=_POSITIVE_INTS & allowed,
+                         int_lists=_INT_LISTS)
 
 
 def build_oobleck_encoder(cfg: Mapping[str, Any], field: str) -> OobleckEncoder:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dac import check_options
+from .options import check_options
 from .errors import ModelConfigError, UnsupportedModelError
 
 SUPPORTED_NORMS = ("none", "weight_norm", "time_group_norm")
