@@ -73,7 +73,8 @@ class RawSample:
     audio_name: Optional[str]
     audio_bytes: Optional[bytes]
     metadata: dict
-    problems: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)     # the sample is not encoded
+    warnings: list[str] = field(default_factory=list)   # encoded, but reported
     extra: dict = field(default_factory=dict)
 
 
@@ -90,10 +91,9 @@ def sanitize_key(key: str) -> tuple[str, Optional[str]]:
     return safe, warning
 
 
-def error_record(shard: Shard, key: Optional[str], reason: str, *, level: str = "error", **extra: Any) -> dict:
-    record = {"level": level, "shard": shard.shard_id, "url": shard.url, "key": key, "reason": reason}
-    record.update(extra)
-    return record
+def error_record(shard_id: str, url: str, key: Optional[str], reason: str, *, level: str = "error") -> dict:
+    """One line of errors.jsonl: what went wrong, where (unit, url, key), and whether it was skipped."""
+    return {"level": level, "shard": shard_id, "url": url, "key": key, "reason": reason}
 
 
 def _audio_suffix(suffix: str) -> bool:
@@ -117,12 +117,12 @@ def _group_tar_members(shard: Shard, members: list[tuple[str, bytes]]) -> RawSam
                 sample.audio_name, sample.audio_bytes = name, data
                 sample.path = f"{shard.url}#{name}"
             else:
-                sample.problems.append(f"second audio member {name} ignored")
+                sample.warnings.append(f"second audio member {name} ignored")
         elif suffix.lower() == "json":
             try:
                 sample.metadata = _parse_json(data)
             except (ValueError, UnicodeDecodeError) as exc:
-                sample.problems.append(f"!invalid JSON metadata in {name}: {exc}")
+                sample.errors.append(f"invalid JSON metadata in {name}: {exc}")
     return sample
 
 
@@ -189,7 +189,7 @@ class Reader(IterableDataset):
         used_keys: set[str] = set()
 
         def on_error(key: str, reason: str) -> None:
-            end.errors.append(error_record(shard, key, reason))
+            end.errors.append(error_record(shard.shard_id, shard.url, key, reason))
 
         try:
             for raw in self._raw_samples(shard, on_error):
@@ -220,28 +220,25 @@ class Reader(IterableDataset):
 
     def _windows_of(self, shard: Shard, raw: RawSample, end: ShardEnd, used_keys: set[str]
                     ) -> Iterator[WindowItem]:
+        def report(reason: str, level: str = "error") -> None:
+            end.errors.append(error_record(shard.shard_id, raw.path, raw.key, reason, level=level))
+
         key, warning = sanitize_key(raw.key)
-        if warning:
-            end.errors.append(error_record(shard, raw.key, warning, level="warning"))
-        fatal = [p[1:] for p in raw.problems if p.startswith("!")]
-        for problem in raw.problems:
-            if not problem.startswith("!"):
-                end.errors.append(error_record(shard, raw.key, problem, level="warning"))
+        for problem in ([warning] if warning else []) + raw.warnings:
+            report(problem, level="warning")
         if raw.audio_bytes is None:
-            end.errors.append(error_record(shard, raw.key, "sample has no audio member "
-                                           f"({'/'.join(AUDIO_EXTENSIONS)})"))
+            report(f"sample has no audio member ({'/'.join(AUDIO_EXTENSIONS)})")
             return
         end.samples += 1
-        if fatal:
-            end.errors.append(error_record(shard, raw.key, fatal[0]))
+        if raw.errors:
+            report(raw.errors[0])
             return
         if key in used_keys:
             base, n = key, 1
             while f"{base}_dup{n}" in used_keys:
                 n += 1
             key = f"{base}_dup{n}"
-            end.errors.append(error_record(shard, raw.key, f"duplicate key in unit, written as {key!r}",
-                                           level="warning"))
+            report(f"duplicate key in unit, written as {key!r}", level="warning")
         used_keys.add(key)
         ext = (raw.audio_name or "").rsplit(".", 1)[-1].lower()
         opts = self.options
@@ -252,10 +249,10 @@ class Reader(IterableDataset):
                                         max_chunks=opts.max_chunks))
             items = [self._item(shard, raw, key, w) for w in windows]
         except AudioDecodeError as exc:
-            end.errors.append(error_record(shard, raw.key, f"{raw.audio_name}: {exc}"))
+            report(f"{raw.audio_name}: {exc}")
             return
         except Exception as exc:  # never let one sample stop the run
-            end.errors.append(error_record(shard, raw.key, f"{raw.audio_name}: {type(exc).__name__}: {exc}"))
+            report(f"{raw.audio_name}: {type(exc).__name__}: {exc}")
             return
         for item in items:
             if item is None:

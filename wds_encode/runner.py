@@ -25,7 +25,7 @@ from .encoder import BatchEncoder, token_dtype
 from .manifest import RunManifest, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
-from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, load_custom_metadata_fn
+from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
 from .sources import Shard, list_shards
 from .writers import SHARDS_DIR, FolderWriter, LatentShardWriter, remove_partials
 
@@ -136,10 +136,8 @@ class _WriterThread(threading.Thread):
         for i, item in enumerate(items):
             pend = self._unit(item.shard_id)
             if not encoded.finite[i]:
-                shard_name = item.metadata["source_shard"]
-                pend.errors.append({"level": "error", "shard": shard_name, "url": item.metadata["path"],
-                                    "key": item.metadata["__key__"],
-                                    "reason": "encoder produced non-finite latents (also in fp32)"})
+                pend.errors.append(error_record(item.shard_id, item.metadata["path"], item.metadata["__key__"],
+                                                "encoder produced non-finite latents (also in fp32)"))
                 continue
             array = np.ascontiguousarray(arrays[i])
             md = dict(item.metadata)
