@@ -402,3 +402,31 @@ def test_killed_run_resumes_to_exactly_once(mixed_run, demo_model, tmp_path):
     assert sorted(md["__key__"] for _, md in found.values()) == sorted(s.key for s in samples)
     assert read_latent_shards(out).keys() == found.keys()
     assert not list(out.rglob("*.partial")) and not list((out / "manifest" / "commits").glob("*"))
+
+
+def test_ckpt_prefix_selects_the_ema_copy(mixed_run, demo_model, tmp_path):
+    """A training checkpoint holds the autoencoder twice (raw and EMA); --ckpt-prefix picks one."""
+    from safetensors.torch import load_file, save_file
+    _, _, _, dataset = mixed_run
+    config, ckpt = demo_model
+    raw = load_file(str(ckpt))
+    state = {f"autoencoder.{k}": v * 0.5 if k.endswith("weight_g") else v for k, v in raw.items()}
+    state.update({f"autoencoder_ema.ema_model.{k}": v.clone() for k, v in raw.items()})
+    save_file(state, str(tmp_path / "training.safetensors"))
+    args = ("--num-workers", "0", "--batch-size", "20", "--limit-batches", "1", "--latent-mode", "mean")
+    ema = run_cli("--model-config", config, "--ckpt-path", tmp_path / "training.safetensors",
+                  "--ckpt-prefix", "autoencoder_ema.ema_model.", "--dataset-config", dataset,
+                  "--output-path", tmp_path / "ema", "--sample-size", SAMPLE_SIZE, "--no-progress", *args)
+    assert ema.returncode == 0, ema.stderr
+    plain = encode(demo_model, dataset, tmp_path / "plain", *args)
+    assert plain.returncode == 0, plain.stderr
+    ema_out, plain_out = read_folder_layout(tmp_path / "ema"), read_folder_layout(tmp_path / "plain")
+    assert ema_out.keys() == plain_out.keys() and len(ema_out) == 20
+    for key in ema_out:
+        assert np.array_equal(ema_out[key][0], plain_out[key][0])
+    detected = run_cli("--model-config", config, "--ckpt-path", tmp_path / "training.safetensors",
+                       "--dataset-config", dataset, "--output-path", tmp_path / "detected",
+                       "--sample-size", SAMPLE_SIZE, "--no-progress", *args)
+    assert detected.returncode == 0, detected.stderr  # the non-EMA copy under autoencoder.: other latents
+    other = read_folder_layout(tmp_path / "detected")
+    assert all(not np.allclose(other[k][0], plain_out[k][0]) for k in other)

@@ -79,6 +79,9 @@ class EncodeConfig(BaseModel):
     limit_batches: Optional[int] = Field(None, ge=1, description="Stop after this many batches per rank")
 
     # --- ours
+    ckpt_prefix: Optional[str] = Field(
+        None, description="Key prefix of the autoencoder in the checkpoint (default: detected), "
+                          "e.g. autoencoder_ema.ema_model. for EMA weights")
     allow_download: bool = Field(False, description="Let --pretrained-name download from the Hugging Face hub")
     allow_unsafe_pickle: bool = Field(
         False, description="Load .ckpt files that hold Python objects besides tensors (runs code from the file)")

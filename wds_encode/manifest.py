@@ -19,7 +19,7 @@ from .writers import clear_outputs, write_atomic
 
 # Options that change what is written; anything else (workers, batch size, progress) does not.
 IDENTITY_OPTIONS = ("sample_size", "chunking", "max_chunks", "latent_mode", "is_discrete", "seed",
-                    "latent_dtype", "effective_precision")
+                    "latent_dtype", "effective_precision", "ckpt_prefix")
 
 
 class ManifestError(RuntimeError):

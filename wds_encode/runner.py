@@ -263,7 +263,8 @@ def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats
     started = time.time()
     plan = plan_run(config)
     device = pick_device(config.device)
-    model = load_autoencoder(plan.model_config, plan.ckpt_path, allow_unsafe_pickle=config.allow_unsafe_pickle)
+    model = load_autoencoder(plan.model_config, plan.ckpt_path, key_prefix=config.ckpt_prefix,
+                             allow_unsafe_pickle=config.allow_unsafe_pickle)
     if config.is_discrete and not getattr(model.bottleneck, "is_discrete", False):
         raise ConfigError(f"--is-discrete: the model's bottleneck ({type(model.bottleneck).__name__}) "
                           "is continuous and has no tokens; drop --is-discrete")
