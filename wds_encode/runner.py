@@ -166,18 +166,18 @@ class _WriterThread(threading.Thread):
             pend.shard_writer.commit()
         self.folder.commit(pend.folder_files)
         errors = end.errors + pend.errors
+        n_errors = sum(1 for e in errors if e["level"] == "error")
         self.manifest.write_record({
             "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank,
             "samples": end.samples, "windows": pend.written, "rejected": end.rejected,
-            "errors": sum(1 for e in errors if e["level"] == "error"),
-            "warnings": sum(1 for e in errors if e["level"] != "error"),
+            "errors": n_errors, "warnings": len(errors) - n_errors,
             "failed": end.failed, "latent_shards": [str(p.relative_to(self.config.output_path)) for p in tars],
             "folder_ids": sorted(p.stem for p in pend.folder_files if p.suffix == ".npy"),
             "problems": errors,
         })
         self.manifest.finish_commit(journal)
         self.manifest.append_errors(errors)
-        self.on_unit_done(end, pend.written, errors)
+        self.on_unit_done(end, pend.written, n_errors, len(errors) - n_errors)
 
     def discard_open_units(self) -> int:
         for pend in self.pending.values():
@@ -218,7 +218,6 @@ class RunPlan:
     dataset_config: DatasetConfig
     model_config: dict
     ckpt_path: Path
-    downsampling_ratio: int
     chunking: str
     manifest: RunManifest
     identity: dict
@@ -254,7 +253,7 @@ def plan_run(config: EncodeConfig) -> RunPlan:
     done = manifest.prepare(identity, config.overwrite)
     todo = [s for s in shards if s.shard_id not in done]
     return RunPlan(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
-                   downsampling_ratio=ratio, chunking=chunking, manifest=manifest, identity=identity,
+                   chunking=chunking, manifest=manifest, identity=identity,
                    shards=shards, todo=todo)
 
 
@@ -311,15 +310,15 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
         remove_partials(config.output_path / SHARDS_DIR)
     bar = tqdm(total=None, unit="win", disable=not config.progress, dynamic_ncols=True, desc=f"rank {rank}")
 
-    def on_unit_done(end: ShardEnd, written: int, errors: list[dict]) -> None:
+    def on_unit_done(end: ShardEnd, written: int, errors: int, warnings: int) -> None:
         stats.units_done += 1
         stats.units_failed += int(end.failed)
         stats.samples += end.samples
         stats.windows += written
         stats.rejected += end.rejected
         stats.audio_seconds += end.audio_seconds
-        stats.errors += sum(1 for e in errors if e["level"] == "error")
-        stats.warnings += sum(1 for e in errors if e["level"] != "error")
+        stats.errors += errors
+        stats.warnings += warnings
 
     writer = _WriterThread(config, plan.manifest, folder, *latent_format(config, model), on_unit_done)
     writer.start()

@@ -29,7 +29,7 @@ import torch
 
 from .audio import conform_channels, decode_audio, resample
 from .encoder import BatchEncoder, PRECISION_DTYPES
-from .manifest import file_sha256
+from .manifest import RunManifest, file_sha256
 
 REENCODE_TOLERANCE = 1e-3   # relative L2; fp32 reruns agree to ~1e-6, low precision to ~1e-2 at worst
 MIN_OWN_SOURCE_FRACTION = 0.5  # of windows whose decoding is closest to their own source
@@ -219,7 +219,7 @@ def format_checks(checks: list[WindowCheck]) -> str:
 
 
 def load_details(output: Path) -> dict:
-    path = output / "details.json"
-    if not path.is_file():
+    details = RunManifest(output).load_details()
+    if details is None:
         raise FileNotFoundError(f"{output}: no details.json; is this a wds-encode output folder?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return details
