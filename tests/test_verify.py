@@ -100,3 +100,10 @@ def test_verify_without_a_runnable_decoder_checks_re_encoding_only(demo_output, 
     assert "no decoder: SNR and mel distance not computed" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines()[1:5]]
     assert all(r[1] == "-" and float(r[4]) < 1e-4 for r in rows)
+
+
+def test_verify_with_an_unreadable_checkpoint_is_a_clear_error(demo_output, demo_model, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    result = run_cli("verify", demo_output, "--model-config", demo_model[0], "--ckpt-path", broken)
+    assert result.returncode == 2 and "wds-encode verify: error:" in result.stderr and "Traceback" not in result.stderr

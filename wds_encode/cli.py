@@ -187,7 +187,7 @@ def verify_command(output: Path, model_config, ckpt_path, pretrained_name, num_w
 
     Exits 1 when the output looks wrong for this model, 2 when it cannot be checked.
     """
-    from .models import ModelConfigError, load_autoencoder
+    from .models import CheckpointError, ModelConfigError, load_autoencoder
     from .runner import pick_device, resolve_model_source
     from . import verify
 
@@ -209,7 +209,7 @@ def verify_command(output: Path, model_config, ckpt_path, pretrained_name, num_w
         dev = pick_device(device)
         model = model.to(dev)
         checks = verify.verify_output(output, model, details=details, n=num_windows, seed=seed, device=dev)
-    except (ConfigError, FileNotFoundError, ModelConfigError) as exc:
+    except (ConfigError, FileNotFoundError, ModelConfigError, CheckpointError) as exc:
         click.echo(f"wds-encode verify: error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     click.echo(verify.format_checks(checks))

@@ -121,7 +121,7 @@ class RunManifest:
             try:
                 entry = json.loads(journal.read_text(encoding="utf-8"))
             except ValueError:
-                entry = {"shard": None, "files": []}  # torn journal write: nothing was renamed yet
+                entry = {"shard": None, "files": []}  # unreadable (journals are written atomically): skip it
             if entry["shard"] not in done:
                 for name in entry["files"]:
                     Path(name).unlink(missing_ok=True)
