@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from wds_encode.reader import Reader, ReaderOptions, ShardEnd, WindowItem, sanitize_key
 from wds_encode.sources import Shard
@@ -113,13 +114,35 @@ def test_split_and_custom_metadata(tmp_path):
     assert items[0].metadata["peak"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_workers_split_units_exactly_once():
-    shards = [Shard(url=f"/x/{i}.tar", dataset_id="ds", name=str(i)) for i in range(7)]
-    seen = []
-    for rank in range(2):
-        reader = Reader(shards, OPTS, rank=rank, world_size=2)
-        seen += [s.name for s in reader.assigned_shards()]
-    assert sorted(seen, key=int) == [str(i) for i in range(7)]
+def test_claimed_units_are_read_exactly_once_across_loaders_and_workers(tmp_path):
+    """Two DataLoaders (two ranks) x 2 workers claim from one store: every unit once, bytes add up."""
+    from torch.utils.data import DataLoader
+
+    from wds_encode.distributed import Job, Launch, UnitClaims
+    from wds_encode.synth import write_tar_shards
+
+    paths, samples = [], []
+    for i, n in enumerate([1, 4, 2, 3, 1]):
+        p, s = write_tar_shards(tmp_path, 1, n, seed=i, name=f"u{i}", max_seconds=0.5)
+        paths += p
+        samples += s
+    shards = [Shard(url=str(p), dataset_id="ds", name=p.stem, size=p.stat().st_size) for p in paths]
+    job = Job(Launch(), torch.device("cpu"), peer_timeout=60)
+    try:
+        claims = UnitClaims(job.address, len(shards))
+        ends, items = [], []
+        for _rank in range(2):
+            loader = DataLoader(Reader(shards, OPTS, claims), batch_size=None, num_workers=2)
+            for item in loader:
+                (ends if isinstance(item, ShardEnd) else items).append(item)
+    finally:
+        job.close()
+    assert sorted(e.shard.name for e in ends) == sorted(p.stem for p in paths)  # each unit exactly once
+    assert sorted(i.metadata["__key__"] for i in items) == sorted(s.key for s in samples)
+    assert {e.worker for e in ends} <= {0, 1}
+    # progress accounting: a unit's windows plus its end marker account for exactly its bytes
+    assert sum(i.input_bytes for i in items) + sum(e.input_bytes for e in ends) == sum(s.size for s in shards)
+    assert all(i.input_bytes > 0 for i in items)  # crop: one window per sample
 
 
 @pytest.mark.parametrize("key, safe, warns", [

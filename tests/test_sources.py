@@ -3,7 +3,7 @@
 import pytest
 
 from wds_encode.config import ConfigError, DatasetConfig
-from wds_encode.sources import list_shards, safe_name
+from wds_encode.sources import claim_order, list_shards, safe_name
 
 
 @pytest.fixture
@@ -46,11 +46,22 @@ def test_missing_inputs_are_config_errors(tree):
 def test_several_datasets_and_seeded_shuffle(tree):
     config = DatasetConfig(dataset_type="wds", datasets=[{"id": "one", "path": str(tree / "a")},
                                                          {"id": "two", "path": str(tree / "b")}])
-    ordered = [s.shard_id for s in list_shards(config)]
+    units = list_shards(config)
+    ordered = [s.shard_id for s in units]
     assert ordered == ["one/x-000", "one/x-001", "one/x-002", "two/x-000"]
-    shuffled = [s.shard_id for s in list_shards(config, shuffle=True, seed=1)]
-    assert sorted(shuffled) == sorted(ordered)
-    assert shuffled == [s.shard_id for s in list_shards(config, shuffle=True, seed=1)]
+    shuffled = [s.shard_id for s in claim_order(units, shuffle=True, seed=1)]
+    assert sorted(shuffled) == sorted(ordered) and shuffled != ordered
+    assert shuffled == [s.shard_id for s in claim_order(units, shuffle=True, seed=1)]
+
+
+def test_units_know_their_size_and_are_claimed_largest_first(tmp_path):
+    sizes = {"a.tar": 3000, "b.tar": 9000, "c.tar": 3000, "d.tar": 100}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+    units = list_shards(wds(tmp_path))
+    assert [(u.name, u.size) for u in units] == [(n[:-4], s) for n, s in sizes.items()]
+    # largest first; equal sizes keep the listing order, so every rank computes the same order
+    assert [u.name for u in claim_order(units)] == ["b", "a", "c", "d"]
 
 
 def test_audio_dir_units(tmp_path):
@@ -62,6 +73,7 @@ def test_audio_dir_units(tmp_path):
                                                                  "custom_metadata_module": "/m.py"}])
     units = list_shards(config, files_per_unit=2)
     assert [u.name for u in units] == ["files-000000", "files-000001", "files-000002"]
+    assert [u.size for u in units] == [0, 0, 0]
     assert [f for u in units for f in u.files] == ["g0/f0.wav", "g0/f2.wav", "g0/f4.wav", "g1/f1.wav", "g1/f3.wav"]
     assert all(not u.is_tar and u.custom_metadata_module == "/m.py" for u in units)
     with pytest.raises(ConfigError, match="does not exist"):

@@ -1,12 +1,13 @@
 """`wds-encode`: the command line. `run` is the default command and keeps pre_encode.py's names.
 
 Options are generated from `EncodeConfig`, so the help, the defaults and the validation never
-disagree. Exit codes: 0 done, 1 too many bad samples (--strict / --max-errors), 2 bad
-configuration or usage, 130 interrupted.
+disagree. Exit codes: 0 done, 1 too many bad samples (--strict / --max-errors) or a rank of the
+job failed, 2 bad configuration or usage, 130 interrupted.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import typing
 from pathlib import Path
@@ -29,6 +30,8 @@ def _click_type(annotation):
         return click.Choice([str(a) for a in typing.get_args(annotation)])
     if annotation is int:
         return click.INT
+    if annotation is float:
+        return click.FLOAT
     if annotation is Path:
         return click.Path(path_type=Path)
     return click.STRING
@@ -80,6 +83,9 @@ def format_summary(stats) -> str:
     ]
     if d["fp32_retries"]:
         lines.append(f"  precision  {d['fp32_retries']} batches re-run in fp32 after non-finite latents")
+    if len(d["units_per_rank"]) > 1:
+        lines.append(f"  ranks      {len(d['units_per_rank'])}, units encoded per rank: "
+                     + ", ".join(map(str, d["units_per_rank"])))
     if d["stopped_early"]:
         lines.append("  stopped    at --limit-batches; unfinished units are left for a rerun")
     return "\n".join(lines)
@@ -94,19 +100,40 @@ def exit_code_for(stats, config: EncodeConfig) -> int:
 
 
 def run_encode(config: EncodeConfig) -> int:
-    """Run, print the summary, and return the exit code."""
+    """Run this process's part of the job, print the summary (rank 0), and return the exit code.
+
+    Under torchrun or srun this process is one rank. Started alone, it is the whole job, or, when
+    `--devices` asks for more than one rank, it starts them and waits for them.
+    """
+    from .distributed import JobAborted, Launch, check_topology, detect_launch, local_process_count, \
+        spawn_local_ranks
     from .manifest import ManifestError
     from .models import CheckpointError, ModelConfigError
-    from .runner import run
+    from .runner import plan_inputs, run
 
+    launch = None
     try:
-        stats = run(config)
+        launch = detect_launch(os.environ)
+        if launch is None:
+            nprocs = local_process_count(config)
+            if nprocs > 1:
+                check_topology(Launch(), config)
+                plan_inputs(config)  # a bad input fails once, here, before any rank starts
+                return spawn_local_ranks(config, nprocs)
+            launch = Launch()
+        stats = run(config, launch)
     except (ConfigError, ManifestError, CheckpointError, ModelConfigError) as exc:
-        click.echo(f"wds-encode: error: {exc}", err=True)
+        click.echo(f"wds-encode: {_rank_tag(launch)}error: {exc}", err=True)
         return EXIT_CONFIG
+    except JobAborted as exc:
+        click.echo(f"wds-encode: {_rank_tag(launch)}stopped: {exc}; committed units are kept, rerun the same "
+                   "command to finish", err=True)
+        return EXIT_BAD_SAMPLES
     except KeyboardInterrupt:
         click.echo("wds-encode: interrupted; committed units are kept, rerun to finish", err=True)
         return EXIT_INTERRUPTED
+    if launch.rank != 0:
+        return EXIT_OK  # rank 0 speaks for the job
     click.echo(format_summary(stats))
     click.echo(f"  output     {config.output_path}")
     code = exit_code_for(stats, config)
@@ -114,6 +141,10 @@ def run_encode(config: EncodeConfig) -> int:
         click.echo(f"wds-encode: {stats.errors} bad samples (limit: "
                    f"{'0 with --strict' if config.strict else config.max_errors}); exiting with {code}", err=True)
     return code
+
+
+def _rank_tag(launch) -> str:
+    return f"rank {launch.rank}: " if launch is not None and launch.world_size > 1 else ""
 
 
 class DefaultRunGroup(click.Group):

@@ -74,8 +74,9 @@ class EncodeConfig(BaseModel):
     shuffle: bool = Field(False, description="Shuffle the order of input shards (seeded)")
     model_half: bool = Field(False, description="Encode in float16 (same as --precision fp16)")
     is_discrete: bool = Field(False, description="Write discrete tokens instead of latents")
-    num_nodes: int = Field(1, ge=1, description="Nodes (checked against the launcher)")
-    strategy: str = Field("auto", description="Accepted for compatibility (auto / ddp)")
+    num_nodes: Optional[int] = Field(
+        None, ge=1, description="Nodes in the job; checked against what torchrun / srun report (default: theirs)")
+    strategy: str = Field("auto", description="auto or ddp (one encoding process per GPU either way)")
     limit_batches: Optional[int] = Field(None, ge=1, description="Stop after this many batches per rank")
 
     # --- ours
@@ -99,19 +100,35 @@ class EncodeConfig(BaseModel):
     latent_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of written latents")
     files_per_unit: int = Field(64, ge=1, description="audio_dir: files per work unit")
     seed: int = Field(0, description="Seed for random crops, VAE sampling and shard shuffle")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (under a launcher: cuda:LOCAL_RANK)")
+    devices: str = Field("auto", description="Started alone: ranks to start on this machine, one per GPU "
+                                             "(auto: every visible GPU; on a CPU-only machine N gloo ranks)")
+    peer_timeout: float = Field(60.0, gt=0, description="Seconds without a heartbeat after which a rank is "
+                                                       "taken as dead and the job stops")
     strict: bool = Field(False, description="Exit non-zero on any bad sample")
     max_errors: Optional[int] = Field(None, ge=0, description="Exit non-zero when more bad samples than this")
     overwrite: bool = Field(False, description="Allow writing into a non-empty output of another run")
-    progress: bool = Field(True, description="Show a progress bar")
+    progress: bool = Field(True, description="Show progress (a bar on a terminal, else a line every "
+                                             "--progress-interval seconds)")
+    progress_interval: float = Field(30.0, gt=0, description="Seconds between progress lines when stderr is "
+                                                             "not a terminal (batch jobs, SLURM logs)")
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        allowed = {"auto", "ddp", "ddp_find_unused_parameters_true", "ddp_spawn", "deepspeed"}
-        if value not in allowed:
-            raise ValueError(f"unknown strategy {value!r}; use one of {sorted(allowed)}")
+        if value not in ("auto", "ddp"):
+            raise ValueError(f"strategy {value!r} means nothing for encoding: there are no gradients or "
+                             "optimizer state to shard, and every rank holds the whole encoder; use auto or ddp "
+                             "(one encoding process per GPU)")
         return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _known_devices(cls, value: str) -> str:
+        value = str(value).strip()
+        if value == "auto" or (value.isdigit() and int(value) >= 1):
+            return value
+        raise ValueError(f"devices {value!r}: use auto or a number of ranks (1, 2, ...)")
 
     @field_validator("device")
     @classmethod

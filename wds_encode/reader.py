@@ -1,6 +1,7 @@
 """Work unit -> windows: the DataLoader-worker stage.
 
-Each worker reads the work units assigned to it, streams tar members (webdataset's tar iterator),
+Each worker claims work units one at a time from the job (`distributed.UnitClaims`: a counter in
+the job's store, so every unit goes to exactly one worker of one rank), streams tar members (webdataset's tar iterator),
 groups them by key, decodes each sample into windows (`audio.iter_windows`) and yields
 `WindowItem`s. After the last window of a unit it yields a `ShardEnd` carrying the unit's counts
 and error records, so the main process knows when a unit's outputs are complete. Nothing here
@@ -16,7 +17,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import webdataset.tariterators as wds_tar
@@ -49,6 +50,7 @@ class WindowItem:
     key: str                     # output key: sanitised source key (+ chunk suffix), unique per shard
     shard_id: str
     metadata: dict
+    input_bytes: int = 0         # bytes of input this window accounts for (the sample's, on its first window)
 
 
 @dataclass
@@ -62,6 +64,8 @@ class ShardEnd:
     audio_seconds: float = 0.0   # seconds of real (unpadded) audio in the yielded windows
     errors: list[dict] = field(default_factory=list)
     failed: bool = False         # the unit could not be read to its end
+    input_bytes: int = 0         # the unit's bytes not yet accounted for by its windows
+    worker: int = 0              # the DataLoader worker that claimed the unit
 
 
 @dataclass
@@ -76,6 +80,7 @@ class RawSample:
     errors: list[str] = field(default_factory=list)     # the sample is not encoded
     warnings: list[str] = field(default_factory=list)   # encoded, but reported
     extra: dict = field(default_factory=dict)
+    size: int = 0                # bytes of its members (progress accounting)
 
 
 def sanitize_key(key: str) -> tuple[str, Optional[str]]:
@@ -109,7 +114,8 @@ def _parse_json(data: bytes) -> dict:
 
 def _group_tar_members(shard: Shard, members: list[tuple[str, bytes]]) -> RawSample:
     key = wds_tar.base_plus_ext(members[0][0])[0]
-    sample = RawSample(key=key, path=shard.url, audio_name=None, audio_bytes=None, metadata={})
+    sample = RawSample(key=key, path=shard.url, audio_name=None, audio_bytes=None, metadata={},
+                       size=sum(len(data) for _, data in members))
     for name, data in members:
         suffix = wds_tar.base_plus_ext(name)[1] or ""
         if _audio_suffix(suffix):
@@ -160,28 +166,29 @@ class _ShardBroken(Exception):
 
 
 class Reader(IterableDataset):
-    """Yields WindowItems and ShardEnds for the units assigned to this (rank, worker)."""
+    """Yields WindowItems and ShardEnds for the units this worker claims.
 
-    def __init__(self, shards: list[Shard], options: ReaderOptions, *, rank: int = 0, world_size: int = 1):
+    `claims` yields indices into `shards` (`distributed.UnitClaims` in a job: it is iterated in
+    each DataLoader worker, which claims its next unit only when it has finished the last one);
+    without it, one reader reads every unit in order.
+    """
+
+    def __init__(self, shards: list[Shard], options: ReaderOptions, claims: Optional[Iterable[int]] = None):
         super().__init__()
         self.shards = list(shards)
         self.options = options
-        self.rank = rank
-        self.world_size = world_size
+        self.claims = claims
         self._metadata_fns: dict[str, Callable] = {}
-
-    # ------------------------------------------------------------------ assignment
-    def assigned_shards(self) -> list[Shard]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot = self.rank * num_workers + worker
-        slots = self.world_size * num_workers
-        return [s for i, s in enumerate(self.shards) if i % slots == slot]
 
     def __iter__(self) -> Iterator[WindowItem | ShardEnd]:
         torch.set_num_threads(1)
-        for shard in self.assigned_shards():
-            yield from self.read_shard(shard)
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        for index in (self.claims if self.claims is not None else range(len(self.shards))):
+            for item in self.read_shard(self.shards[index]):
+                if isinstance(item, ShardEnd):
+                    item.worker = worker
+                yield item
 
     # ------------------------------------------------------------------ one unit
     def read_shard(self, shard: Shard) -> Iterator[WindowItem | ShardEnd]:
@@ -191,14 +198,19 @@ class Reader(IterableDataset):
         def on_error(key: str, reason: str) -> None:
             end.errors.append(error_record(shard.shard_id, shard.url, key, reason))
 
+        accounted = 0
         try:
             for raw in self._raw_samples(shard, on_error):
-                yield from self._windows_of(shard, raw, end, used_keys)
+                for item in self._windows_of(shard, raw, end, used_keys):
+                    item.input_bytes, raw.size = raw.size, 0  # a sample's bytes count once, with its first window
+                    accounted += item.input_bytes
+                    yield item
         except _ShardBroken:
             end.failed = True
         except OSError as exc:
             end.failed = True
             on_error("", f"cannot read work unit: {exc}")
+        end.input_bytes = max(0, shard.size - accounted)  # headers, bad samples, rejected windows
         yield end
 
     def _raw_samples(self, shard: Shard, on_error: Callable[[str, str], None]) -> Iterator[RawSample]:
@@ -213,7 +225,7 @@ class Reader(IterableDataset):
                     on_error(key, f"cannot read {path}: {exc}")
                     continue
                 yield RawSample(key=key, path=path, audio_name=rel, audio_bytes=data, metadata={},
-                                extra={"relpath": rel})
+                                extra={"relpath": rel}, size=len(data))
             return
         with open(shard.url, "rb") as f:
             yield from iter_tar_samples(shard, f, on_error)

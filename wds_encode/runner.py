@@ -1,9 +1,11 @@
-"""The per-rank loop: DataLoader -> batches -> encoder -> writer thread -> commits.
+"""One rank of the job: plan, prepare (rank 0), claim units, encode, write, commit, merge stats.
 
-Workers decode in parallel; this process batches windows, encodes them, and hands the latents to a
-writer thread through a bounded queue, so the device never waits on disk. A unit's `ShardEnd`
-travels through the same queue after the unit's last batch, so the writer commits a unit only once
-all of its windows are written.
+Every rank checks its inputs, joins the job (`distributed.Job`) and waits for rank 0's plan: the
+units still to do, in claim order. DataLoader workers claim those units one by one and decode
+them in parallel; this process batches windows, encodes them, and hands the latents to a writer
+thread through a bounded queue, so the device never waits on disk. A unit's `ShardEnd` travels
+through the same queue after the unit's last batch, so the writer commits a unit only once all of
+its windows are written. At the end the ranks' stats are merged into one summary.
 """
 
 from __future__ import annotations
@@ -11,22 +13,24 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
+from .distributed import (Job, JobAborted, Launch, UnitClaims, check_topology, cpu_threads_per_rank,
+                          describe_host, rank_device)
 from .encoder import BatchEncoder, token_dtype
-from .manifest import RunManifest, run_identity, versions
+from .manifest import RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
+from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
-from .sources import Shard, list_shards
+from .sources import Shard, claim_order, list_shards
 from .writers import SHARDS_DIR, FolderWriter, LatentShardWriter, remove_partials
 
 WRITE_QUEUE_DEPTH = 8
@@ -49,6 +53,7 @@ class RunStats:
     elapsed_seconds: float = 0.0
     loop_seconds: float = 0.0     # from the first window to the last commit (steady-state throughput)
     stopped_early: bool = False
+    units_per_rank: list[int] = field(default_factory=list)  # merged stats: units each rank encoded
 
     @property
     def realtime_factor(self) -> float:
@@ -211,22 +216,19 @@ def _collate(items: list[WindowItem]) -> tuple[torch.Tensor, torch.Tensor, list[
 
 
 @dataclass
-class RunPlan:
-    """Everything checked before the model loads: a bad input fails here, in seconds."""
+class RunInputs:
+    """Everything checked before the model loads or any rank joins: a bad input fails here, in seconds."""
 
     config: EncodeConfig
     dataset_config: DatasetConfig
     model_config: dict
     ckpt_path: Path
     chunking: str
-    manifest: RunManifest
-    identity: dict
-    shards: list[Shard]
-    todo: list[Shard]
+    units: list[Shard]           # every unit of the dataset, in listing order (the same on every rank)
 
 
-def plan_run(config: EncodeConfig) -> RunPlan:
-    """Validate configs, list the work units, and check the output folder belongs to this run."""
+def plan_inputs(config: EncodeConfig) -> RunInputs:
+    """Validate configs and list the work units; nothing is written."""
     assert config.dataset_config is not None and config.output_path is not None
     dataset_config = load_dataset_config(config.dataset_config)
     for entry in dataset_config.datasets:  # fail fast on a broken metadata module
@@ -236,8 +238,7 @@ def plan_run(config: EncodeConfig) -> RunPlan:
                 load_custom_metadata_fn(module)
             except Exception as exc:
                 raise ConfigError(f"{config.dataset_config}: custom_metadata_module {module}: {exc}") from exc
-    shards = list_shards(dataset_config, files_per_unit=config.files_per_unit, shuffle=config.shuffle,
-                         seed=config.seed)
+    units = list_shards(dataset_config, files_per_unit=config.files_per_unit)
     model_config, ckpt_path = resolve_model_source(config)
     ratio = int(resolve_autoencoder_config(model_config).ae_config["downsampling_ratio"])
     if config.sample_size % ratio:
@@ -247,68 +248,136 @@ def plan_run(config: EncodeConfig) -> RunPlan:
     chunking = config.chunking
     if chunking == "crop" and dataset_config.random_crop:
         chunking = "random_crop"
+    return RunInputs(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
+                     chunking=chunking, units=units)
+
+
+def units_fingerprint(units: list[Shard]) -> str:
+    """What every rank must agree on: the same units at the same indices."""
+    return json_sha256([[u.shard_id, u.url] for u in units])
+
+
+def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list[int], int]:
+    """Rank 0, before anyone claims work: check the folder is this run's (or clear it with
+    --overwrite), roll back interrupted commits, remove partial files of any earlier rank, and
+    order what is left. Returns (run identity, unit indices in claim order, units already done)."""
+    config = inputs.config
     options = {**config.model_dump(), "effective_precision": config.effective_precision}
-    identity = run_identity(model_config, ckpt_path, options, dataset_config.random_crop)
-    manifest = RunManifest(config.output_path)
+    identity = run_identity(inputs.model_config, inputs.ckpt_path, options, inputs.dataset_config.random_crop)
     done = manifest.prepare(identity, config.overwrite)
-    todo = [s for s in shards if s.shard_id not in done]
-    return RunPlan(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
-                   chunking=chunking, manifest=manifest, identity=identity,
-                   shards=shards, todo=todo)
+    remove_partials(config.output_path)
+    index = {id(u): i for i, u in enumerate(inputs.units)}
+    todo = claim_order([u for u in inputs.units if u.shard_id not in done], shuffle=config.shuffle, seed=config.seed)
+    return identity, [index[id(u)] for u in todo], len(inputs.units) - len(todo)
 
 
-def run(config: EncodeConfig, *, rank: int = 0, world_size: int = 1) -> RunStats:
-    """Encode every unfinished unit of the dataset; returns the run's statistics."""
+def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, elapsed: float) -> RunStats:
+    """The job's stats from every rank's: counts add up, times are the longest rank's."""
+    merged = RunStats(units_total=units_total, units_skipped=units_skipped, elapsed_seconds=elapsed)
+    for stats in per_rank:
+        for name in ("units_done", "units_failed", "samples", "windows", "rejected", "errors", "warnings",
+                     "audio_seconds", "batches", "fp32_retries"):
+            setattr(merged, name, getattr(merged, name) + stats[name])
+        merged.loop_seconds = max(merged.loop_seconds, stats["loop_seconds"])
+        merged.stopped_early = merged.stopped_early or stats["stopped_early"]
+        merged.units_per_rank.append(stats["units_done"])
+    return merged
+
+
+def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
+    """Run this process's rank of the job (alone: the whole job); returns the job's merged stats."""
     started = time.time()
-    plan = plan_run(config)
-    device = pick_device(config.device)
-    model = load_autoencoder(plan.model_config, plan.ckpt_path, key_prefix=config.ckpt_prefix,
+    launch = launch or Launch()
+    check_topology(launch, config)
+    inputs = plan_inputs(config)
+    device = rank_device(config, launch)
+    if device.type == "cpu" and launch.local_world_size > 1:
+        torch.set_num_threads(cpu_threads_per_rank(launch))
+    job = Job(launch, device, peer_timeout=config.peer_timeout)
+    try:
+        return _run_rank(inputs, job, device, started)
+    except JobAborted:
+        raise
+    except BaseException as exc:
+        job.abort(f"rank {launch.rank} failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        job.close()
+
+
+def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float) -> RunStats:
+    config = inputs.config
+    manifest = RunManifest(config.output_path)
+    if job.rank == 0:
+        identity, todo_order, skipped = prepare_output(inputs, manifest)
+    model = load_autoencoder(inputs.model_config, inputs.ckpt_path, key_prefix=config.ckpt_prefix,
                              allow_unsafe_pickle=config.allow_unsafe_pickle)
     if config.is_discrete and not getattr(model.bottleneck, "is_discrete", False):
         raise ConfigError(f"--is-discrete: the model's bottleneck ({type(model.bottleneck).__name__}) "
                           "is continuous and has no tokens; drop --is-discrete")
-    stats = RunStats(units_total=len(plan.shards), units_skipped=len(plan.shards) - len(plan.todo))
-    details = {
-        "model_config": plan.model_config,
-        "dataset_config": plan.dataset_config.model_dump(mode="json"),
-        "sample_size": config.sample_size,
-        "args": config.as_args(),
-        "run_identity": plan.identity,
-        "versions": versions(),
-        "model": {"sample_rate": model.sample_rate, "audio_channels": model.in_channels,
-                  "latent_dim": model.latent_dim, "downsampling_ratio": model.downsampling_ratio},
-        "started_at": started,
-    }
-    if rank == 0:
-        plan.manifest.write_details(details)
-    _encode_units(plan, model, device, stats, rank=rank, world_size=world_size, started=started)
+    details: dict = {}
+    if job.rank == 0:
+        details = {
+            "model_config": inputs.model_config,
+            "dataset_config": inputs.dataset_config.model_dump(mode="json"),
+            "sample_size": config.sample_size,
+            "args": config.as_args(),
+            "run_identity": identity,
+            "versions": versions(),
+            "model": {"sample_rate": model.sample_rate, "audio_channels": model.in_channels,
+                      "latent_dim": model.latent_dim, "downsampling_ratio": model.downsampling_ratio},
+            "launch": {"launcher": job.launch.launcher, "world_size": job.world_size,
+                       "num_nodes": job.launch.num_nodes, "device": device.type},
+            "started_at": started,
+        }
+        manifest.write_details(details)
+        job.publish("plan", {"units": units_fingerprint(inputs.units), "todo": todo_order, "skipped": skipped})
+    plan = job.wait_for("plan")
+    if plan["units"] != units_fingerprint(inputs.units):
+        raise ConfigError(f"rank {job.rank} ({describe_host()}) lists different input units than rank 0 "
+                          f"({len(inputs.units)} units here): the input changed while the job started, or the "
+                          "nodes do not see the same files")
+    todo = [inputs.units[i] for i in plan["todo"]]
+    stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"])
+    _encode_units(inputs, todo, model, device, stats, job)
     stats.elapsed_seconds = time.time() - started
-    if rank == 0:
+    per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": describe_host(), "device": str(device)})
+    merged = merge_stats(per_rank, units_total=len(inputs.units), units_skipped=plan["skipped"],
+                         elapsed=time.time() - started)
+    if job.rank == 0:
         details["finished_at"] = time.time()
-        details["stats"] = stats.as_dict()
-        plan.manifest.write_details(details)
-    return stats
+        details["stats"] = merged.as_dict()
+        details["ranks"] = [{k: r[k] for k in ("rank", "host", "device", "units_done", "windows", "samples",
+                                               "errors", "batches", "loop_seconds")} for r in per_rank]
+        manifest.write_details(details)
+    return merged
 
 
-def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *, rank: int, world_size: int,
-                  started: float) -> None:
-    """The loop: loader -> batches -> encoder -> writer thread; fills `stats`."""
-    config = plan.config
-    reader = Reader(plan.todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
-                                             sample_size=config.sample_size, chunking=plan.chunking,
-                                             max_chunks=config.max_chunks, seed=config.seed),
-                    rank=rank, world_size=world_size)
-    num_workers = min(config.num_workers, len(plan.todo))
+def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.device, stats: RunStats,
+                  job: Job) -> None:
+    """The loop: claimed units -> loader -> batches -> encoder -> writer thread; fills `stats`."""
+    config = inputs.config
+    reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
+                                        sample_size=config.sample_size, chunking=inputs.chunking,
+                                        max_chunks=config.max_chunks, seed=config.seed),
+                    UnitClaims(job.address, len(todo)))
+    num_workers = min(config.num_workers, len(todo))
+    # in_order=False: a worker decoding a long file does not hold up windows the others have ready
+    # (each worker's own items still arrive in order, so a unit's end marker follows its windows)
     loader = DataLoader(reader, batch_size=None, num_workers=num_workers,
-                        pin_memory=device.type == "cuda",
+                        pin_memory=device.type == "cuda", in_order=False,
                         prefetch_factor=max(2, config.batch_size) if num_workers else None)
     encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
                            latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
                            compile=config.compile)
-    folder = FolderWriter(config.output_path, rank)
-    if world_size == 1:  # latent tars of units an interrupted run left open (per-rank folders clean themselves)
-        remove_partials(config.output_path / SHARDS_DIR)
-    bar = tqdm(total=None, unit="win", disable=not config.progress, dynamic_ncols=True, desc=f"rank {rank}")
+    folder = FolderWriter(config.output_path, job.rank)
+    counter = ProgressCounter(job.add_progress)
+    monitor = None
+    if job.rank == 0 and config.progress:
+        totals = ProgressTotals(bytes=sum(u.size for u in todo), units=stats.units_total,
+                                units_before=stats.units_skipped)
+        monitor = ProgressMonitor(ProgressDisplay(totals, interval=config.progress_interval), job.read_progress)
+        monitor.start()
 
     def on_unit_done(end: ShardEnd, written: int, errors: int, warnings: int) -> None:
         stats.units_done += 1
@@ -319,25 +388,25 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
         stats.audio_seconds += end.audio_seconds
         stats.errors += errors
         stats.warnings += warnings
+        counter.add(units=1, bytes=end.input_bytes, samples=end.samples, errors=errors)
 
-    writer = _WriterThread(config, plan.manifest, folder, *latent_format(config, model), on_unit_done)
+    writer = _WriterThread(config, RunManifest(config.output_path), folder, *latent_format(config, model),
+                           on_unit_done)
     writer.start()
 
-    def put(job) -> None:
+    def put(job_item) -> None:
         while True:
             if writer.error is not None:
                 raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
             try:
-                writer.queue.put(job, timeout=1.0)
+                writer.queue.put(job_item, timeout=1.0)
                 return
             except queue.Full:
-                continue
+                job.raise_if_failed()
 
     batch: list[WindowItem] = []
     ends_after_batch: list[ShardEnd] = []
     batch_index = folder.first_batch_index
-    audio_seen = 0.0
-    files_seen = 0
 
     def flush() -> None:
         nonlocal batch, ends_after_batch, batch_index
@@ -348,17 +417,17 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
             put(("batch", (batch_index, batch, encoded)))
             batch_index += 1
             stats.batches += 1
-            bar.update(len(batch))
-            bar.set_postfix(files=files_seen, units=f"{stats.units_done + stats.units_skipped}/{stats.units_total}",
-                            hours=f"{audio_seen / 3600:.3f}",
-                            rtf=f"{audio_seen / max(time.time() - started, 1e-9):.0f}x")
+            counter.add(windows=len(batch), bytes=sum(it.input_bytes for it in batch),
+                        audio_ms=round(1000 * sum(it.metadata["valid_length"] for it in batch) / model.sample_rate))
         for end in ends_after_batch:
             put(("end", end))
         batch, ends_after_batch = [], []
 
     loop_started: Optional[float] = None
+    finished = False
     try:
         for item in loader:
+            job.raise_if_failed()
             if loop_started is None:
                 loop_started = time.time()
             if isinstance(item, ShardEnd):
@@ -370,19 +439,20 @@ def _encode_units(plan: RunPlan, model, device: torch.device, stats: RunStats, *
             if stats.stopped_early:
                 break  # the first window past --limit-batches: units ending before it were committed
             batch.append(item)
-            audio_seen += item.metadata["valid_length"] / model.sample_rate
-            files_seen += item.metadata["chunk_index"] == 0
             if len(batch) >= config.batch_size:
                 flush()
                 if config.limit_batches is not None and stats.batches >= config.limit_batches:
                     stats.stopped_early = True
         else:
             flush()
+        finished = True
     finally:
-        bar.close()
         writer.queue.put(None)
         writer.join()
         del loader
+        counter.flush()
+        if monitor is not None:
+            monitor.stop(final=finished)
     if writer.error is not None:
         raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
     writer.discard_open_units()

@@ -2,7 +2,8 @@
 
 A work unit is either one input tar shard, or (for `audio_dir` datasets) a fixed group of audio
 files. Its `shard_id` (`dataset_id/name`) is stable across runs, so outputs and manifest records
-can be named after it.
+can be named after it. Units carry their size on disk: the job claims the largest first (a short
+tail) and measures progress in bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Shard:
     name: str
     files: tuple[str, ...] = field(default=())
     custom_metadata_module: str | None = None
+    size: int = 0                  # bytes on disk (the tar, or the unit's files)
 
     @property
     def shard_id(self) -> str:
@@ -74,7 +76,7 @@ def _tar_shards(entry: DatasetEntry, spec: str, module: str | None) -> list[Shar
     if not paths:
         raise ConfigError(f"dataset {entry.id!r}: no .tar shards found at {spec!r}")
     shards = [Shard(url=p, dataset_id=entry.id, name=safe_name(os.path.relpath(p, root)),
-                    custom_metadata_module=module) for p in paths]
+                    custom_metadata_module=module, size=os.path.getsize(p)) for p in paths]
     return shards
 
 
@@ -83,23 +85,24 @@ def _audio_dir_units(entry: DatasetEntry, files_per_unit: int, module: str | Non
     if not os.path.isdir(root):
         raise ConfigError(f"dataset {entry.id!r}: audio folder {root!r} does not exist")
     root = os.path.abspath(root)
-    files = sorted(
-        os.path.relpath(str(p), root)
+    sizes = {
+        os.path.relpath(str(p), root): p.stat().st_size
         for p in Path(root).rglob("*")
-        if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS
-    )
+        if p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS and p.is_file()
+    }
+    files = sorted(sizes)
     if not files:
         raise ConfigError(f"dataset {entry.id!r}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
     units = []
     for start in range(0, len(files), files_per_unit):
+        group = tuple(files[start:start + files_per_unit])
         units.append(Shard(url=root, dataset_id=entry.id, name=f"files-{start // files_per_unit:06d}",
-                           files=tuple(files[start:start + files_per_unit]), custom_metadata_module=module))
+                           files=group, custom_metadata_module=module, size=sum(sizes[f] for f in group)))
     return units
 
 
-def list_shards(config: DatasetConfig, *, files_per_unit: int = 64, shuffle: bool = False,
-                seed: int = 0) -> list[Shard]:
-    """Every work unit of every dataset, in a deterministic order (seeded shuffle if asked)."""
+def list_shards(config: DatasetConfig, *, files_per_unit: int = 64) -> list[Shard]:
+    """Every work unit of every dataset, in a deterministic order (by dataset, then path)."""
     shards: list[Shard] = []
     for entry in config.datasets:
         module = config.metadata_module_for(entry)
@@ -112,6 +115,14 @@ def list_shards(config: DatasetConfig, *, files_per_unit: int = 64, shuffle: boo
                 f"dataset {entry.id!r}: s3:// sources are not supported by this version yet; "
                 "copy the shards locally (aws s3 sync) and point `path` at the folder")
         shards.extend(_tar_shards(entry, spec, module))
-    if shuffle:
-        random.Random(seed).shuffle(shards)
     return shards
+
+
+def claim_order(units: list[Shard], *, shuffle: bool = False, seed: int = 0) -> list[Shard]:
+    """The order units are handed out: largest first, so the job does not end waiting on one big
+    unit; with `shuffle`, a seeded shuffle instead (same on every rank)."""
+    if shuffle:
+        ordered = list(units)
+        random.Random(seed).shuffle(ordered)
+        return ordered
+    return sorted(units, key=lambda u: -u.size)  # stable: equal sizes keep the listing order

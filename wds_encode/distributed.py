@@ -1,0 +1,424 @@
+"""Where this process sits in a multi-GPU job, and how the job's processes agree on the work.
+
+One `Launch` describes the process, whatever started it: torchrun (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR/PORT...), SLURM's srun (SLURM_PROCID, SLURM_LOCALID, the step's node list), plain
+environment variables, or nothing (alone; `--devices N` then starts N ranks through torch's own
+elastic launcher, the machinery torchrun uses). After that there is one code path.
+
+The job coordinates through the c10d `TCPStore` that the launcher's agent (torchrun) or rank 0
+hosts, under a prefix of our own (run id + restart count), never through collectives that could
+time out on a long job:
+- rank 0 publishes the plan (the ordered units still to do); the others wait for it;
+- DataLoader workers claim units with `add(CLAIM, 1)` over that one ordered list, so every unit
+  goes to exactly one (rank, worker) and nobody idles while units remain;
+- every rank sends heartbeats; rank 0 watches everyone, the others watch rank 0, and any rank can
+  publish an abort reason, so a dead rank stops the job within `--peer-timeout`;
+- progress counters are summed in the store; at the end every rank waits (polling, no timeout)
+  until all have finished, then one `all_gather_object` (nccl on GPUs, gloo on CPU) merges stats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, EncodeConfig
+
+STORE_TIMEOUT = timedelta(minutes=5)      # one store operation, and connecting to the store
+JOIN_TIMEOUT_SECONDS = 900.0              # every rank must have joined by then (torchrun's rendezvous default)
+HEARTBEAT_SECONDS = 1.0
+POLL_SECONDS = 0.2
+SLURM_PORT_BASE = 10000                   # MASTER_PORT under srun when none is given: base + job id % span
+SLURM_PORT_SPAN = 50000
+CLAIM_KEY = "claims/next"
+PROGRESS_KEYS = ("bytes", "units", "windows", "samples", "audio_ms", "errors")
+
+
+class JobAborted(RuntimeError):
+    """Another rank failed or vanished; this rank stopped (its committed units are kept)."""
+
+
+# --------------------------------------------------------------------------- launch detection
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in the job, as its launcher described it."""
+
+    launcher: str = "alone"         # torchrun | slurm | env | alone
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0            # alone: 0, a free port is picked
+    agent_store: bool = False       # torchrun's agent hosts the store: every rank is a client
+    run_id: str = "alone"
+
+    def describe(self) -> str:
+        return (f"{self.launcher}: {self.world_size} rank(s) on {self.num_nodes} node(s), "
+                f"{self.local_world_size} per node")
+
+
+def _int_env(env: Mapping[str, str], name: str, default: Optional[int] = None) -> int:
+    value = env.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set, but the launcher variables around it are")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: `gpu-[003-010,017],cpu1` -> `gpu-003`."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):  # the first comma outside brackets ends the first entry
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end].strip()
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], entry)
+
+
+def slurm_tasks_per_node(spec: str) -> list[int]:
+    """Expand SLURM's tasks-per-node format: `4(x2),3` -> [4, 4, 3]."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not match:
+            raise ConfigError(f"cannot parse SLURM tasks per node {spec!r}")
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def detect_launch(env: Mapping[str, str]) -> Optional[Launch]:
+    """The launch described by the environment, or None when no launcher started this process.
+
+    torchrun (or anything that sets RANK and WORLD_SIZE) wins over SLURM, so torchrun inside an
+    srun step works. SLURM counts as a launcher only inside an srun step with more than one task:
+    an sbatch script or a salloc shell runs the command once, which then starts its own ranks.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+        local_rank = _int_env(env, "LOCAL_RANK", rank)
+        local_world = _int_env(env, "LOCAL_WORLD_SIZE", world)
+        nodes = _int_env(env, "GROUP_WORLD_SIZE", max(1, -(-world // local_world)))
+        if not env.get("MASTER_ADDR") or not env.get("MASTER_PORT"):
+            raise ConfigError("RANK and WORLD_SIZE are set but MASTER_ADDR / MASTER_PORT are not: start the "
+                              "ranks with torchrun, or set all four")
+        torchrun = "TORCHELASTIC_RUN_ID" in env
+        run_id = (f"{env['TORCHELASTIC_RUN_ID']}.{env.get('TORCHELASTIC_RESTART_COUNT', '0')}" if torchrun
+                  else f"env.{env['MASTER_PORT']}")
+        return Launch(launcher="torchrun" if torchrun else "env", rank=rank, world_size=world,
+                      local_rank=local_rank, local_world_size=local_world, num_nodes=nodes,
+                      master_addr=env["MASTER_ADDR"], master_port=_int_env(env, "MASTER_PORT"),
+                      agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True", run_id=run_id)
+    in_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
+    world = _int_env(env, "SLURM_STEP_NUM_TASKS", _int_env(env, "SLURM_NTASKS", 1)) if in_step else 1
+    if world <= 1:
+        return None
+    nodes = _int_env(env, "SLURM_STEP_NUM_NODES", _int_env(env, "SLURM_NNODES", 1))
+    per_node_spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    node_id = _int_env(env, "SLURM_NODEID", 0)
+    per_node = slurm_tasks_per_node(per_node_spec) if per_node_spec else [world // nodes] * nodes
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    master = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "")
+    if not master:
+        raise ConfigError("under srun but SLURM_STEP_NODELIST / SLURM_JOB_NODELIST is empty and MASTER_ADDR "
+                          "is not set: cannot tell where rank 0 runs")
+    job, step = _int_env(env, "SLURM_JOB_ID", 0), _int_env(env, "SLURM_STEP_ID", 0)
+    port = _int_env(env, "MASTER_PORT", SLURM_PORT_BASE + (job + step) % SLURM_PORT_SPAN)
+    return Launch(launcher="slurm", rank=_int_env(env, "SLURM_PROCID"), world_size=world,
+                  local_rank=_int_env(env, "SLURM_LOCALID", 0),
+                  local_world_size=per_node[node_id] if node_id < len(per_node) else per_node[-1],
+                  num_nodes=nodes, master_addr=master, master_port=port, agent_store=False,
+                  run_id=f"slurm.{job}.{step}.{env.get('SLURM_RESTART_COUNT', '0')}")
+
+
+def local_process_count(config: EncodeConfig) -> int:
+    """How many ranks `--devices` asks for when no launcher started us (auto: one per visible GPU)."""
+    gpus = torch.cuda.device_count() if config.device in ("auto", "cuda") else 0
+    if config.devices == "auto":
+        return max(1, gpus)
+    count = int(config.devices)
+    if gpus and count > gpus:
+        raise ConfigError(f"--devices {count}: only {gpus} GPU(s) are visible (CUDA_VISIBLE_DEVICES); "
+                          f"use --devices {gpus} or fewer, or --device cpu")
+    return count
+
+
+def check_topology(launch: Launch, config: EncodeConfig) -> None:
+    """--num-nodes and --devices must agree with what the launcher reports (exit 2 otherwise)."""
+    if config.num_nodes is not None and config.num_nodes != launch.num_nodes:
+        how = ("started alone on one machine; start one process per node with torchrun or srun "
+               "(README: Running on many GPUs)") if launch.launcher == "alone" else launch.describe()
+        raise ConfigError(f"--num-nodes {config.num_nodes}, but this job has {launch.num_nodes} node(s): {how}")
+    if launch.launcher != "alone" and config.devices != "auto" and int(config.devices) != launch.local_world_size:
+        raise ConfigError(f"--devices {config.devices}, but the launcher started {launch.local_world_size} "
+                          f"rank(s) on this node ({launch.describe()}); drop --devices under a launcher")
+    if launch.local_world_size > 1 and config.device.startswith("cuda:"):
+        raise ConfigError(f"--device {config.device} with {launch.local_world_size} ranks per node: every rank "
+                          "would share one GPU; use --device cuda (each rank takes cuda:LOCAL_RANK)")
+
+
+def rank_device(config: EncodeConfig, launch: Launch) -> torch.device:
+    """cuda:LOCAL_RANK for GPU ranks (cuda:0 when the launcher gave each task one GPU), else the CPU."""
+    name = config.device
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda:"):
+        return torch.device(name)
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda:0")
+    if launch.local_rank >= visible:
+        raise ConfigError(f"rank {launch.rank} has LOCAL_RANK {launch.local_rank}, but only {visible} GPUs are "
+                          "visible on this node; start at most one rank per GPU")
+    return torch.device(f"cuda:{launch.local_rank}")
+
+
+# --------------------------------------------------------------------------- starting ranks ourselves
+
+def spawn_local_ranks(config: EncodeConfig, nprocs: int) -> int:
+    """Start `nprocs` ranks of `wds-encode run` on this machine with torch's elastic launcher.
+
+    The agent hosts the store, watches the ranks and stops them all when one fails. Returns the
+    job's exit code: rank 0's when it failed, 1 for a rank killed by a signal.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # our own message says it better
+    with tempfile.TemporaryDirectory(prefix="wds-encode-") as tmp:
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(json.dumps(config.as_args()))
+        launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs,
+                                     run_id=f"wds-encode-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
+                                     rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1)
+        try:
+            elastic_launch(launch_config, sys.executable)("-m", "wds_encode", "run", "--config", str(config_file))
+        except ChildFailedError as exc:
+            return _report_failures(exc.failures)
+    return 0
+
+
+def _report_failures(failures: Mapping[int, object]) -> int:
+    signalled = {rank: f for rank, f in failures.items() if getattr(f, "exitcode", 1) < 0}
+    for rank, failure in sorted(signalled.items()):
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        print(f"wds-encode: rank {rank} (pid {failure.pid}) was killed by {name}; the other ranks were stopped. "
+              "Committed units are kept: rerun the same command to finish.", file=sys.stderr)
+    if 0 in failures and getattr(failures[0], "exitcode", 1) > 0:
+        return failures[0].exitcode
+    codes = [f.exitcode for f in failures.values() if getattr(f, "exitcode", 1) > 0]
+    return max(codes) if codes else 1
+
+
+# --------------------------------------------------------------------------- the store
+
+@dataclass(frozen=True)
+class StoreAddress:
+    """Where the job's store is, and our key space in it; picklable, for DataLoader workers."""
+
+    host: str
+    port: int
+    prefix: str
+
+    def connect(self) -> dist.Store:
+        """A new client (one per process: a store client must not cross a fork)."""
+        client = dist.TCPStore(self.host, self.port, is_master=False, timeout=STORE_TIMEOUT)
+        return dist.PrefixStore(self.prefix, client)
+
+
+@dataclass(frozen=True)
+class UnitClaims:
+    """Indices into the job's ordered unit list; each is handed to exactly one claimer in the job."""
+
+    address: StoreAddress
+    count: int
+
+    def __iter__(self) -> Iterator[int]:
+        if self.count == 0:
+            return
+        store = self.address.connect()
+        while True:
+            index = store.add(CLAIM_KEY, 1) - 1
+            if index >= self.count:
+                return
+            yield index
+
+
+def _open_store(launch: Launch) -> dist.TCPStore:
+    if launch.launcher == "alone":
+        return dist.TCPStore(launch.master_addr, 0, 1, is_master=True, timeout=STORE_TIMEOUT,
+                             wait_for_workers=False)
+    if launch.agent_store:
+        return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
+                             timeout=STORE_TIMEOUT)
+    try:
+        return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size,
+                             is_master=launch.rank == 0, timeout=STORE_TIMEOUT, wait_for_workers=False,
+                             multi_tenant=True)
+    except (RuntimeError, dist.DistError) as exc:
+        where = "host" if launch.rank == 0 else "reach"
+        raise ConfigError(f"rank {launch.rank} cannot {where} the job's store at {launch.master_addr}:"
+                          f"{launch.master_port} ({exc}); check MASTER_ADDR / MASTER_PORT") from exc
+
+
+# --------------------------------------------------------------------------- the job, seen from one rank
+
+class Job:
+    """This rank's view of the job: the shared store, the process group, heartbeats and failures."""
+
+    def __init__(self, launch: Launch, device: torch.device, *, peer_timeout: float):
+        self.launch = launch
+        self.rank = launch.rank
+        self.world_size = launch.world_size
+        self.peer_timeout = peer_timeout
+        raw = _open_store(launch)
+        self._raw_store = raw
+        prefix = f"wds-encode/{launch.run_id}"
+        self.address = StoreAddress(launch.master_addr, raw.port, prefix)
+        self.store = dist.PrefixStore(prefix, raw)
+        self._failure: Optional[str] = None
+        self._stop = threading.Event()
+        self._process_group = False
+        self._join()
+        if self.world_size > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend, store=dist.PrefixStore(prefix + "/pg", raw), rank=self.rank,
+                                    world_size=self.world_size)
+            self._process_group = True
+        self._watchdog = threading.Thread(target=self._watch, name="wds-encode-heartbeat", daemon=True)
+        self._watchdog.start()
+
+    # -- start: everyone joins, rank 0 publishes the plan
+    def _join(self) -> None:
+        self.store.add("joined", 1)
+        deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
+        while (joined := self.store.add("joined", 0)) < self.world_size:
+            self._check_abort_key()
+            if time.monotonic() > deadline:
+                raise JobAborted(f"only {joined} of {self.world_size} ranks joined within "
+                                 f"{JOIN_TIMEOUT_SECONDS:.0f} s ({self.launch.describe()})")
+            time.sleep(POLL_SECONDS)
+
+    def publish(self, key: str, value: dict) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def wait_for(self, key: str) -> dict:
+        """A value another rank publishes, however long it takes, unless the job fails first."""
+        while not self.store.check([key]):
+            self.raise_if_failed()
+            time.sleep(POLL_SECONDS)
+        return json.loads(self.store.get(key).decode("utf-8"))
+
+    # -- failures
+    def abort(self, reason: str) -> None:
+        """Tell every rank to stop (the first reason wins); safe to call when the store is gone."""
+        try:
+            self.store.compare_set("abort", "", reason)
+        except Exception:  # the store itself is gone: the others find out on their own
+            pass
+
+    def _check_abort_key(self) -> None:
+        if self.store.check(["abort"]):
+            raise JobAborted(self.store.get("abort").decode("utf-8", "replace"))
+
+    def raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise JobAborted(self._failure)
+
+    def _watch(self) -> None:
+        """Heartbeats: rank 0 watches every rank, the others watch rank 0; any abort stops everyone."""
+        watched = range(1, self.world_size) if self.rank == 0 else [0]
+        last_seen = {r: (-1, time.monotonic()) for r in watched if r != self.rank}
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.store.add(f"beat/{self.rank}", 1)
+                if self.store.check(["abort"]):
+                    self._failure = self.store.get("abort").decode("utf-8", "replace")
+                    return
+                now = time.monotonic()
+                for r, (beats, since) in last_seen.items():
+                    current = self.store.add(f"beat/{r}", 0)
+                    if current != beats:
+                        last_seen[r] = (current, now)
+                    elif now - since > self.peer_timeout:
+                        reason = (f"rank {r} stopped responding (no heartbeat for {self.peer_timeout:.0f} s: "
+                                  "killed, out of memory, or its node was lost)")
+                        self.abort(reason)
+                        self._failure = reason
+                        return
+            except Exception as exc:  # the store's host (rank 0 or the launcher's agent) is gone
+                self._failure = (f"lost the job's store at {self.address.host}:{self.address.port} "
+                                 f"({type(exc).__name__}: {exc}); another rank or the launcher has died")
+                return
+
+    # -- progress: counters summed over ranks
+    def add_progress(self, deltas: Mapping[str, int]) -> None:
+        for key, value in deltas.items():
+            if value:
+                self.store.add(f"progress/{key}", int(value))
+
+    def read_progress(self) -> dict[str, int]:
+        return {key: self.store.add(f"progress/{key}", 0) for key in PROGRESS_KEYS}
+
+    # -- end: wait for everyone without a collective timeout, then gather
+    def finish(self, result: dict) -> list[dict]:
+        """Every rank's `result`, in rank order, once all ranks have finished (all ranks get the list)."""
+        self.store.add("finished", 1)
+        while self.store.add("finished", 0) < self.world_size:
+            self.raise_if_failed()
+            time.sleep(POLL_SECONDS)
+        if not self._process_group:
+            return [result]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, result)
+        return gathered
+
+    def close(self) -> None:
+        self._stop.set()
+        self._watchdog.join(timeout=5)
+        if self._process_group:
+            dist.destroy_process_group()
+            self._process_group = False
+
+
+def describe_host() -> str:
+    return socket.gethostname()
+
+
+def cpu_threads_per_rank(launch: Launch) -> int:
+    """Intra-op threads for a CPU rank, so N ranks on one machine do not oversubscribe its cores."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // launch.local_world_size)
