@@ -66,6 +66,19 @@ def read_folder_layout(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
     return found
 
 
+def read_latent_shards(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
+    """Every (latent, metadata) of OUT/shards/**.tar read with plain webdataset; fails on a duplicate key."""
+    import webdataset as wds
+
+    found: dict[str, tuple[np.ndarray, dict]] = {}
+    for tar in sorted((out / "shards").rglob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False).decode():
+            key = f"{sample['json']['source_shard']}/{sample['__key__']}"
+            assert key not in found, f"duplicate latent shard sample {key}"
+            found[key] = (sample["npy"], sample["json"])
+    return found
+
+
 @pytest.fixture(scope="session")
 def demo_model():
     from wds_encode.models import demo_model_paths

@@ -8,9 +8,8 @@ import tarfile
 
 import numpy as np
 import pytest
-import webdataset as wds
 
-from conftest import read_folder_layout, run_cli, write_dataset_config, write_tar
+from conftest import read_folder_layout, read_latent_shards, run_cli, write_dataset_config, write_tar
 
 SAMPLE_SIZE = 4096
 SEED_OPTIONS = ["--model-config", "--ckpt-path", "--pretrained-name", "--dataset-config", "--output-path",
@@ -25,16 +24,6 @@ def encode(demo_model, dataset_config, out, *extra):
     config, ckpt = demo_model
     return run_cli("--model-config", config, "--ckpt-path", ckpt, "--dataset-config", dataset_config,
                    "--output-path", out, "--sample-size", SAMPLE_SIZE, "--no-progress", *extra)
-
-
-def read_latent_shards(out):
-    found = {}
-    for tar in sorted((out / "shards").rglob("*.tar")):
-        for sample in wds.WebDataset(str(tar), shardshuffle=False).decode():
-            key = f"{sample['json']['source_shard']}/{sample['__key__']}"
-            assert key not in found, f"duplicate latent shard sample {key}"
-            found[key] = (sample["npy"], sample["json"])
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -134,15 +134,19 @@ class ProgressCounter:
         self.publish = publish
         self.pending: dict[str, int] = {}
         self._sent = time.monotonic()
+        self._lock = threading.Lock()  # the main thread counts windows, the writer thread units
 
     def add(self, **counts: int) -> None:
-        for key, value in counts.items():
-            self.pending[key] = self.pending.get(key, 0) + int(value)
-        if time.monotonic() - self._sent >= PUBLISH_SECONDS:
+        with self._lock:
+            for key, value in counts.items():
+                self.pending[key] = self.pending.get(key, 0) + int(value)
+            due = time.monotonic() - self._sent >= PUBLISH_SECONDS
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            self.publish(self.pending)
-            self.pending = {}
-        self._sent = time.monotonic()
+        with self._lock:
+            pending, self.pending = self.pending, {}
+            self._sent = time.monotonic()
+        if pending:
+            self.publish(pending)

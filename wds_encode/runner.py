@@ -339,9 +339,21 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
                           "nodes do not see the same files")
     todo = [inputs.units[i] for i in plan["todo"]]
     stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"])
-    _encode_units(inputs, todo, model, device, stats, job)
-    stats.elapsed_seconds = time.time() - started
-    per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": describe_host(), "device": str(device)})
+    monitor = None
+    if job.rank == 0 and config.progress:
+        totals = ProgressTotals(bytes=sum(u.size for u in todo), units=stats.units_total,
+                                units_before=stats.units_skipped)
+        monitor = ProgressMonitor(ProgressDisplay(totals, interval=config.progress_interval), job.read_progress)
+        monitor.start()
+    finished = False
+    try:
+        _encode_units(inputs, todo, model, device, stats, job)
+        stats.elapsed_seconds = time.time() - started
+        per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": describe_host(), "device": str(device)})
+        finished = True
+    finally:
+        if monitor is not None:  # after every rank has finished, so the last line counts everyone
+            monitor.stop(final=finished)
     merged = merge_stats(per_rank, units_total=len(inputs.units), units_skipped=plan["skipped"],
                          elapsed=time.time() - started)
     if job.rank == 0:
@@ -372,12 +384,6 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
                            compile=config.compile)
     folder = FolderWriter(config.output_path, job.rank)
     counter = ProgressCounter(job.add_progress)
-    monitor = None
-    if job.rank == 0 and config.progress:
-        totals = ProgressTotals(bytes=sum(u.size for u in todo), units=stats.units_total,
-                                units_before=stats.units_skipped)
-        monitor = ProgressMonitor(ProgressDisplay(totals, interval=config.progress_interval), job.read_progress)
-        monitor.start()
 
     def on_unit_done(end: ShardEnd, written: int, errors: int, warnings: int) -> None:
         stats.units_done += 1
@@ -424,7 +430,6 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
         batch, ends_after_batch = [], []
 
     loop_started: Optional[float] = None
-    finished = False
     try:
         for item in loader:
             job.raise_if_failed()
@@ -445,14 +450,11 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
                     stats.stopped_early = True
         else:
             flush()
-        finished = True
     finally:
         writer.queue.put(None)
         writer.join()
         del loader
         counter.flush()
-        if monitor is not None:
-            monitor.stop(final=finished)
     if writer.error is not None:
         raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
     writer.discard_open_units()
