@@ -208,6 +208,7 @@ def spawn_local_ranks(config: EncodeConfig, nprocs: int) -> int:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -222,6 +223,10 @@ def spawn_local_ranks(config: EncodeConfig, nprocs: int) -> int:
             elastic_launch(launch_config, sys.executable)("-m", "wds_encode", "run", "--config", str(config_file))
         except ChildFailedError as exc:
             return _report_failures(exc.failures)
+        except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM: the agent stopped the ranks
+            print(f"wds-encode: stopped by {exc.sigval.name}; committed units are kept, rerun to finish",
+                  file=sys.stderr)
+            return 128 + int(exc.sigval)
     return 0
 
 
@@ -356,6 +361,16 @@ class Job:
     def raise_if_failed(self) -> None:
         if self._failure is not None:
             raise JobAborted(self._failure)
+
+    def failure_behind(self, error: BaseException) -> Optional[str]:
+        """Why the job failed, when another rank's death or the store's loss is what caused `error`
+        (a DataLoader worker that lost the store fails first; the heartbeat explains it)."""
+        if isinstance(error, JobAborted):
+            return str(error)
+        deadline = time.monotonic() + 2 * HEARTBEAT_SECONDS
+        while self._failure is None and self._watchdog.is_alive() and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS / 4)
+        return self._failure
 
     def _watch(self) -> None:
         """Heartbeats: rank 0 watches every rank, the others watch rank 0; any abort stops everyone."""

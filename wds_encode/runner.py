@@ -296,9 +296,10 @@ def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
     job = Job(launch, device, peer_timeout=config.peer_timeout)
     try:
         return _run_rank(inputs, job, device, started)
-    except JobAborted:
-        raise
     except BaseException as exc:
+        cause = job.failure_behind(exc)
+        if cause is not None:
+            raise JobAborted(cause) from exc
         job.abort(f"rank {launch.rank} failed: {type(exc).__name__}: {exc}")
         raise
     finally:
