@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from conftest import WDS_ENCODE, read_folder_layout, read_latent_shards, write_d
 pytestmark = pytest.mark.slow
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SAMPLE_SIZE = 65536          # ~1.5 s at the demo model's 44.1 kHz: files of 1-3 s give 1-2 windows
 
 
@@ -125,13 +127,15 @@ def test_two_nodes_on_one_machine(unequal, demo_model, tmp_path):
     dataset, samples = unequal
 
     def start_nodes(out, num_nodes):
-        port = free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two "nodes" share this machine's cores
-        return [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
-                                  "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "wds_encode",
-                                  "run", *encode_args(demo_model, dataset, out, "--num-workers", 1,
-                                                      "--num-nodes", num_nodes)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        """scripts/torchrun_multinode.sh on each "node", as the README says; it passes --num-nodes NNODES."""
+        env = {**os.environ, "PATH": f"{Path(TORCHRUN).parent}:{os.environ['PATH']}", "NNODES": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NPROC_PER_NODE": "1",
+               "OMP_NUM_THREADS": "1"}  # two "nodes" share this machine's cores
+        extra = ["--num-nodes", num_nodes] if num_nodes != 2 else []  # the last --num-nodes wins
+        return [subprocess.Popen(["bash", str(SCRIPTS / "torchrun_multinode.sh"),
+                                  *encode_args(demo_model, dataset, out, "--num-workers", 1, *extra)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**env, "NODE_RANK": str(node)})
                 for node in (0, 1)]
 
     nodes = start_nodes(tmp_path / "out", 2)
@@ -146,6 +150,25 @@ def test_two_nodes_on_one_machine(unequal, demo_model, tmp_path):
     assert [p.returncode for p in nodes] != [0, 0]
     assert "--num-nodes 3, but this job has 2 node(s)" in outputs[0][1]
     assert not list((tmp_path / "wrong").glob("*/*.npy"))
+
+
+def test_srun_step(unequal, demo_model, tmp_path):
+    """Two tasks of an srun step, as SLURM starts them: rank, local rank and master from SLURM_* alone."""
+    dataset, samples = unequal
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
+    env.update({"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1",
+                "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_NODEID": "0",
+                "SLURM_JOB_NUM_NODES": "1", "MASTER_PORT": str(free_port())})
+    args = encode_args(demo_model, dataset, out, "--num-workers", 1, "--num-nodes", 1)
+    procs = [subprocess.Popen([WDS_ENCODE, "run", *args], env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1] + outputs[1][1]
+    assert "wds-encode summary" in outputs[0][0] and outputs[1][0] == ""  # rank 1 stays quiet
+    details = assert_exactly_once(out, samples)
+    check_two_rank_job(details, out)
+    assert details["launch"]["launcher"] == "slurm"
 
 
 def test_more_ranks_than_units_finishes(tmp_path, demo_model):
@@ -277,3 +300,15 @@ def test_without_a_launcher_to_stop_them_the_survivors_stop_on_their_own(tmp_pat
     rerun = wds_encode(*encode_args(demo_model, dataset, out, "--num-workers", 1))
     assert rerun.returncode == 0, rerun.stderr
     assert_exactly_once(out, samples)
+
+
+def test_the_launch_scripts_are_valid_and_use_real_options():
+    help_text = subprocess.run([WDS_ENCODE, "run", "--help"], capture_output=True, text=True).stdout
+    for script in ("slurm_encode.sbatch", "torchrun_multinode.sh"):
+        path = SCRIPTS / script
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, script
+        command = path.read_text().split("wds_encode run" if "torchrun" in script else "wds-encode run", 1)[1]
+        options = re.findall(r"(?<![\w-])--[a-z][a-z-]+", command)
+        assert options, script
+        for option in options:
+            assert option in help_text, f"{script}: {option} is not an option of wds-encode run"

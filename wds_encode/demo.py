@@ -36,4 +36,4 @@ def prepare_demo(directory: Path, *, num_shards: int = 3, samples_per_shard: int
     return EncodeConfig(model_config=model_config, ckpt_path=ckpt, dataset_config=dataset_config,
                         output_path=output, batch_size=batch_size, sample_size=DEMO_SAMPLE_SIZE,
                         num_workers=num_workers, chunking="split", max_chunks=4, overwrite=True,
-                        progress=progress)
+                        progress=progress, devices="1")  # 60 short files: one rank is plenty
