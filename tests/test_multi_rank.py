@@ -149,7 +149,10 @@ def test_two_nodes_on_one_machine(unequal, demo_model, tmp_path):
     outputs = [p.communicate(timeout=300) for p in nodes]
     assert [p.returncode for p in nodes] != [0, 0]
     assert "--num-nodes 3, but this job has 2 node(s)" in outputs[0][1]
+    assert re.search(r"exitcode\s*:\s*2 ", outputs[0][1])  # the rank's own exit code, in torchrun's report
     assert not list((tmp_path / "wrong").glob("*/*.npy"))
+    alone = wds_encode(*encode_args(demo_model, dataset, tmp_path / "alone", "--num-nodes", 3))
+    assert alone.returncode == 2 and "--num-nodes 3, but this job has 1 node(s): started alone" in alone.stderr
 
 
 def test_srun_step(unequal, demo_model, tmp_path):
