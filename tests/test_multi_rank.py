@@ -315,3 +315,15 @@ def test_the_launch_scripts_are_valid_and_use_real_options():
         assert options, script
         for option in options:
             assert option in help_text, f"{script}: {option} is not an option of wds-encode run"
+
+
+def test_bad_samples_on_any_rank_count_in_the_job_summary_and_exit_code(tmp_path, demo_model):
+    dataset, samples = make_dataset(tmp_path, [3, 4], seed=120)
+    broken = tmp_path / "shards" / "s1-000000.tar"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # cut mid-member: a broken unit
+    result = wds_encode(*encode_args(demo_model, dataset, tmp_path / "out", "--devices", 2, "--num-workers", 1,
+                                     "--strict"))
+    assert result.returncode == 1
+    assert "1 broken (of 2)" in result.stdout and "1 errors" in result.stdout
+    assert result.stderr.count("bad samples (limit: 0 with --strict)") == 1
+    assert "failed (exitcode" not in result.stderr  # the launcher's own report stays out of the way

@@ -212,7 +212,9 @@ def spawn_local_ranks(config: EncodeConfig, nprocs: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # our own message says it better
+    for name in list(logging.root.manager.loggerDict):  # the agent's failure report: ours says it better
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="wds-encode-") as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(config.as_args()))
@@ -367,6 +369,8 @@ class Job:
         (a DataLoader worker that lost the store fails first; the heartbeat explains it)."""
         if isinstance(error, JobAborted):
             return str(error)
+        if self.world_size == 1 or isinstance(error, ConfigError):
+            return None
         deadline = time.monotonic() + 2 * HEARTBEAT_SECONDS
         while self._failure is None and self._watchdog.is_alive() and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS / 4)
