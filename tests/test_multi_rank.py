@@ -327,3 +327,34 @@ def test_bad_samples_on_any_rank_count_in_the_job_summary_and_exit_code(tmp_path
     assert "1 broken (of 2)" in result.stdout and "1 errors" in result.stdout
     assert result.stderr.count("bad samples (limit: 0 with --strict)") == 1
     assert "failed (exitcode" not in result.stderr  # the launcher's own report stays out of the way
+
+
+def test_progress_on_a_terminal_is_one_redrawn_bar(unequal, demo_model, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    dataset, _ = unequal
+    args = [a for a in encode_args(demo_model, dataset, tmp_path / "out", "--num-workers", 1, "--devices", 2)
+            if a != "--no-progress"]
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
+    proc = subprocess.Popen([WDS_ENCODE, "run", *args], stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the terminal closed: every process that held it has exited
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    stdout, _ = proc.communicate(timeout=60)
+    terminal = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, terminal
+    assert "wds-encode summary" in stdout
+    assert "encoding: 100%" in terminal and "units 7/7" in terminal and "\r" in terminal
+    assert terminal.count("\n") == 1  # one bar redrawn in place for the job (not one per rank), ended once
+    assert " real time | elapsed" not in terminal  # no log lines on a terminal
