@@ -1,9 +1,9 @@
 """wds-encode: pre-encode audio datasets into autoencoder latents, shard by shard.
 
 A sample's path through the package, one module per stage:
-sources (work units) -> reader (tar members -> windows, via audio) -> encoder (latents)
--> writers (folder layout + latent shards) -> manifest (what is done); runner drives the loop,
-cli is the command.
+sources (work units) -> distributed (which rank and worker claims a unit) -> reader (tar members
+-> windows, via audio) -> encoder (latents) -> writers (folder layout + latent shards) -> manifest
+(what is done); runner drives one rank's loop, progress shows the job's progress, cli is the command.
 """
 
 __version__ = "0.1.0"

@@ -309,7 +309,6 @@ class Job:
         self.world_size = launch.world_size
         self.peer_timeout = peer_timeout
         raw = _open_store(launch)
-        self._raw_store = raw
         prefix = f"wds-encode/{launch.run_id}"
         self.address = StoreAddress(launch.master_addr, raw.port, prefix)
         self.store = dist.PrefixStore(prefix, raw)
