@@ -304,6 +304,11 @@ class Job:
     """This rank's view of the job: the shared store, the process group, heartbeats and failures."""
 
     def __init__(self, launch: Launch, device: torch.device, *, peer_timeout: float):
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_available() or (launch.world_size > 1 and not dist.is_backend_available(backend)):
+            raise ConfigError(f"this torch build ({torch.__version__}) has no torch.distributed {backend} backend, "
+                              f"which a {launch.world_size}-rank job on {device.type} needs; install a torch "
+                              "build with it, or run one rank")
         self.launch = launch
         self.rank = launch.rank
         self.world_size = launch.world_size
@@ -317,7 +322,6 @@ class Job:
         self._process_group = False
         self._join()
         if self.world_size > 1:
-            backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group(backend, store=dist.PrefixStore(prefix + "/pg", raw), rank=self.rank,
