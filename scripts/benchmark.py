@@ -29,7 +29,8 @@ from wds_encode.encoder import BatchEncoder  # noqa: E402
 from wds_encode.models import demo_model_paths  # noqa: E402
 from wds_encode.models.demo_model import demo_state_dict  # noqa: E402
 from wds_encode.models.reference_configs import STABLE_AUDIO_OPEN_VAE as SAO_VAE  # noqa: E402
-from wds_encode.runner import pick_device, run  # noqa: E402
+from wds_encode.distributed import rank_device  # noqa: E402
+from wds_encode.runner import run  # noqa: E402
 from wds_encode.synth import write_tar_shards  # noqa: E402
 
 def model_files(name: str, folder: Path) -> tuple[Path, Path, dict]:
@@ -82,7 +83,7 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="wds-encode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    device = pick_device(args.device)
+    device = rank_device(args.device)
     t0 = time.perf_counter()
     write_tar_shards(work / "shards", args.shards, -(-args.files // args.shards), seed=0, name="bench",
                      formats=("flac", "wav"), rates=(44100, 48000), channels=(2,),

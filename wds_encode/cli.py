@@ -219,7 +219,8 @@ def verify_command(output: Path, model_config, ckpt_path, pretrained_name, num_w
     Exits 1 when the output looks wrong for this model, 2 when it cannot be checked.
     """
     from .models import CheckpointError, ModelConfigError, load_autoencoder
-    from .runner import pick_device, resolve_model_source
+    from .distributed import rank_device
+    from .runner import resolve_model_source
     from . import verify
 
     try:
@@ -237,7 +238,7 @@ def verify_command(output: Path, model_config, ckpt_path, pretrained_name, num_w
         except ModelConfigError as exc:
             click.echo(f"note: cannot build this model's decoder ({exc}); checking re-encoding only", err=True)
             model = load_autoencoder(model_cfg, ckpt)
-        dev = pick_device(device)
+        dev = rank_device(device)
         model = model.to(dev)
         checks = verify.verify_output(output, model, details=details, n=num_windows, seed=seed, device=dev)
     except (ConfigError, FileNotFoundError, ModelConfigError, CheckpointError) as exc:

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -180,9 +179,9 @@ def check_topology(launch: Launch, config: EncodeConfig) -> None:
                           "would share one GPU; use --device cuda (each rank takes cuda:LOCAL_RANK)")
 
 
-def rank_device(config: EncodeConfig, launch: Launch) -> torch.device:
-    """cuda:LOCAL_RANK for GPU ranks (cuda:0 when the launcher gave each task one GPU), else the CPU."""
-    name = config.device
+def rank_device(name: str, launch: Launch = Launch()) -> torch.device:
+    """The device for `--device NAME`: cuda:LOCAL_RANK for GPU ranks (cuda:0 when the launcher gave
+    each task one GPU), else the CPU."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -232,8 +231,9 @@ def spawn_local_ranks(config: EncodeConfig, nprocs: int) -> int:
     return 0
 
 
-def _report_failures(failures: Mapping[int, object]) -> int:
-    signalled = {rank: f for rank, f in failures.items() if getattr(f, "exitcode", 1) < 0}
+def _report_failures(failures: Mapping) -> int:
+    """One line per rank killed by a signal; the exit code for the job (ProcessFailure by rank)."""
+    signalled = {rank: f for rank, f in failures.items() if f.exitcode < 0}
     for rank, failure in sorted(signalled.items()):
         try:
             name = signal.Signals(-failure.exitcode).name
@@ -241,9 +241,9 @@ def _report_failures(failures: Mapping[int, object]) -> int:
             name = f"signal {-failure.exitcode}"
         print(f"wds-encode: rank {rank} (pid {failure.pid}) was killed by {name}; the other ranks were stopped. "
               "Committed units are kept: rerun the same command to finish.", file=sys.stderr)
-    if 0 in failures and getattr(failures[0], "exitcode", 1) > 0:
+    if 0 in failures and failures[0].exitcode > 0:
         return failures[0].exitcode
-    codes = [f.exitcode for f in failures.values() if getattr(f, "exitcode", 1) > 0]
+    codes = [f.exitcode for f in failures.values() if f.exitcode > 0]
     return max(codes) if codes else 1
 
 
@@ -433,10 +433,6 @@ class Job:
         if self._process_group:
             dist.destroy_process_group()
             self._process_group = False
-
-
-def describe_host() -> str:
-    return socket.gethostname()
 
 
 def cpu_threads_per_rank(launch: Launch) -> int:

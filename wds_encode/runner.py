@@ -11,6 +11,7 @@ its windows are written. At the end the ranks' stats are merged into one summary
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,8 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
-from .distributed import (Job, JobAborted, Launch, UnitClaims, check_topology, cpu_threads_per_rank,
-                          describe_host, rank_device)
+from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, cpu_threads_per_rank, rank_device
 from .encoder import BatchEncoder, token_dtype
 from .manifest import RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
@@ -85,15 +85,6 @@ def resolve_model_source(config: EncodeConfig) -> tuple[dict, Path]:
     if not config.ckpt_path.is_file():
         raise ConfigError(f"--ckpt-path {config.ckpt_path}: file not found")
     return load_model_config(config.model_config_path), config.ckpt_path
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 class _WriterThread(threading.Thread):
@@ -290,7 +281,7 @@ def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
     launch = launch or Launch()
     check_topology(launch, config)
     inputs = plan_inputs(config)
-    device = rank_device(config, launch)
+    device = rank_device(config.device, launch)
     if device.type == "cpu" and launch.local_world_size > 1:
         torch.set_num_threads(cpu_threads_per_rank(launch))
     job = Job(launch, device, peer_timeout=config.peer_timeout)
@@ -335,7 +326,7 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
         job.publish("plan", {"units": units_fingerprint(inputs.units), "todo": todo_order, "skipped": skipped})
     plan = job.wait_for("plan")
     if plan["units"] != units_fingerprint(inputs.units):
-        raise ConfigError(f"rank {job.rank} ({describe_host()}) lists different input units than rank 0 "
+        raise ConfigError(f"rank {job.rank} ({socket.gethostname()}) lists different input units than rank 0 "
                           f"({len(inputs.units)} units here): the input changed while the job started, or the "
                           "nodes do not see the same files")
     todo = [inputs.units[i] for i in plan["todo"]]
@@ -350,7 +341,7 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
     try:
         _encode_units(inputs, todo, model, device, stats, job)
         stats.elapsed_seconds = time.time() - started
-        per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": describe_host(), "device": str(device)})
+        per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(), "device": str(device)})
         finished = True
     finally:
         if monitor is not None:  # after every rank has finished, so the last line counts everyone
