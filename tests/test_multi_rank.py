@@ -96,6 +96,7 @@ def check_two_rank_job(details: dict, out: Path) -> None:
     assert sum(r["units_done"] for r in ranks.values()) == 7 == details["stats"]["units_done"]
     records = [json.loads(p.read_text()) for p in (out / "manifest").glob("*.json")]
     assert len(records) == 7 and {r["rank"] for r in records} == {0, 1}
+    assert all(r["worker"] in (0, 1) for r in records)  # which (rank, worker) claimed each unit
     assert sorted(int(p.name) for p in out.iterdir() if p.name.isdigit()) == [0, 1]  # per-rank folders
 
 

@@ -335,7 +335,8 @@ class Job:
         self.store.add("joined", 1)
         deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
         while (joined := self.store.add("joined", 0)) < self.world_size:
-            self._check_abort_key()
+            if (reason := self._abort_reason()) is not None:
+                raise JobAborted(reason)
             if time.monotonic() > deadline:
                 raise JobAborted(f"only {joined} of {self.world_size} ranks joined within "
                                  f"{JOIN_TIMEOUT_SECONDS:.0f} s ({self.launch.describe()})")
@@ -359,9 +360,11 @@ class Job:
         except Exception:  # the store itself is gone: the others find out on their own
             pass
 
-    def _check_abort_key(self) -> None:
+    def _abort_reason(self) -> Optional[str]:
+        """The reason a rank published for stopping the job, if any."""
         if self.store.check(["abort"]):
-            raise JobAborted(self.store.get("abort").decode("utf-8", "replace"))
+            return self.store.get("abort").decode("utf-8", "replace")
+        return None
 
     def raise_if_failed(self) -> None:
         if self._failure is not None:
@@ -386,8 +389,8 @@ class Job:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 self.store.add(f"beat/{self.rank}", 1)
-                if self.store.check(["abort"]):
-                    self._failure = self.store.get("abort").decode("utf-8", "replace")
+                if (reason := self._abort_reason()) is not None:
+                    self._failure = reason
                     return
                 now = time.monotonic()
                 for r, (beats, since) in last_seen.items():

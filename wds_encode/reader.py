@@ -1,11 +1,11 @@
 """Work unit -> windows: the DataLoader-worker stage.
 
 Each worker claims work units one at a time from the job (`distributed.UnitClaims`: a counter in
-the job's store, so every unit goes to exactly one worker of one rank), streams tar members (webdataset's tar iterator),
-groups them by key, decodes each sample into windows (`audio.iter_windows`) and yields
-`WindowItem`s. After the last window of a unit it yields a `ShardEnd` carrying the unit's counts
-and error records, so the main process knows when a unit's outputs are complete. Nothing here
-raises on bad data: every problem becomes an error record.
+the job's store, so every unit goes to exactly one worker of one rank), streams tar members
+(webdataset's tar iterator), groups them by key, decodes each sample into windows
+(`audio.iter_windows`) and yields `WindowItem`s. After the last window of a unit it yields a
+`ShardEnd` carrying the unit's counts and error records, so the main process knows when a unit's
+outputs are complete. Nothing here raises on bad data: every problem becomes an error record.
 """
 
 from __future__ import annotations

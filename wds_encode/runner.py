@@ -164,7 +164,7 @@ class _WriterThread(threading.Thread):
         errors = end.errors + pend.errors
         n_errors = sum(1 for e in errors if e["level"] == "error")
         self.manifest.write_record({
-            "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank,
+            "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank, "worker": end.worker,
             "samples": end.samples, "windows": pend.written, "rejected": end.rejected,
             "errors": n_errors, "warnings": len(errors) - n_errors,
             "failed": end.failed, "latent_shards": [str(p.relative_to(self.config.output_path)) for p in tars],
@@ -339,7 +339,7 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
         monitor.start()
     finished = False
     try:
-        _encode_units(inputs, todo, model, device, stats, job)
+        _encode_units(inputs, todo, model, device, stats, job, manifest)
         stats.elapsed_seconds = time.time() - started
         per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(), "device": str(device)})
         finished = True
@@ -358,7 +358,7 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
 
 
 def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.device, stats: RunStats,
-                  job: Job) -> None:
+                  job: Job, manifest: RunManifest) -> None:
     """The loop: claimed units -> loader -> batches -> encoder -> writer thread; fills `stats`."""
     config = inputs.config
     reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
@@ -388,8 +388,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
         stats.warnings += warnings
         counter.add(units=1, bytes=end.input_bytes, samples=end.samples, errors=errors)
 
-    writer = _WriterThread(config, RunManifest(config.output_path), folder, *latent_format(config, model),
-                           on_unit_done)
+    writer = _WriterThread(config, manifest, folder, *latent_format(config, model), on_unit_done)
     writer.start()
 
     def put(job_item) -> None:
