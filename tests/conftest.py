@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from s3_support import fault_proxy, moto_s3, s3, s3_env  # noqa: F401  (fixtures for every test module)
+
 WDS_ENCODE = str(Path(sys.executable).with_name("wds-encode"))
 
 
@@ -92,3 +94,25 @@ def mixed_shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixed")
     paths, samples = write_tar_shards(folder, 3, 20, seed=1, name="mix")
     return folder, paths, samples
+
+
+@pytest.fixture
+def s3_in_process(s3, monkeypatch):
+    """The moto server, with this process's environment pointing boto3 at it (test credentials only)."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in s3_env(s3.endpoint).items():
+        if name.startswith("AWS_") or name.lower() == "no_proxy":
+            monkeypatch.setenv(name, value)
+    return s3
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path):
+    """An empty output Place: a local folder, or a prefix in a bucket of the moto server."""
+    from wds_encode.storage import LocalPlace, Storage
+    if request.param == "local":
+        return LocalPlace(str(tmp_path / "out"))
+    server = request.getfixturevalue("s3_in_process")
+    server.make_bucket("out")
+    return Storage().place("s3://out/run/")

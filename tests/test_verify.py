@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from conftest import run_cli, write_tar
 from wds_encode.models.demo_model import demo_state_dict
 from wds_encode.synth import encode_audio_bytes
+from wds_encode.storage import LocalPlace, Storage
 from wds_encode.verify import WindowCheck, pick_windows, read_source, snr_db, verdict
 
 
@@ -71,22 +72,24 @@ def test_read_source_from_tar_member_and_file(tmp_path):
     audio = np.zeros((100, 1), np.float32)
     data = encode_audio_bytes(audio, 16000, "wav")
     write_tar(tmp_path / "s.tar", [("a.json", b"{}"), ("a.wav", data), ("b.wav", b"x")])
-    assert read_source(f"{tmp_path / 's.tar'}#a.wav") == (data, "wav")
+    storage = Storage()
+    assert read_source(f"{tmp_path / 's.tar'}#a.wav", storage) == (data, "wav")
     (tmp_path / "f.flac").write_bytes(b"abc")
-    assert read_source(str(tmp_path / "f.flac")) == (b"abc", "flac")
+    assert read_source(str(tmp_path / "f.flac"), storage) == (b"abc", "flac")
     with pytest.raises(FileNotFoundError, match="not found"):
-        read_source(f"{tmp_path / 's.tar'}#zzz.wav")
+        read_source(f"{tmp_path / 's.tar'}#zzz.wav", storage)
 
 
 def test_pick_windows_is_deterministic(tmp_path):
     (tmp_path / "0").mkdir()
     for i in range(20):
         np.save(tmp_path / "0" / f"000000000{i:04d}.npy", np.zeros(1))
-    first = pick_windows(tmp_path, 5, seed=1)
-    assert first == pick_windows(tmp_path, 5, seed=1) and len(first) == 5
-    assert len(pick_windows(tmp_path, 50)) == 20
+    place = LocalPlace(str(tmp_path))
+    first = pick_windows(place, 5, seed=1)
+    assert first == pick_windows(place, 5, seed=1) and len(first) == 5
+    assert len(pick_windows(place, 50)) == 20
     with pytest.raises(FileNotFoundError):
-        pick_windows(tmp_path / "empty", 3)
+        pick_windows(LocalPlace(str(tmp_path / "empty")), 3)
 
 
 def test_verify_without_a_runnable_decoder_checks_re_encoding_only(demo_output, demo_model, tmp_path):

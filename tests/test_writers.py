@@ -1,4 +1,4 @@
-"""writers.py: the folder layout, latent tars, atomic visibility and ids never reused."""
+"""writers.py: the folder layout and latent tars, written through a local or S3 Place, visible on commit."""
 
 import io
 import json
@@ -7,72 +7,103 @@ import tarfile
 import numpy as np
 import webdataset as wds
 
-from wds_encode.writers import FolderWriter, LatentShardWriter
+from wds_encode.storage import LocalPlace, S3Place
+from wds_encode.writers import FolderWriter, LatentShardWriter, folder_file_id, parse_latent_id
 
 
-def test_folder_layout_is_invisible_until_commit(tmp_path):
-    writer = FolderWriter(tmp_path, rank=0)
+def test_folder_layout_round_trip(place):
+    writer = FolderWriter(place, rank=0)
     latent = np.arange(12, dtype=np.float32).reshape(3, 4)
-    finals = writer.stage(writer.latent_id(0, 0), latent, {"a": 1})
-    assert [p.name for p in finals] == ["0000000000000.npy", "0000000000000.json"]
-    assert not any(p.exists() for p in finals)
-    writer.commit(finals)
-    assert np.array_equal(np.load(finals[0]), latent)
-    assert json.loads(finals[1].read_text()) == {"a": 1}
-    assert not list(tmp_path.rglob("*.partial"))
+    files = writer.stage(writer.latent_id(0, 0), latent, {"a": 1})
+    assert files == ["0/0000000000000.json", "0/0000000000000.npy"]
+    writer.commit(files)
+    assert np.array_equal(np.load(io.BytesIO(place.read(files[1]))), latent)
+    assert json.loads(place.read(files[0])) == {"a": 1}
+    assert sorted(place.list()) == files  # nothing else: no partial file, no probe
+    place.close()
 
 
-def test_ids_continue_after_existing_batches_and_partials_are_removed(tmp_path):
-    first = FolderWriter(tmp_path, rank=3)
-    first.commit(first.stage(first.latent_id(41, 2), np.zeros((1, 1), np.float32), {}))
-    left = first.stage(first.latent_id(42, 0), np.zeros((1, 1), np.float32), {})  # never committed
-    second = FolderWriter(tmp_path, rank=3)
-    assert second.first_batch_index == 42
-    assert second.latent_id(42, 7) == "0030000420007"
-    assert not left[0].with_name(left[0].name + ".partial").exists()
+def test_local_folder_files_are_invisible_until_commit(tmp_path):
+    place = LocalPlace(str(tmp_path))
+    writer = FolderWriter(place, rank=2, first_batch_index=42)
+    files = writer.stage(writer.latent_id(42, 7), np.zeros((1, 1), np.float32), {})
+    assert files[1] == "2/0020000420007.npy"
+    assert not any((tmp_path / f).exists() for f in files)
+    writer.discard(files)
+    assert place.list() == {}
 
 
-def test_latent_shards_split_and_read_back_with_webdataset(tmp_path):
-    writer = LatentShardWriter(tmp_path, "ds", "part-a", maxcount=3, maxsize=10**9)
+def test_s3_folder_files_are_uploaded_off_the_callers_thread_and_discard_deletes_them(place):
+    if not isinstance(place, S3Place):
+        return
+    writer = FolderWriter(place, rank=1)
+    staged = [writer.stage(writer.latent_id(0, i), np.full((2, 3), i, np.float32), {"i": i}) for i in range(20)]
+    writer.commit([f for pair in staged[:10] for f in pair])  # waits for these uploads only
+    writer.discard([f for pair in staged[10:] for f in pair])
+    place.close()
+    assert sorted(place.list()) == sorted(f for pair in staged[:10] for f in pair)
+
+
+def test_latent_shards_split_and_read_back_with_webdataset(place, tmp_path):
+    writer = LatentShardWriter(place, "ds", "part-a", maxcount=3, maxsize=10**9)
     keys = [writer.write(f"k{i}", np.full((2, 5), i, np.float32), {"i": i}) for i in range(7)]
     assert keys == [f"k{i}" for i in range(7)]
-    assert not list((tmp_path / "ds").glob("*.tar"))
+    assert not [rel for rel in place.list() if rel.endswith(".tar")]  # nothing visible before the commit
     parts = writer.commit()
-    assert [p.name for p in parts] == ["part-a-000.tar", "part-a-001.tar", "part-a-002.tar"]
-    samples = list(wds.WebDataset([str(p) for p in parts], shardshuffle=False).decode())
+    assert parts == ["shards/ds/part-a-000.tar", "shards/ds/part-a-001.tar", "shards/ds/part-a-002.tar"]
+    copies = []
+    for i, rel in enumerate(parts):
+        copies.append(tmp_path / f"copy-{i}.tar")
+        copies[-1].write_bytes(place.read(rel))
+    samples = list(wds.WebDataset([str(p) for p in copies], shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == keys
     for s in samples:
         assert s["npy"].shape == (2, 5) and float(s["npy"][0, 0]) == s["json"]["i"]
 
 
-def test_latent_shards_maxsize_and_duplicate_keys(tmp_path):
-    writer = LatentShardWriter(tmp_path, "ds", "x", maxcount=100, maxsize=4096)
+def test_latent_shards_maxsize_and_duplicate_keys(place):
+    writer = LatentShardWriter(place, "ds", "x", maxcount=100, maxsize=4096)
     for _ in range(4):
         writer.write("same", np.zeros((4, 100), np.float32), {})
     parts = writer.commit()
     assert len(parts) >= 2
     names = []
-    for p in parts:
-        assert p.stat().st_size <= 4096 + 2 * 1024 + 10240  # one sample may overflow a fresh part
-        with tarfile.open(p) as tar:
+    for rel in parts:
+        data = place.read(rel)
+        assert len(data) <= 4096 + 2 * 1024 + 10240  # one sample may overflow a fresh part
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             names += tar.getnames()
-    assert names == ["same.npy", "same.json", "same_dup1.npy", "same_dup1.json", "same_dup2.npy",
-                     "same_dup2.json", "same_dup3.npy", "same_dup3.json"]
+    assert names == ["same.json", "same.npy", "same_dup1.json", "same_dup1.npy", "same_dup2.json",
+                     "same_dup2.npy", "same_dup3.json", "same_dup3.npy"]
 
 
-def test_discard_leaves_nothing(tmp_path):
-    writer = LatentShardWriter(tmp_path, "ds", "x", maxcount=1, maxsize=10**9)
+def test_discard_leaves_nothing_not_even_an_open_upload(place, s3):
+    writer = LatentShardWriter(place, "ds", "x", maxcount=1, maxsize=10**9)
     writer.write("a", np.zeros(1, np.float32), {})
-    writer.write("b", np.zeros(1, np.float32), {})
+    writer.write("b", np.zeros(1, np.float32), {})  # the first part is finished (uploaded, not completed)
     writer.discard()
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert place.list() == {}
+    if isinstance(place, S3Place):
+        assert s3.multipart_uploads("out") == []
 
 
-def test_identical_inputs_give_identical_tars(tmp_path):
+def test_identical_inputs_give_identical_tars(place):
     blobs = []
     for run in range(2):
-        writer = LatentShardWriter(tmp_path / str(run), "ds", "x", maxcount=10, maxsize=10**9)
+        writer = LatentShardWriter(place, f"ds{run}", "x", maxcount=10, maxsize=10**9)
         writer.write("a", np.ones((2, 2), np.float32), {"z": 1})
-        blobs.append(writer.commit()[0].read_bytes())
+        blobs.append(place.read(writer.commit()[0]))
     assert blobs[0] == blobs[1]
-    assert np.load(io.BytesIO(tarfile.open(fileobj=io.BytesIO(blobs[0])).extractfile("a.npy").read())).sum() == 4
+    tar = tarfile.open(fileobj=io.BytesIO(blobs[0]))
+    assert {m.name: (m.mtime, m.uname, m.mode) for m in tar.getmembers()} == {
+        "a.json": (0, "wds-encode", 0o644), "a.npy": (0, "wds-encode", 0o644)}
+    assert np.load(io.BytesIO(tar.extractfile("a.npy").read())).sum() == 4
+
+
+def test_latent_ids_and_folder_file_names_parse_back():
+    assert parse_latent_id("0030000420007") == (3, 42, 7)
+    assert parse_latent_id("12340000010002") == (1234, 1, 2)
+    assert parse_latent_id("abc") is None
+    assert folder_file_id("3/0030000420007.npy") == (3, "0030000420007")
+    assert folder_file_id("3/0030000420007.json.partial") == (3, "0030000420007")
+    assert folder_file_id("3/notes.txt") is None and folder_file_id("shards/a.tar") is None

@@ -1,8 +1,10 @@
 """`wds-encode`: the command line. `run` is the default command and keeps pre_encode.py's names.
 
 Options are generated from `EncodeConfig`, so the help, the defaults and the validation never
-disagree. Exit codes: 0 done, 1 too many bad samples (--strict / --max-errors) or a rank of the
-job failed, 2 bad configuration or usage, 130 interrupted.
+disagree. Exit codes: 0 done, 1 too many bad samples (--strict / --max-errors), a rank of the job
+failed, or the output could not be written mid-run (disk full, quota, bucket gone), 2 bad
+configuration or usage (including an unreadable input or unwritable output, found before the
+model loads), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def format_summary(stats) -> str:
         f"  problems   {d['errors']} errors, {d['warnings']} warnings"
         + ("  (see errors.jsonl)" if d['errors'] or d['warnings'] else ""),
     ]
+    if d["retries"] or d["resumes"]:
+        lines.append(f"  storage    {d['retries']} requests retried, {d['resumes']} broken streams resumed "
+                     "(reconnects)")
     if d["fp32_retries"]:
         lines.append(f"  precision  {d['fp32_retries']} batches re-run in fp32 after non-finite latents")
     if len(d["units_per_rank"]) > 1:
@@ -110,6 +115,7 @@ def run_encode(config: EncodeConfig) -> int:
     from .manifest import ManifestError
     from .models import CheckpointError, ModelConfigError
     from .runner import plan_inputs, run
+    from .storage import StorageError, StorageFull, redact_url
 
     launch = None
     try:
@@ -129,13 +135,21 @@ def run_encode(config: EncodeConfig) -> int:
         click.echo(f"wds-encode: {_rank_tag(launch)}stopped: {exc}; committed units are kept, rerun the same "
                    "command to finish", err=True)
         return EXIT_BAD_SAMPLES
+    except StorageFull as exc:
+        click.echo(f"wds-encode: {_rank_tag(launch)}stopped: output full: {exc}; committed units are kept, free "
+                   "space (or raise the quota) and rerun the same command to finish", err=True)
+        return EXIT_BAD_SAMPLES
+    except StorageError as exc:
+        click.echo(f"wds-encode: {_rank_tag(launch)}stopped: {exc}; committed units are kept, fix this and rerun "
+                   "the same command to finish", err=True)
+        return EXIT_BAD_SAMPLES
     except KeyboardInterrupt:
         click.echo("wds-encode: interrupted; committed units are kept, rerun to finish", err=True)
         return EXIT_INTERRUPTED
     if launch.rank != 0:
         return EXIT_OK  # rank 0 speaks for the job
     click.echo(format_summary(stats))
-    click.echo(f"  output     {config.output_path}")
+    click.echo(f"  output     {redact_url(config.output_path)}")
     code = exit_code_for(stats, config)
     if code:
         click.echo(f"wds-encode: {stats.errors} bad samples (limit: "
@@ -200,8 +214,41 @@ def demo_command(directory: Path, num_shards: int, samples_per_shard: int, num_w
     sys.exit(run_encode(config))
 
 
+def _s3_options(profile, endpoint_url, region):
+    from .storage import S3Options
+    return S3Options(profile=profile, endpoint_url=endpoint_url, region=region)
+
+
+def s3_access_options(func):
+    """--s3-profile / --s3-endpoint-url / --s3-region for commands that read an output."""
+    func = click.option("--s3-region", default=None, help="S3 region (default: AWS_REGION)")(func)
+    func = click.option("--s3-endpoint-url", default=None,
+                        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS)")(func)
+    func = click.option("--s3-profile", default=None, help="AWS profile (default: AWS_PROFILE)")(func)
+    return func
+
+
+@main.command("status")
+@click.argument("output")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text")
+@s3_access_options
+def status_command(output: str, as_json: bool, s3_profile, s3_endpoint_url, s3_region):
+    """How far the run writing OUTPUT (a folder or s3://bucket/prefix/) has got: units done, failed
+    and remaining, windows, audio hours, errors. Works while the run is going, and after it."""
+    import json as json_module
+
+    from .status import NotAnOutput, format_status, output_status
+    from .storage import Storage, StorageError
+    try:
+        status = output_status(Storage(_s3_options(s3_profile, s3_endpoint_url, s3_region)).place(output))
+    except (NotAnOutput, StorageError) as exc:
+        click.echo(f"wds-encode status: error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(json_module.dumps(status, indent=1) if as_json else format_status(status))
+
+
 @main.command("verify")
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.argument("output")
 @click.option("--model-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Model config (default: the one recorded in OUTPUT/details.json)")
 @click.option("--ckpt-path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -213,7 +260,9 @@ def demo_command(directory: Path, num_shards: int, samples_per_shard: int, num_w
               help="Also flag the output when the median round-trip SNR (dB) is below this [default: off]")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Which windows are picked")
-def verify_command(output: Path, model_config, ckpt_path, pretrained_name, num_windows, min_snr, device, seed):
+@s3_access_options
+def verify_command(output: str, model_config, ckpt_path, pretrained_name, num_windows, min_snr, device, seed,
+                   s3_profile, s3_endpoint_url, s3_region):
     """Decode N windows of OUTPUT and compare them with their source audio (SNR, mel distance, re-encode).
 
     Exits 1 when the output looks wrong for this model, 2 when it cannot be checked.
@@ -221,11 +270,16 @@ def verify_command(output: Path, model_config, ckpt_path, pretrained_name, num_w
     from .models import CheckpointError, ModelConfigError, load_autoencoder
     from .distributed import rank_device
     from .runner import resolve_model_source
+    from .storage import Storage, StorageError
     from . import verify
 
     try:
-        details = verify.load_details(output)
+        storage = Storage(_s3_options(s3_profile, s3_endpoint_url, s3_region))
+        place = storage.place(output)
+        details = verify.load_details(place)
         recorded = details.get("args", {})
+        recorded_s3 = _s3_options(recorded.get("s3_profile"), recorded.get("s3_endpoint_url"), recorded.get("s3_region"))
+        storage = Storage(_s3_options(s3_profile, s3_endpoint_url, s3_region).over(recorded_s3))
         values = {"model_config": model_config or (None if pretrained_name else recorded.get("model_config")),
                   "ckpt_path": ckpt_path or (None if pretrained_name else recorded.get("ckpt_path")),
                   "pretrained_name": pretrained_name or (None if (model_config or ckpt_path)
@@ -240,8 +294,9 @@ def verify_command(output: Path, model_config, ckpt_path, pretrained_name, num_w
             model = load_autoencoder(model_cfg, ckpt)
         dev = rank_device(device)
         model = model.to(dev)
-        checks = verify.verify_output(output, model, details=details, n=num_windows, seed=seed, device=dev)
-    except (ConfigError, FileNotFoundError, ModelConfigError, CheckpointError) as exc:
+        checks = verify.verify_output(storage.place(output), model, details=details, n=num_windows, seed=seed,
+                                      device=dev, storage=storage)
+    except (ConfigError, FileNotFoundError, ModelConfigError, CheckpointError, StorageError) as exc:
         click.echo(f"wds-encode verify: error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     click.echo(verify.format_checks(checks))

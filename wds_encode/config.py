@@ -66,7 +66,7 @@ class EncodeConfig(BaseModel):
     pretrained_name: Optional[str] = Field(
         None, description="Model folder or Hugging Face repo id (local cache; see --allow-download)")
     dataset_config: Optional[Path] = Field(None, description="Dataset config JSON")
-    output_path: Optional[Path] = Field(None, description="Output folder")
+    output_path: Optional[str] = Field(None, description="Output folder, or s3://bucket/prefix/")
     batch_size: int = Field(1, ge=1, le=4096, description="Windows per encoder batch")
     sample_size: int = Field(1320960, ge=MIN_SAMPLE_SIZE, le=MAX_SAMPLE_SIZE,
                              description="Samples per window (pad/crop), at the model's rate")
@@ -98,6 +98,13 @@ class EncodeConfig(BaseModel):
     shard_maxcount: int = Field(10000, ge=1, description="Samples per latent shard before a new part")
     shard_maxsize: int = Field(3_000_000_000, ge=1024, description="Bytes per latent shard before a new part")
     latent_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of written latents")
+    s3_profile: Optional[str] = Field(
+        None, description="AWS profile for an s3:// output, and for s3:// datasets that name none (default: "
+                          "AWS_PROFILE or the default chain)")
+    s3_endpoint_url: Optional[str] = Field(
+        None, description="S3-compatible endpoint (MinIO, R2, Ceph...) for the output and for datasets that name "
+                          "none (default: AWS_ENDPOINT_URL, else AWS)")
+    s3_region: Optional[str] = Field(None, description="S3 region (default: AWS_REGION or the profile's)")
     files_per_unit: int = Field(64, ge=1, description="audio_dir: files per work unit")
     seed: int = Field(0, description="Seed for random crops, VAE sampling and shard shuffle")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (under a launcher: cuda:LOCAL_RANK)")
@@ -129,6 +136,18 @@ class EncodeConfig(BaseModel):
         if value == "auto" or (value.isdigit() and int(value) >= 1):
             return value
         raise ValueError(f"devices {value!r}: use auto or a number of ranks (1, 2, ...)")
+
+    @field_validator("output_path", mode="before")
+    @classmethod
+    def _output_as_text(cls, value):
+        if value is None:
+            return None
+        value = str(value).strip()
+        if not value:
+            raise ValueError("empty --output-path")
+        if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
+            raise ValueError(f"{value!r}: no bucket name (use s3://bucket/prefix/)")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -200,7 +219,9 @@ class DatasetEntry(BaseModel):
     id: str = Field(..., min_length=1)
     path: Optional[str] = None
     s3_path: Optional[str] = None
-    profile: Optional[str] = None
+    profile: Optional[str] = None          # AWS profile for this dataset's s3:// shards
+    endpoint_url: Optional[str] = None     # S3-compatible endpoint (MinIO, R2, Ceph) for this dataset
+    region: Optional[str] = None
     custom_metadata_module: Optional[str] = None
 
 

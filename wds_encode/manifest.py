@@ -1,8 +1,11 @@
-"""Run identity, details.json, per-unit completion records and the error log.
+"""Run identity, details.json, per-unit completion records, and the clean-up of interrupted runs.
 
-A unit counts as done only when its record exists under `OUT/manifest/` (written last, atomically,
-after the unit's outputs). A rerun with the same identity skips done units; a rerun with another
-model, checkpoint or encode option is refused unless `--overwrite`.
+A unit counts as done only when its record exists under `OUT/manifest/`: it is written last,
+atomically, after the unit's outputs, and it lists them. While a rank writes, it keeps a marker
+under `OUT/manifest/writing/`; a marker left behind means that rank was interrupted, and the next
+run removes from that rank's folder, and from `shards/`, every object no record lists. So a rerun
+ends with exactly the committed outputs of every unit, locally and on S3 (which has no rename).
+A rerun with another model, checkpoint or encode option is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -11,19 +14,26 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Optional
 
-from .writers import clear_outputs, write_atomic
+from .storage import PROBE_DIR, Place, redact
+from .writers import SHARDS_DIR, folder_file_id, folder_files, parse_latent_id
 
 # Options that change what is written; anything else (workers, batch size, progress) does not.
 IDENTITY_OPTIONS = ("sample_size", "chunking", "max_chunks", "latent_mode", "is_discrete", "seed",
                     "latent_dtype", "effective_precision", "ckpt_prefix")
+DETAILS = "details.json"
+RECORDS_DIR = "manifest"
+WRITING_DIR = "manifest/writing"
+ERRORS_LOG = "errors.jsonl"
 
 
 class ManifestError(RuntimeError):
-    """The output folder belongs to a different run."""
+    """The output belongs to a different run."""
 
 
 def file_sha256(path: str | Path, chunk: int = 8 << 20) -> str:
@@ -59,26 +69,77 @@ def versions() -> dict:
 
 
 def record_name(shard_id: str) -> str:
-    return shard_id.replace("/", "__") + ".json"
+    return f"{RECORDS_DIR}/" + shard_id.replace("/", "__") + ".json"
+
+
+@dataclass
+class OutputState:
+    """What `prepare` found: units done, where each rank's batch ids continue, what it removed."""
+
+    done: set[str] = field(default_factory=set)
+    next_batch: dict[int, int] = field(default_factory=dict)
+    removed: int = 0              # objects of unfinished units, partial files, open uploads
+    interrupted_ranks: list[int] = field(default_factory=list)
 
 
 class RunManifest:
-    """Reads and writes OUT/details.json, OUT/manifest/*.json and OUT/errors.jsonl."""
+    """Reads and writes details.json, manifest/*.json, the writing markers and errors.jsonl of a Place."""
 
-    def __init__(self, output_path: Path):
-        self.root = Path(output_path)
-        self.details_path = self.root / "details.json"
-        self.records_dir = self.root / "manifest"
-        self.errors_path = self.root / "errors.jsonl"
+    def __init__(self, place: Place):
+        self.place = place
 
-    def load_details(self) -> dict | None:
-        if not self.details_path.exists():
-            return None
-        return json.loads(self.details_path.read_text(encoding="utf-8"))
+    # ------------------------------------------------------------------ details.json
+    def load_details(self) -> Optional[dict]:
+        data = self.place.read(DETAILS)
+        return None if data is None else json.loads(data.decode("utf-8"))
 
-    def prepare(self, identity: dict, overwrite: bool) -> set[str]:
-        """Check the folder belongs to this run; returns the ids of units already done."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def write_details(self, details: dict) -> None:
+        self.place.write(DETAILS, json.dumps(redact(details), indent=1, default=str).encode("utf-8"))
+
+    # ------------------------------------------------------------------ records
+    def records(self) -> list[dict]:
+        """Every unit record (damaged ones, which atomic writes should never leave, are skipped)."""
+        names = sorted(rel for rel in self.place.list(RECORDS_DIR)
+                       if rel.count("/") == 1 and rel.endswith(".json"))
+        records = []
+        for data in self.place.read_many(names).values():
+            try:
+                record = json.loads(data.decode("utf-8")) if data is not None else None
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict) and "shard" in record:
+                records.append(record)
+        return records
+
+    def write_record(self, record: dict) -> None:
+        record = {**record, "finished_at": time.time()}
+        self.place.write(record_name(record["shard"]), json.dumps(record).encode("utf-8"))
+
+    def writing_markers(self) -> list[dict]:
+        markers = []
+        for rel in sorted(self.place.list(WRITING_DIR)):
+            data = self.place.read(rel)
+            try:
+                marker = json.loads(data.decode("utf-8")) if data else {}
+            except (ValueError, UnicodeDecodeError):
+                marker = {}
+            markers.append({**marker, "name": rel})
+        return markers
+
+    def start_writing(self, rank: int, first_batch: int) -> str:
+        """Mark that `rank` is writing: if it never calls `done_writing`, the next run cleans up after it."""
+        name = f"{WRITING_DIR}/rank-{rank:03d}.json"
+        self.place.write(name, json.dumps({"rank": rank, "first_batch": first_batch, "host": socket.gethostname(),
+                                           "pid": os.getpid(), "started_at": time.time()}).encode("utf-8"))
+        return name
+
+    def done_writing(self, name: str) -> None:
+        self.place.delete([name])
+
+    # ------------------------------------------------------------------ a run starts
+    def prepare(self, identity: dict, overwrite: bool) -> OutputState:
+        """Check the output belongs to this run (or clear it with --overwrite), clean up after
+        interrupted ranks, and say which units are done and where batch ids continue."""
         details = self.load_details()
         old = (details or {}).get("run_identity")
         if old and old.get("hash") != identity["hash"]:
@@ -87,87 +148,60 @@ class RunManifest:
                 changed += [f"options.{k}" for k, v in identity["options"].items()
                             if old.get("options", {}).get(k) != v]
                 raise ManifestError(
-                    f"{self.root} holds the output of a different run (changed: {', '.join(changed) or 'identity'}); "
+                    f"{self.place.url} holds the output of a different run (changed: {', '.join(changed) or 'identity'}); "
                     "use a new --output-path, or --overwrite to re-encode everything into it")
         if overwrite:
-            self.clear()
-            return set()
-        self.roll_back_unfinished_commits()
-        return self.done_ids()
+            return OutputState(removed=self.clear())
+        records = self.records()
+        markers = self.writing_markers()
+        state = OutputState(done={r["shard"] for r in records})
+        claimed: set[str] = set()
+        for record in records:
+            for latent_id in record.get("folder_ids", ()):
+                claimed.update(folder_files(int(record["rank"]), latent_id))
+                _note_batch(state.next_batch, latent_id)
+            claimed.update(record.get("latent_shards", ()))
+        if markers:
+            state.interrupted_ranks = sorted({int(m["rank"]) for m in markers if "rank" in m})
+            candidates: dict[str, int] = {}
+            for rank in state.interrupted_ranks:
+                candidates.update(self.place.list(f"{rank}/"))
+            candidates.update(self.place.list(f"{SHARDS_DIR}/"))
+            candidates.update(self.place.list(f"{PROBE_DIR}/"))
+            orphans = []
+            for rel in candidates:
+                folder_file = folder_file_id(rel)
+                if folder_file is not None:
+                    _note_batch(state.next_batch, folder_file[1])  # never reuse even a removed object's id
+                ours = folder_file is not None or rel.startswith((f"{SHARDS_DIR}/", f"{PROBE_DIR}/"))
+                if ours and rel not in claimed:
+                    orphans.append(rel)
+            state.removed = self.place.delete(orphans) + self.place.remove_unfinished()
+            self.place.delete(m["name"] for m in markers)
+        return state
 
-    # A unit's commit: journal (the files about to appear) -> renames -> record -> journal removed.
-    # A journal without its record means the run died mid-commit: its files are removed, the unit redone.
-    def _journal_path(self, shard_id: str) -> Path:
-        return self.records_dir / "commits" / record_name(shard_id)
+    def clear(self) -> int:
+        """--overwrite: remove every object the writers and the manifest made; returns how many."""
+        found = self.place.list()
+        ours = [rel for rel in found
+                if folder_file_id(rel) is not None or rel.startswith((f"{SHARDS_DIR}/", f"{RECORDS_DIR}/",
+                                                                      f"{PROBE_DIR}/"))
+                or rel in (ERRORS_LOG, DETAILS)]
+        return self.place.delete(ours) + self.place.remove_unfinished()
 
-    def begin_commit(self, shard_id: str, final_paths: list[Path]) -> Path:
-        journal = self._journal_path(shard_id)
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(journal, json.dumps({"shard": shard_id, "files": [str(p) for p in final_paths]}).encode())
-        return journal
+    # ------------------------------------------------------------------ errors.jsonl
+    def write_error_log(self, records: Optional[list[dict]] = None) -> int:
+        """Rewrite errors.jsonl from the records (every problem of every done unit); returns lines."""
+        records = self.records() if records is None else records
+        lines = [json.dumps(problem, default=str) + "\n"
+                 for record in sorted(records, key=lambda r: r["shard"]) for problem in record.get("problems", ())]
+        if lines or self.place.read(ERRORS_LOG) is not None:
+            self.place.write(ERRORS_LOG, "".join(lines).encode("utf-8"))
+        return len(lines)
 
-    @staticmethod
-    def finish_commit(journal: Path) -> None:
-        journal.unlink(missing_ok=True)
 
-    def roll_back_unfinished_commits(self) -> int:
-        """Remove the outputs of units whose commit was interrupted; returns how many units."""
-        folder = self.records_dir / "commits"
-        if not folder.is_dir():
-            return 0
-        done = self.done_ids()
-        rolled = 0
-        for journal in folder.glob("*.json"):
-            try:
-                entry = json.loads(journal.read_text(encoding="utf-8"))
-            except ValueError:
-                entry = {"shard": None, "files": []}  # unreadable (journals are written atomically): skip it
-            if entry["shard"] not in done:
-                for name in entry["files"]:
-                    Path(name).unlink(missing_ok=True)
-                rolled += 1
-            journal.unlink()
-        return rolled
-
-    def clear(self) -> None:
-        """--overwrite: forget every finished unit and remove its outputs, so nothing is written twice."""
-        self.clear_records()
-        clear_outputs(self.root)
-        self.errors_path.unlink(missing_ok=True)
-
-    def clear_records(self) -> None:
-        if self.records_dir.is_dir():
-            for path in [*self.records_dir.glob("*.json"), *self.records_dir.glob("commits/*.json")]:
-                path.unlink()
-
-    def done_ids(self) -> set[str]:
-        if not self.records_dir.is_dir():
-            return set()
-        done = set()
-        for path in self.records_dir.glob("*.json"):
-            try:
-                done.add(json.loads(path.read_text(encoding="utf-8"))["shard"])
-            except (ValueError, KeyError):
-                continue  # a damaged record counts as not done
-        return done
-
-    def write_details(self, details: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.details_path, json.dumps(details, indent=1, default=str).encode("utf-8"))
-
-    def write_record(self, record: dict) -> None:
-        self.records_dir.mkdir(parents=True, exist_ok=True)
-        record = {**record, "finished_at": time.time()}
-        write_atomic(self.records_dir / record_name(record["shard"]), json.dumps(record).encode("utf-8"))
-
-    def append_errors(self, records: Iterable[dict]) -> None:
-        lines = "".join(json.dumps(r, default=str) + "\n" for r in records)
-        if not lines:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        # one write per batch of lines with O_APPEND: safe with several ranks on a local disk
-        fd = os.open(self.errors_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, lines.encode("utf-8"))
-        finally:
-            os.close(fd)
+def _note_batch(next_batch: dict[int, int], latent_id: str) -> None:
+    parsed = parse_latent_id(latent_id)
+    if parsed is not None:
+        rank, batch, _ = parsed
+        next_batch[rank] = max(next_batch.get(rank, 0), batch + 1)

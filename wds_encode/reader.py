@@ -2,7 +2,7 @@
 
 Each worker claims work units one at a time from the job (`distributed.UnitClaims`: a counter in
 the job's store, so every unit goes to exactly one worker of one rank), streams tar members
-(webdataset's tar iterator), groups them by key, decodes each sample into windows
+(webdataset's tar iterator over `storage.open_read`: a local file or an S3 object), groups them by key, decodes each sample into windows
 (`audio.iter_windows`) and yields `WindowItem`s. After the last window of a unit it yields a
 `ShardEnd` carrying the unit's counts and error records, so the main process knows when a unit's
 outputs are complete. Nothing here raises on bad data: every problem becomes an error record.
@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, iter_windows
 from .sources import Shard
+from .storage import Storage
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -66,6 +67,8 @@ class ShardEnd:
     failed: bool = False         # the unit could not be read to its end
     input_bytes: int = 0         # the unit's bytes not yet accounted for by its windows
     worker: int = 0              # the DataLoader worker that claimed the unit
+    retries: int = 0             # S3 requests repeated while reading the unit (503 SlowDown, 5xx, resets)
+    resumes: int = 0             # S3 streams that broke mid-body and were continued with a ranged GET
 
 
 @dataclass
@@ -173,11 +176,13 @@ class Reader(IterableDataset):
     without it, one reader reads every unit in order.
     """
 
-    def __init__(self, shards: list[Shard], options: ReaderOptions, claims: Optional[Iterable[int]] = None):
+    def __init__(self, shards: list[Shard], options: ReaderOptions, claims: Optional[Iterable[int]] = None,
+                 storage: Optional[Storage] = None):
         super().__init__()
         self.shards = list(shards)
         self.options = options
         self.claims = claims
+        self.storage = storage or Storage()  # each worker process makes its own S3 clients
         self._metadata_fns: dict[str, Callable] = {}
 
     def __iter__(self) -> Iterator[WindowItem | ShardEnd]:
@@ -199,6 +204,7 @@ class Reader(IterableDataset):
             end.errors.append(error_record(shard.shard_id, shard.url, key, reason))
 
         accounted = 0
+        before = self.storage.counters()
         try:
             for raw in self._raw_samples(shard, on_error):
                 for item in self._windows_of(shard, raw, end, used_keys):
@@ -211,6 +217,8 @@ class Reader(IterableDataset):
             end.failed = True
             on_error("", f"cannot read work unit: {exc}")
         end.input_bytes = max(0, shard.size - accounted)  # headers, bad samples, rejected windows
+        after = self.storage.counters()
+        end.retries, end.resumes = after["retries"] - before["retries"], after["resumes"] - before["resumes"]
         yield end
 
     def _raw_samples(self, shard: Shard, on_error: Callable[[str, str], None]) -> Iterator[RawSample]:
@@ -227,7 +235,7 @@ class Reader(IterableDataset):
                 yield RawSample(key=key, path=path, audio_name=rel, audio_bytes=data, metadata={},
                                 extra={"relpath": rel}, size=len(data))
             return
-        with open(shard.url, "rb") as f:
+        with self.storage.open_read(shard.url, shard.s3) as f:
             yield from iter_tar_samples(shard, f, on_error)
 
     def _windows_of(self, shard: Shard, raw: RawSample, end: ShardEnd, used_keys: set[str]

@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
 from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, cpu_threads_per_rank, rank_device
 from .encoder import BatchEncoder, token_dtype
-from .manifest import RunManifest, json_sha256, run_identity, versions
+from .manifest import OutputState, RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
 from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
 from .sources import Shard, claim_order, list_shards
-from .writers import SHARDS_DIR, FolderWriter, LatentShardWriter, remove_partials
+from .storage import Place, S3Options, Storage, StorageError, redact_url
+from .writers import FolderWriter, LatentShardWriter
 
 WRITE_QUEUE_DEPTH = 8
 
@@ -50,6 +51,8 @@ class RunStats:
     audio_seconds: float = 0.0
     batches: int = 0
     fp32_retries: int = 0
+    retries: int = 0              # storage requests repeated (S3 503 SlowDown, 5xx, dropped connections)
+    resumes: int = 0              # broken S3 read streams continued where they broke
     elapsed_seconds: float = 0.0
     loop_seconds: float = 0.0     # from the first window to the last commit (steady-state throughput)
     stopped_early: bool = False
@@ -70,7 +73,7 @@ class RunStats:
 class _Pending:
     """What the writer keeps per open unit until its ShardEnd arrives."""
 
-    folder_files: list[Path] = field(default_factory=list)
+    folder_files: list[str] = field(default_factory=list)
     shard_writer: Optional[LatentShardWriter] = None
     written: int = 0
     errors: list[dict] = field(default_factory=list)
@@ -148,38 +151,41 @@ class _WriterThread(threading.Thread):
                 if pend.shard_writer is None:
                     dataset_id, name = item.shard_id.split("/", 1)
                     pend.shard_writer = LatentShardWriter(
-                        self.config.output_path / SHARDS_DIR, dataset_id, name,
+                        self.folder.place, dataset_id, name,
                         maxcount=self.config.shard_maxcount, maxsize=self.config.shard_maxsize)
                 pend.shard_writer.write(item.key, array, md)
             pend.written += 1
 
     def _commit(self, end: ShardEnd) -> None:
-        """Make a unit's outputs visible, then record it done; a crash in between is rolled back at restart."""
+        """Make a unit's outputs visible, then record it done. A crash before the record leaves
+        objects no record lists; the next run removes them (`RunManifest.prepare`)."""
         pend = self.pending.pop(end.shard.shard_id, _Pending())
-        tars = pend.shard_writer.parts if pend.shard_writer is not None else []
-        journal = self.manifest.begin_commit(end.shard.shard_id, [*pend.folder_files, *tars])
-        if pend.shard_writer is not None:
-            pend.shard_writer.commit()
+        tars = pend.shard_writer.commit() if pend.shard_writer is not None else []
         self.folder.commit(pend.folder_files)
         errors = end.errors + pend.errors
         n_errors = sum(1 for e in errors if e["level"] == "error")
         self.manifest.write_record({
             "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank, "worker": end.worker,
             "samples": end.samples, "windows": pend.written, "rejected": end.rejected,
+            "audio_seconds": end.audio_seconds, "input_bytes": end.shard.size,
             "errors": n_errors, "warnings": len(errors) - n_errors,
-            "failed": end.failed, "latent_shards": [str(p.relative_to(self.config.output_path)) for p in tars],
-            "folder_ids": sorted(p.stem for p in pend.folder_files if p.suffix == ".npy"),
+            "failed": end.failed, "latent_shards": tars,
+            "folder_ids": sorted(rel.rsplit("/", 1)[1][:-4] for rel in pend.folder_files if rel.endswith(".npy")),
             "problems": errors,
         })
-        self.manifest.finish_commit(journal)
-        self.manifest.append_errors(errors)
         self.on_unit_done(end, pend.written, n_errors, len(errors) - n_errors)
 
-    def discard_open_units(self) -> int:
+    def discard_open_units(self, quietly: bool = False) -> int:
+        """Remove what units still open have written (a stop at --limit-batches, or a failure: then
+        `quietly`, as the best effort it is; the next run removes whatever is left)."""
         for pend in self.pending.values():
-            self.folder.discard(pend.folder_files)
-            if pend.shard_writer is not None:
-                pend.shard_writer.discard()
+            try:
+                if pend.shard_writer is not None:
+                    pend.shard_writer.discard()
+                self.folder.discard(pend.folder_files)
+            except Exception:
+                if not quietly:
+                    raise
         count = len(self.pending)
         self.pending.clear()
         return count
@@ -216,10 +222,15 @@ class RunInputs:
     ckpt_path: Path
     chunking: str
     units: list[Shard]           # every unit of the dataset, in listing order (the same on every rank)
+    storage: Storage             # this process's S3 clients; defaults from --s3-profile / --s3-endpoint-url
+
+    def output_place(self) -> Place:
+        return self.storage.place(self.config.output_path)
 
 
 def plan_inputs(config: EncodeConfig) -> RunInputs:
-    """Validate configs and list the work units; nothing is written."""
+    """Validate configs, list the work units and check the output can be written (one probe
+    object, removed at once): a bad input or an unwritable output fails before the model loads."""
     assert config.dataset_config is not None and config.output_path is not None
     dataset_config = load_dataset_config(config.dataset_config)
     for entry in dataset_config.datasets:  # fail fast on a broken metadata module
@@ -229,7 +240,14 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
                 load_custom_metadata_fn(module)
             except Exception as exc:
                 raise ConfigError(f"{config.dataset_config}: custom_metadata_module {module}: {exc}") from exc
-    units = list_shards(dataset_config, files_per_unit=config.files_per_unit)
+    storage = Storage(S3Options(profile=config.s3_profile, endpoint_url=config.s3_endpoint_url,
+                                region=config.s3_region))
+    units = list_shards(dataset_config, storage, files_per_unit=config.files_per_unit)
+    try:
+        storage.place(config.output_path).check_writable()
+    except StorageError as exc:
+        raise ConfigError(f"--output-path {redact_url(config.output_path)}: {exc.reason} "
+                          f"(at {exc.place}); fix the path, the bucket or its permissions") from None
     model_config, ckpt_path = resolve_model_source(config)
     ratio = int(resolve_autoencoder_config(model_config).ae_config["downsampling_ratio"])
     if config.sample_size % ratio:
@@ -240,7 +258,7 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
     if chunking == "crop" and dataset_config.random_crop:
         chunking = "random_crop"
     return RunInputs(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
-                     chunking=chunking, units=units)
+                     chunking=chunking, units=units, storage=storage)
 
 
 def units_fingerprint(units: list[Shard]) -> str:
@@ -248,18 +266,18 @@ def units_fingerprint(units: list[Shard]) -> str:
     return json_sha256([[u.shard_id, u.url] for u in units])
 
 
-def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list[int], int]:
-    """Rank 0, before anyone claims work: check the folder is this run's (or clear it with
-    --overwrite), roll back interrupted commits, remove partial files of any earlier rank, and
-    order what is left. Returns (run identity, unit indices in claim order, units already done)."""
+def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list[int], OutputState]:
+    """Rank 0, before anyone claims work: check the output is this run's (or clear it with
+    --overwrite), remove what interrupted runs left, and order what is left to do.
+    Returns (run identity, unit indices in claim order, the output's state)."""
     config = inputs.config
     options = {**config.model_dump(), "effective_precision": config.effective_precision}
     identity = run_identity(inputs.model_config, inputs.ckpt_path, options, inputs.dataset_config.random_crop)
-    done = manifest.prepare(identity, config.overwrite)
-    remove_partials(config.output_path)
+    state = manifest.prepare(identity, config.overwrite)
     index = {id(u): i for i, u in enumerate(inputs.units)}
-    todo = claim_order([u for u in inputs.units if u.shard_id not in done], shuffle=config.shuffle, seed=config.seed)
-    return identity, [index[id(u)] for u in todo], len(inputs.units) - len(todo)
+    todo = claim_order([u for u in inputs.units if u.shard_id not in state.done],
+                       shuffle=config.shuffle, seed=config.seed)
+    return identity, [index[id(u)] for u in todo], state
 
 
 def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, elapsed: float) -> RunStats:
@@ -267,7 +285,7 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
     merged = RunStats(units_total=units_total, units_skipped=units_skipped, elapsed_seconds=elapsed)
     for stats in per_rank:
         for name in ("units_done", "units_failed", "samples", "windows", "rejected", "errors", "warnings",
-                     "audio_seconds", "batches", "fp32_retries"):
+                     "audio_seconds", "batches", "fp32_retries", "retries", "resumes"):
             setattr(merged, name, getattr(merged, name) + stats[name])
         merged.loop_seconds = max(merged.loop_seconds, stats["loop_seconds"])
         merged.stopped_early = merged.stopped_early or stats["stopped_early"]
@@ -299,9 +317,10 @@ def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
 
 def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float) -> RunStats:
     config = inputs.config
-    manifest = RunManifest(config.output_path)
+    place = inputs.output_place()
+    manifest = RunManifest(place)
     if job.rank == 0:
-        identity, todo_order, skipped = prepare_output(inputs, manifest)
+        identity, todo_order, state = prepare_output(inputs, manifest)
     model = load_autoencoder(inputs.model_config, inputs.ckpt_path, key_prefix=config.ckpt_prefix,
                              allow_unsafe_pickle=config.allow_unsafe_pickle)
     if config.is_discrete and not getattr(model.bottleneck, "is_discrete", False):
@@ -321,15 +340,21 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
             "launch": {"launcher": job.launch.launcher, "world_size": job.world_size,
                        "num_nodes": job.launch.num_nodes, "device": device.type},
             "started_at": started,
+            "plan": {"units_total": len(inputs.units), "units_todo": len(todo_order),
+                     "input_bytes": sum(u.size for u in inputs.units),
+                     "interrupted_ranks_cleaned": state.interrupted_ranks, "objects_removed": state.removed},
         }
         manifest.write_details(details)
-        job.publish("plan", {"units": units_fingerprint(inputs.units), "todo": todo_order, "skipped": skipped})
+        job.publish("plan", {"units": units_fingerprint(inputs.units), "todo": todo_order,
+                             "skipped": len(inputs.units) - len(todo_order),
+                             "next_batch": {str(rank): n for rank, n in state.next_batch.items()}})
     plan = job.wait_for("plan")
     if plan["units"] != units_fingerprint(inputs.units):
         raise ConfigError(f"rank {job.rank} ({socket.gethostname()}) lists different input units than rank 0 "
                           f"({len(inputs.units)} units here): the input changed while the job started, or the "
                           "nodes do not see the same files")
     todo = [inputs.units[i] for i in plan["todo"]]
+    first_batch = int(plan["next_batch"].get(str(job.rank), 0))
     stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"])
     monitor = None
     if job.rank == 0 and config.progress:
@@ -339,7 +364,7 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
         monitor.start()
     finished = False
     try:
-        _encode_units(inputs, todo, model, device, stats, job, manifest)
+        _encode_units(inputs, todo, model, device, stats, job, manifest, first_batch)
         stats.elapsed_seconds = time.time() - started
         per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(), "device": str(device)})
         finished = True
@@ -349,6 +374,7 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
     merged = merge_stats(per_rank, units_total=len(inputs.units), units_skipped=plan["skipped"],
                          elapsed=time.time() - started)
     if job.rank == 0:
+        manifest.write_error_log()
         details["finished_at"] = time.time()
         details["stats"] = merged.as_dict()
         details["ranks"] = [{k: r[k] for k in ("rank", "host", "device", "units_done", "windows", "samples",
@@ -358,13 +384,13 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
 
 
 def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.device, stats: RunStats,
-                  job: Job, manifest: RunManifest) -> None:
+                  job: Job, manifest: RunManifest, first_batch: int) -> None:
     """The loop: claimed units -> loader -> batches -> encoder -> writer thread; fills `stats`."""
     config = inputs.config
     reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
                                         sample_size=config.sample_size, chunking=inputs.chunking,
                                         max_chunks=config.max_chunks, seed=config.seed),
-                    UnitClaims(job.address, len(todo)))
+                    UnitClaims(job.address, len(todo)), inputs.storage)
     num_workers = min(config.num_workers, len(todo))
     # in_order=False: a worker decoding a long file does not hold up windows the others have ready
     # (each worker's own items still arrive in order, so a unit's end marker follows its windows)
@@ -374,7 +400,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
     encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
                            latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
                            compile=config.compile)
-    folder = FolderWriter(config.output_path, job.rank)
+    folder = FolderWriter(manifest.place, job.rank, first_batch)
+    marker = manifest.start_writing(job.rank, first_batch)
     counter = ProgressCounter(job.add_progress)
 
     def on_unit_done(end: ShardEnd, written: int, errors: int, warnings: int) -> None:
@@ -386,6 +413,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
         stats.audio_seconds += end.audio_seconds
         stats.errors += errors
         stats.warnings += warnings
+        stats.retries += end.retries
+        stats.resumes += end.resumes
         counter.add(units=1, bytes=end.input_bytes, samples=end.samples, errors=errors)
 
     writer = _WriterThread(config, manifest, folder, *latent_format(config, model), on_unit_done)
@@ -394,7 +423,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
     def put(job_item) -> None:
         while True:
             if writer.error is not None:
-                raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
+                raise _writer_failure(writer.error)
             try:
                 writer.queue.put(job_item, timeout=1.0)
                 return
@@ -421,6 +450,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
         batch, ends_after_batch = [], []
 
     loop_started: Optional[float] = None
+    completed = False
     try:
         for item in loader:
             job.raise_if_failed()
@@ -441,12 +471,27 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
                     stats.stopped_early = True
         else:
             flush()
+        completed = True
     finally:
         writer.queue.put(None)
         writer.join()
         del loader
         counter.flush()
+        if not completed:
+            writer.discard_open_units(quietly=True)
     if writer.error is not None:
-        raise RuntimeError(f"writing outputs failed: {writer.error}") from writer.error
+        raise _writer_failure(writer.error)
     writer.discard_open_units()
+    manifest.place.close()
+    manifest.done_writing(marker)  # every unit this rank opened is committed or removed
+    own = inputs.storage.counters()  # the main process: uploads, records, listing
+    stats.retries += own["retries"]
+    stats.resumes += own["resumes"]
     stats.loop_seconds = time.time() - loop_started if loop_started is not None else 0.0
+
+
+def _writer_failure(error: BaseException) -> BaseException:
+    """A storage failure (disk full, bucket gone) stays itself, so the command can say it in one line."""
+    if isinstance(error, StorageError):
+        return error
+    return RuntimeError(f"writing outputs failed: {type(error).__name__}: {error}")

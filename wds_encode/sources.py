@@ -3,21 +3,25 @@
 A work unit is either one input tar shard, or (for `audio_dir` datasets) a fixed group of audio
 files. Its `shard_id` (`dataset_id/name`) is stable across runs, so outputs and manifest records
 can be named after it. Units carry their size on disk: the job claims the largest first (a short
-tail) and measures progress in bytes.
+tail) and measures progress in bytes. Tar shards may live on S3 (`s3://bucket/prefix/`, brace
+patterns, globs), listed through `storage`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import braceexpand
 
 from .audio import AUDIO_EXTENSIONS
 from .config import ConfigError, DatasetConfig, DatasetEntry
+from .storage import S3Options, Storage, StorageError, is_s3
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Shard:
     files: tuple[str, ...] = field(default=())
     custom_metadata_module: str | None = None
     size: int = 0                  # bytes on disk (the tar, or the unit's files)
+    s3: Optional[S3Options] = None  # how to reach an s3:// unit (the dataset's profile, endpoint, region)
 
     @property
     def shard_id(self) -> str:
@@ -80,6 +85,37 @@ def _tar_shards(entry: DatasetEntry, spec: str, module: str | None) -> list[Shar
     return shards
 
 
+def _s3_tar_shards(entry: DatasetEntry, spec: str, module: str | None, storage: Storage) -> list[Shard]:
+    """Tars under an s3:// prefix (recursive), or named by a brace pattern / glob: one listing each."""
+    options = S3Options(profile=entry.profile, endpoint_url=entry.endpoint_url, region=entry.region)
+    expanded = list(braceexpand.braceexpand(spec))
+    try:
+        if len(expanded) == 1 and not any(c in spec for c in "*?[") and not spec.endswith(".tar"):
+            root = spec if spec.endswith("/") else spec + "/"
+            found = storage.list_tars(root, options)
+        else:
+            fixed = os.path.commonprefix([item.split("*")[0].split("?")[0].split("[")[0] for item in expanded])
+            root = fixed[:fixed.rindex("/") + 1]
+            listing = dict(storage.list_tars(root, options))
+            found, missing = [], []
+            for item in expanded:
+                if any(c in item for c in "*?["):
+                    found.extend((url, listing[url]) for url in sorted(fnmatch.filter(listing, item)))
+                elif item in listing:
+                    found.append((item, listing[item]))
+                else:
+                    missing.append(item)
+            if missing:
+                raise ConfigError(f"dataset {entry.id!r} path {spec!r}: {len(missing)} of {len(expanded)} shards do "
+                                  f"not exist (first: {missing[0]}); fix the pattern or the bucket")
+    except (StorageError, ValueError) as exc:
+        raise ConfigError(f"dataset {entry.id!r}: {exc}") from None
+    if not found:
+        raise ConfigError(f"dataset {entry.id!r}: no .tar shards found at {spec!r}")
+    return [Shard(url=url, dataset_id=entry.id, name=safe_name(url[len(root):]), custom_metadata_module=module,
+                  size=size, s3=options) for url, size in found]
+
+
 def _audio_dir_units(entry: DatasetEntry, files_per_unit: int, module: str | None) -> list[Shard]:
     root = entry.path or ""
     if not os.path.isdir(root):
@@ -101,20 +137,23 @@ def _audio_dir_units(entry: DatasetEntry, files_per_unit: int, module: str | Non
     return units
 
 
-def list_shards(config: DatasetConfig, *, files_per_unit: int = 64) -> list[Shard]:
+def list_shards(config: DatasetConfig, storage: Optional[Storage] = None, *, files_per_unit: int = 64
+                ) -> list[Shard]:
     """Every work unit of every dataset, in a deterministic order (by dataset, then path)."""
     shards: list[Shard] = []
     for entry in config.datasets:
         module = config.metadata_module_for(entry)
         if config.dataset_type == "audio_dir":
+            if is_s3(entry.path or ""):
+                raise ConfigError(f"dataset {entry.id!r}: audio_dir datasets are read from a local folder; "
+                                  "for audio on S3, pack it into tar shards and use dataset_type wds or s3")
             shards.extend(_audio_dir_units(entry, files_per_unit, module))
             continue
         spec = entry.s3_path or entry.path or ""
-        if spec.startswith("s3://"):
-            raise ConfigError(
-                f"dataset {entry.id!r}: s3:// sources are not supported by this version yet; "
-                "copy the shards locally (aws s3 sync) and point `path` at the folder")
-        shards.extend(_tar_shards(entry, spec, module))
+        if is_s3(spec):
+            shards.extend(_s3_tar_shards(entry, spec, module, storage or Storage()))
+        else:
+            shards.extend(_tar_shards(entry, spec, module))
     return shards
 
 

@@ -16,9 +16,9 @@ and whether the checkpoint is the one recorded in details.json.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,8 @@ import torch
 from .audio import conform_channels, decode_audio, resample
 from .encoder import BatchEncoder, PRECISION_DTYPES
 from .manifest import RunManifest, file_sha256
+from .storage import Place, S3Options, Storage
+from .writers import folder_file_id
 
 REENCODE_TOLERANCE = 1e-3   # relative L2; fp32 reruns agree to ~1e-6, low precision to ~1e-2 at worst
 MIN_OWN_SOURCE_FRACTION = 0.5  # of windows whose decoding is closest to their own source
@@ -46,35 +48,43 @@ class WindowCheck:
     rank: Optional[int] = None   # other sources closer to the decoded window than its own
 
 
-def pick_windows(output: Path, n: int, seed: int = 0) -> list[Path]:
-    """N latent files of the folder layout, spread over the run (deterministic for a seed)."""
-    files = sorted(p for p in output.glob("[0-9]*/*.npy"))
+def pick_windows(place: Place, n: int, seed: int = 0) -> list[str]:
+    """N latent files (relative paths) of the folder layout, spread over the run (deterministic for a seed)."""
+    files = sorted(rel for rel in place.list() if rel.endswith(".npy") and folder_file_id(rel) is not None)
     if not files:
-        raise FileNotFoundError(f"{output}: no latent files (OUT/RANK/ID.npy) to verify")
+        raise FileNotFoundError(f"{place.url}: no latent files (OUT/RANK/ID.npy) to verify")
     if len(files) <= n:
         return files
     rng = np.random.default_rng(seed)
     return sorted(files[i] for i in rng.choice(len(files), size=n, replace=False))
 
 
-def read_source(path: str) -> tuple[bytes, str]:
-    """Bytes and extension of the audio a window came from: a file, or `SHARD.tar#MEMBER`."""
-    if "#" in path:
-        url, member = path.rsplit("#", 1)
-        if os.path.isfile(url):
-            with tarfile.open(url, "r|*") as tar:
-                for info in tar:
-                    if info.name == member:
-                        data = tar.extractfile(info).read()
-                        return data, member.rsplit(".", 1)[-1].lower()
-            raise FileNotFoundError(f"member {member!r} not found in {url}")
-    with open(path, "rb") as f:
-        return f.read(), path.rsplit(".", 1)[-1].lower()
+def read_source(path: str, storage: Storage, options: Optional[S3Options] = None) -> tuple[bytes, str]:
+    """Bytes and extension of the audio a window came from: a file, or `SHARD.tar#MEMBER` (local or s3://)."""
+    url, _, member = path.rpartition("#")
+    if url and url.endswith(".tar"):
+        with storage.open_read(url, options) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if info.name == member:
+                    data = tar.extractfile(info).read()
+                    return data, member.rsplit(".", 1)[-1].lower()
+        raise FileNotFoundError(f"member {member!r} not found in {url}")
+    return storage.read_bytes(path, options), path.rsplit(".", 1)[-1].lower()
 
 
-def source_window(md: dict, channels: int, sample_rate: int, sample_size: int) -> tuple[torch.Tensor, int]:
+def dataset_s3_options(details: dict, dataset_id: Optional[str]) -> Optional[S3Options]:
+    """The profile / endpoint / region the run used for a dataset's s3:// shards."""
+    for entry in details.get("dataset_config", {}).get("datasets", ()):
+        if entry.get("id") == dataset_id:
+            return S3Options(profile=entry.get("profile"), endpoint_url=entry.get("endpoint_url"),
+                             region=entry.get("region"))
+    return None
+
+
+def source_window(md: dict, channels: int, sample_rate: int, sample_size: int, storage: Optional[Storage] = None,
+                  options: Optional[S3Options] = None) -> tuple[torch.Tensor, int]:
     """The window as the encoder saw it (zero-padded to sample_size) and its real length."""
-    data, ext = read_source(md["path"])
+    data, ext = read_source(md["path"], storage or Storage(), options)
     audio, rate = decode_audio(data, ext)
     audio = resample(conform_channels(audio, channels), rate, sample_rate)
     start, length = int(md["offset"]), int(md["valid_length"])
@@ -114,9 +124,10 @@ def _latents_for_decoder(model, stored: np.ndarray, md: dict) -> torch.Tensor:
     return latents
 
 
-def verify_output(output: Path, model, *, details: dict, n: int = 8, seed: int = 0,
-                  device: torch.device = torch.device("cpu")) -> list[WindowCheck]:
-    """Check N windows of `output` against their sources with `model` (loaded with its decoder if any)."""
+def verify_output(place: Place, model, *, details: dict, n: int = 8, seed: int = 0,
+                  device: torch.device = torch.device("cpu"), storage: Optional[Storage] = None) -> list[WindowCheck]:
+    """Check N windows of `place` against their sources with `model` (loaded with its decoder if any)."""
+    storage = storage or Storage()
     args = details.get("args", {})
     sample_size = int(details["sample_size"])
     mode = args.get("latent_mode", "sample")
@@ -126,12 +137,13 @@ def verify_output(output: Path, model, *, details: dict, n: int = 8, seed: int =
                            latent_mode=mode, is_discrete=is_discrete, seed=int(args.get("seed", 0)))
     checks: list[WindowCheck] = []
     mels: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    for npy in pick_windows(output, n, seed):
-        md = json.loads(npy.with_suffix(".json").read_text())
-        stored = np.load(npy)
-        check = WindowCheck(npy.stem, md.get("key", md.get("__key__", "")), None, None, None)
+    for npy in pick_windows(place, n, seed):
+        md = json.loads(place.read(npy[:-4] + ".json").decode("utf-8"))
+        stored = np.load(io.BytesIO(place.read(npy)), allow_pickle=False)
+        check = WindowCheck(npy.rsplit("/", 1)[-1][:-4], md.get("key", md.get("__key__", "")), None, None, None)
         try:
-            window, length = source_window(md, model.in_channels, model.sample_rate, sample_size)
+            window, length = source_window(md, model.in_channels, model.sample_rate, sample_size, storage,
+                                           dataset_s3_options(details, md.get("dataset_id")))
         except Exception as exc:
             check.problem = f"source not readable: {exc}"
             checks.append(check)
@@ -218,8 +230,8 @@ def format_checks(checks: list[WindowCheck]) -> str:
     return "\n".join(lines)
 
 
-def load_details(output: Path) -> dict:
-    details = RunManifest(output).load_details()
+def load_details(place: Place) -> dict:
+    details = RunManifest(place).load_details()
     if details is None:
-        raise FileNotFoundError(f"{output}: no details.json; is this a wds-encode output folder?")
+        raise FileNotFoundError(f"{place.url}: no details.json; is this a wds-encode output folder?")
     return details
