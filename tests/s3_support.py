@@ -319,6 +319,7 @@ class FaultProxy:
       its response head and about half its body, then a TCP reset.
     - fail_503_every=N: every Nth request is answered `503 Slow Down` by the proxy, never forwarded.
     - stall(predicate): from the first matching request on, requests are held unanswered until release().
+    - reject(predicate, status, code): matching requests get that S3 error (AccessDenied, a full quota...).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -330,13 +331,14 @@ class FaultProxy:
         self.endpoint = ""
         self.cut_get_every: int | None = None
         self.fail_503_every: int | None = None
-        self.counts: dict[str, int] = {"requests": 0, "cuts": 0, "errors_503": 0, "held": 0}
+        self.counts: dict[str, int] = {"requests": 0, "cuts": 0, "errors_503": 0, "held": 0, "rejected": 0}
         self._lock = threading.Lock()
         self._n_requests = 0  # requests considered for a 503
         self._n_reads = 0  # object reads considered for a cut
         self._last_503 = False
         self._last_cut = False
         self._stall_predicate: StallPredicate | None = None
+        self._reject: tuple[StallPredicate, int, str] | None = None
         self._stalling = False
         self._stalled = threading.Event()
         self._released = threading.Event()
@@ -392,6 +394,12 @@ class FaultProxy:
             self._stalling = False
             return self._stalled
 
+    def reject(self, predicate: StallPredicate | None, status: int = 403, code: str = "AccessDenied") -> None:
+        """Answer every request for which predicate(method, path_with_query, headers) is true with an S3
+        error `status`/`code` of the proxy's own, never forwarded; None stops rejecting."""
+        with self._lock:
+            self._reject = None if predicate is None else (predicate, status, code)
+
     def release(self) -> None:
         """Close the held connections without an answer, and stop stalling."""
         with self._lock:
@@ -409,6 +417,9 @@ class FaultProxy:
             if self._stalling:
                 self.counts["held"] += 1
                 return "hold", self._stalled, self._released
+            if self._reject is not None and self._reject[0](method, target, {k.lower(): v for k, v in headers}):
+                self.counts["rejected"] += 1
+                return "reject", self._reject[1:], None
             self._n_requests += 1
             every = self.fail_503_every
             fail = bool(every) and self._n_requests % every == 0 and not self._last_503
@@ -478,6 +489,9 @@ class FaultProxy:
         if decision == "503" and expects:  # a final answer instead of 100 Continue: the body never comes
             self._send_slow_down(conn, method)
             return False
+        if decision == "reject" and expects:
+            self._send_error(conn, method, *stalled)
+            return False
         if expects:  # answered here, and Expect is not forwarded: moto never has to deal with it
             conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         if _is_chunked(headers):
@@ -494,6 +508,9 @@ class FaultProxy:
         if decision == "503":
             self._send_slow_down(conn, method)
             return False
+        if decision == "reject":
+            self._send_error(conn, method, *stalled)
+            return False
         return self._forward(conn, method, target, request_line, headers, body)
 
     def _send_slow_down(self, conn: socket.socket, method: str) -> None:
@@ -503,6 +520,16 @@ class FaultProxy:
             ("Content-Length", str(len(body))),
             ("x-amz-request-id", "FAULTPROXY503"),
         ])
+        conn.sendall(head + body)
+
+    def _send_error(self, conn: socket.socket, method: str, status: int, code: str) -> None:
+        body = b"" if method == "HEAD" else (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>Refused by the test proxy ({code}).</Message>"
+            "<RequestId>FAULTPROXY</RequestId></Error>").encode()
+        head = _encode_head(f"HTTP/1.1 {status} {code}", [
+            ("Content-Type", "application/xml"), ("Content-Length", str(len(body))),
+            ("x-amz-request-id", "FAULTPROXY")])
         conn.sendall(head + body)
 
     def _forward(self, conn: socket.socket, method: str, target: str, request_line: str,

@@ -150,7 +150,7 @@ def test_proxy_without_faults_is_transparent(s3, fault_proxy):
     assert "small" not in s3.keys(bucket)
     assert fault_proxy.counts["requests"] > 10
     assert fault_proxy.counts == {"requests": fault_proxy.counts["requests"], "cuts": 0, "errors_503": 0,
-                                  "held": 0}
+                                  "held": 0, "rejected": 0}
 
 
 def test_cut_get_resets_mid_body(s3, fault_proxy):
@@ -254,7 +254,7 @@ def test_faults_never_repeat_back_to_back(s3, fault_proxy):
             outcomes.append("cut")
     # requests 1, 3, 5, 7 are 503s; of the forwarded reads 2, 4, 6, 8, every other one is cut
     assert outcomes == ["503", "cut", "503", "ok", "503", "cut", "503", "ok"]
-    assert fault_proxy.counts == {"requests": 8, "cuts": 2, "errors_503": 4, "held": 0}
+    assert fault_proxy.counts == {"requests": 8, "cuts": 2, "errors_503": 4, "held": 0, "rejected": 0}
 
 
 def test_stall_holds_until_release(s3, fault_proxy):
@@ -444,3 +444,22 @@ def _fast_retry_sleeps(monkeypatch):
             time.sleep(seconds / 10)
 
     monkeypatch.setattr(botocore.endpoint, "time", ScaledTime())
+
+
+def test_reject_answers_an_s3_error_of_the_proxys_own(s3, fault_proxy):
+    import botocore.exceptions
+    s3.make_bucket("bkt")
+    client = s3.client(fault_proxy.endpoint, retries=NO_RETRIES)
+    fault_proxy.reject(lambda method, path, headers: method == "PUT" and "/denied/" in path)
+    client.put_object(Bucket="bkt", Key="ok/x", Body=b"1")
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        client.put_object(Bucket="bkt", Key="denied/x", Body=b"1")
+    assert info.value.response["Error"]["Code"] == "AccessDenied"
+    fault_proxy.reject(lambda method, path, headers: True, status=507, code="XMinioStorageFull")
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        client.get_object(Bucket="bkt", Key="ok/x")
+    assert info.value.response["Error"]["Code"] == "XMinioStorageFull"
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 507
+    fault_proxy.reject(None)
+    assert client.get_object(Bucket="bkt", Key="ok/x")["Body"].read() == b"1"
+    assert fault_proxy.counts["rejected"] == 2 and s3.keys("bkt") == {"ok/x": 1}

@@ -52,10 +52,11 @@ _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@
 class StorageError(OSError):
     """A place could not be read or written; `place` says where, `reason` why (e.g. AccessDenied)."""
 
-    def __init__(self, place: str, reason: str):
+    def __init__(self, place: str, reason: str, code: str = ""):
         super().__init__(f"{redact_url(place)}: {redact_text(reason)}")
         self.place = redact_url(place)
         self.reason = redact_text(reason)
+        self.code = code          # the S3 error code (NoSuchKey, AccessDenied...) when there is one
 
 
 class StorageFull(StorageError):
@@ -142,7 +143,7 @@ def s3_error(place: str, exc: BaseException, doing: str = "") -> StorageError:
     reason = f"{doing + ': ' if doing else ''}{code}: {message}" if code not in message else \
         f"{doing + ': ' if doing else ''}{message}"
     cls = StorageFull if (code in FULL_CODES or status == 507) else StorageError
-    return cls(place, reason)
+    return cls(place, reason, code)
 
 
 def local_error(place: str, exc: OSError, doing: str = "") -> StorageError:
@@ -575,15 +576,13 @@ class S3Place(Place):
         return self.prefix + relative.lstrip("/")
 
     def read(self, relative: str) -> Optional[bytes]:
-        import botocore.exceptions as bex
+        """The object's bytes (a dropped stream continues where it broke), or None when there is none."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.key(relative))["Body"].read()
-        except bex.ClientError as exc:
-            if _client_error_code(exc)[0] in ("NoSuchKey", "404"):
+            return self.storage.read_bytes(self.child(relative), self.options)
+        except StorageError as exc:
+            if exc.code in ("NoSuchKey", "404"):
                 return None
-            raise s3_error(self.child(relative), exc, "cannot read") from None
-        except Exception as exc:
-            raise s3_error(self.child(relative), exc, "cannot read") from None
+            raise
 
     def read_many(self, relatives: list[str]) -> dict[str, Optional[bytes]]:
         if len(relatives) <= 1:
