@@ -158,6 +158,11 @@ def test_s3_in_s3_out_five_shards_two_workers(s3, five_shards, demo_model, tmp_p
     assert status["windows"] == details["stats"]["windows"] and status["samples"] == len(samples)
     assert status["audio_hours"] == pytest.approx(details["stats"]["audio_hours"])
 
+    # verify decodes windows read from the output bucket against sources streamed from the input bucket
+    verified = wds_encode("verify", out, "-n", 4, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "OK: 4 windows match this model" in verified.stdout
+
     # nothing the run wrote or printed holds a credential
     assert_no_credentials(result.stdout, result.stderr, *objects.values())
 

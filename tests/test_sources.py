@@ -4,6 +4,7 @@ import pytest
 
 from wds_encode.config import ConfigError, DatasetConfig
 from wds_encode.sources import claim_order, list_shards, safe_name
+from wds_encode.storage import S3Options, Storage
 
 
 @pytest.fixture
@@ -83,3 +84,66 @@ def test_audio_dir_units(tmp_path):
 @pytest.mark.parametrize("rel, name", [("a/b/c.tar", "a__b__c"), ("../x.tar", "x"), ("we ird.tar", "we_ird")])
 def test_safe_name(rel, name):
     assert safe_name(rel) == name
+
+
+@pytest.fixture
+def bucket(s3_in_process):
+    """s3://audio/ holding the same tree as `tree` (sizes 1..5), plus a non-tar and a tar elsewhere."""
+    s3_in_process.make_bucket("audio")
+    for size, rel in enumerate(("a/x-000.tar", "a/x-001.tar", "a/x-002.tar", "b/x-000.tar", "b/notes.txt"), 1):
+        s3_in_process.put("audio", f"train/{rel}", b"x" * size)
+    s3_in_process.put("audio", "other/y-000.tar", b"y")
+    return s3_in_process
+
+
+def s3_config(path, **entry):
+    return DatasetConfig(dataset_type="s3", datasets=[{"id": "d", "s3_path": path, **entry}])
+
+
+def test_s3_prefix_is_listed_recursively_tars_only_sorted_with_sizes(bucket):
+    for spec in ("s3://audio/train/", "s3://audio/train"):
+        shards = list_shards(s3_config(spec), Storage())
+        assert [s.name for s in shards] == ["a__x-000", "a__x-001", "a__x-002", "b__x-000"]
+        assert [s.url for s in shards] == [f"s3://audio/train/{r}" for r in
+                                           ("a/x-000.tar", "a/x-001.tar", "a/x-002.tar", "b/x-000.tar")]
+        assert [s.size for s in shards] == [1, 2, 3, 4]
+    wds_entry = DatasetConfig(dataset_type="wds", datasets=[{"id": "d", "path": "s3://audio/train/a/"}])
+    assert [s.name for s in list_shards(wds_entry, Storage())] == ["x-000", "x-001", "x-002"]
+
+
+def test_s3_brace_patterns_globs_and_single_objects(bucket):
+    brace = list_shards(s3_config("s3://audio/train/a/x-{000..002}.tar"), Storage())
+    glob = list_shards(s3_config("s3://audio/train/*/x-00[0-1].tar"), Storage())
+    single = list_shards(s3_config("s3://audio/train/b/x-000.tar"), Storage())
+    assert [s.url.rsplit("/", 2)[-2:] for s in brace] == [["a", "x-000.tar"], ["a", "x-001.tar"], ["a", "x-002.tar"]]
+    assert [s.name for s in glob] == ["a__x-000", "a__x-001", "b__x-000"]
+    assert [(s.name, s.size) for s in single] == [("x-000", 4)]
+    with pytest.raises(ConfigError, match=r"1 of 4 shards do not exist \(first: s3://audio/train/a/x-003.tar\)"):
+        list_shards(s3_config("s3://audio/train/a/x-{000..003}.tar"), Storage())
+
+
+def test_s3_listing_problems_are_config_errors_that_name_the_place(bucket):
+    with pytest.raises(ConfigError, match=r"dataset 'd': s3://missing/train/: cannot list: NoSuchBucket"):
+        list_shards(s3_config("s3://missing/train/"), Storage())
+    with pytest.raises(ConfigError, match="no .tar shards found at 's3://audio/empty/'"):
+        list_shards(s3_config("s3://audio/empty/"), Storage())
+    with pytest.raises(ConfigError, match="AWS profile 'nobody'"):
+        list_shards(s3_config("s3://audio/train/", profile="nobody"), Storage())
+    with pytest.raises(ConfigError, match="audio_dir datasets are read from a local folder"):
+        list_shards(DatasetConfig(dataset_type="audio_dir", datasets=[{"id": "d", "path": "s3://audio/x/"}]))
+
+
+def test_a_datasets_profile_decides_where_its_shards_are_read(bucket, tmp_path, monkeypatch):
+    """stable-audio-tools' per-dataset `profile`: its endpoint and keys come from the AWS config files."""
+    from s3_support import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY
+    (tmp_path / "config").write_text(f"[profile src]\nendpoint_url = {bucket.endpoint}\nregion = us-east-1\n")
+    (tmp_path / "credentials").write_text(f"[src]\naws_access_key_id = {TEST_ACCESS_KEY_ID}\n"
+                                          f"aws_secret_access_key = {TEST_SECRET_ACCESS_KEY}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    shards = list_shards(s3_config("s3://audio/train/b/", profile="src"), Storage())
+    assert [(s.name, s.s3.profile) for s in shards] == [("x-000", "src")]
+    with pytest.raises(ConfigError, match="dataset 'd'"):  # without the profile: no endpoint, no keys
+        list_shards(s3_config("s3://audio/train/b/"), Storage(S3Options(endpoint_url="http://127.0.0.1:9")))
