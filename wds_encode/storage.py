@@ -35,6 +35,7 @@ PROBE_DIR = ".wds-encode-probe"
 READ_ATTEMPTS = 6             # tries to continue one broken stream, without progress in between
 READ_BACKOFF_SECONDS = 0.2    # doubled per failed try, with jitter
 READ_BUFFER = 1 << 20
+READ_CHUNK = 256 << 10        # bytes asked of the socket at a time: what a break can lose and re-read
 PART_SIZE = 8 << 20           # multipart part size (S3's minimum is 5 MiB)
 UPLOAD_THREADS = 8
 UPLOAD_BYTES_IN_FLIGHT = 256 << 20
@@ -58,6 +59,9 @@ class StorageError(OSError):
         self.reason = redact_text(reason)
         self.code = code          # the S3 error code (NoSuchKey, AccessDenied...) when there is one
 
+    def __reduce__(self):  # rebuilt from its parts, so it can cross a process boundary
+        return (type(self), (self.place, self.reason, self.code))
+
 
 class StorageFull(StorageError):
     """The place filled up (disk full, quota): free space, then rerun."""
@@ -72,15 +76,20 @@ def redact_text(text: str) -> str:
     return redact_url(text)
 
 
-_SECRET_KEY = re.compile(r"(^|[_-])(secret|password|passwd|token|credentials?|access[_-]key([_-]id)?)($|[_-])",
-                         re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(^|_)(secret|password|passwd|token|credentials?|access_key(_id)?|api_key)($|_)")
+_CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _secret_field(name) -> bool:
+    """aws_secret_access_key, SessionToken, api-key, password... but not num_tokens or token_dim's number."""
+    return isinstance(name, str) and bool(_SECRET_KEY.search(_CAMEL_HUMP.sub("_", name).replace("-", "_").lower()))
 
 
 def redact(value):
     """A JSON-native value with credentials removed: secret-looking fields masked, URL user info
     stripped. Applied to everything a run writes about its own configuration (details.json)."""
     if isinstance(value, dict):
-        return {k: ("***" if isinstance(k, str) and _SECRET_KEY.search(k) and isinstance(v, str) and v else redact(v))
+        return {k: ("***" if _secret_field(k) and isinstance(v, str) and v else redact(v))
                 for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
@@ -320,7 +329,7 @@ class S3ReadStream(io.RawIOBase):
             try:
                 if self._body is None:
                     self._open()
-                data = self._body.read(len(buffer))
+                data = self._body.read(min(len(buffer), READ_CHUNK))
                 if not data and self.size is not None and self.pos < self.size:
                     raise ConnectionError(f"stream ended at byte {self.pos} of {self.size}")
             except StorageError:
@@ -485,6 +494,17 @@ class LocalPlace(Place):
 
     def open_object(self, relative: str) -> "ObjectWriter":
         return LocalObjectWriter(self._path(relative))
+
+    def check_writable(self) -> None:
+        """A probe file in the output folder itself, deleted at once (a probe folder would stay behind,
+        and removing it would race with another rank's probe); a leftover is a `*.partial`."""
+        name = f"{PROBE_DIR}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}"
+        probe = self._path(name)
+        self._write_file(probe, b"wds-encode write probe\n")
+        try:
+            probe.unlink()
+        except OSError as exc:
+            raise local_error(str(probe), exc, "cannot delete") from None
 
     def remove_unfinished(self) -> int:
         """Delete `*.partial` files an interrupted run left behind."""
