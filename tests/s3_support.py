@@ -6,11 +6,13 @@ boto3 in the test process or the `wds-encode` subprocess, sockets, HTTP/1.1, mot
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 import urllib.request
 from typing import Callable
@@ -568,6 +570,25 @@ class FaultProxy:
                 for chunk in chunks:
                     conn.sendall(chunk)
                 return False
+
+
+def fast_retries(monkeypatch) -> None:
+    """Keep botocore's retries real but quick: its backoff sleeps scaled to a tenth, and the adaptive
+    rate limiter's floor (0.5 requests/s once throttled, i.e. 2 s per request) raised to 50/s."""
+    import botocore.endpoint
+    import botocore.retries.bucket
+
+    class ScaledTime:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds):
+            time.sleep(seconds / 10)
+
+    monkeypatch.setattr(botocore.endpoint, "time", ScaledTime())
+    monkeypatch.setattr(botocore.retries.bucket, "TokenBucket",
+                        functools.partial(botocore.retries.bucket.TokenBucket, min_rate=50))
 
 
 # --- fixtures ----------------------------------------------------------------------------------------

@@ -14,10 +14,9 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import WDS_ENCODE, read_folder_layout, read_latent_shards, write_dataset_config
+from conftest import WDS_ENCODE, assert_exactly_once, write_dataset_config
 
 pytestmark = pytest.mark.slow
 
@@ -59,27 +58,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def assert_exactly_once(out: Path, samples) -> dict:
-    """Every input sample's windows exactly once, in the folder layout and the latent shards alike."""
-    folder = read_folder_layout(out)      # fails on a duplicate output key
-    shards = read_latent_shards(out)
-    assert sorted(folder) == sorted(shards)
-    for key, (latent, md) in folder.items():
-        assert np.array_equal(latent, shards[key][0]) and md == shards[key][1]
-    chunks: dict[str, list[int]] = {}
-    for _, md in folder.values():
-        chunks.setdefault(md["__key__"], []).append(md["chunk_index"])
-        assert md["num_chunks"] >= 1
-    assert sorted(chunks) == sorted(s.key for s in samples)
-    for key, indices in chunks.items():
-        n = next(md["num_chunks"] for _, md in folder.values() if md["__key__"] == key)
-        assert sorted(indices) == list(range(n)), key
-    ids = [p.stem for p in out.glob("[0-9]*/*.npy")]
-    assert len(ids) == len(set(ids)) == len(folder)
-    assert not list(out.rglob("*.partial"))
-    return json.loads((out / "details.json").read_text())
 
 
 @pytest.fixture(scope="module")

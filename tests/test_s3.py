@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import WDS_ENCODE, read_folder_layout, read_latent_shards, write_dataset_config
+from conftest import WDS_ENCODE, assert_exactly_once, read_folder_layout, write_dataset_config
 from s3_support import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, s3_env
 
 pytestmark = pytest.mark.slow
@@ -85,23 +84,6 @@ def owned_objects(out: Path) -> set[str]:
         owned.update(f"{record['rank']}/{i}.{ext}" for i in record["folder_ids"] for ext in ("npy", "json"))
         owned.update(record["latent_shards"])
     return owned
-
-
-def assert_exactly_once(out: Path, samples) -> dict:
-    """Every input sample's windows exactly once, in the folder layout and the latent shards alike."""
-    folder = read_folder_layout(out)      # fails on a duplicate output key
-    shards = read_latent_shards(out)
-    assert sorted(folder) == sorted(shards)
-    for key, (latent, md) in folder.items():
-        assert np.array_equal(latent, shards[key][0]) and md == shards[key][1]
-    chunks: dict[str, list[int]] = {}
-    for _, md in folder.values():
-        chunks.setdefault(md["__key__"], []).append(md["chunk_index"])
-    assert sorted(chunks) == sorted(s.key for s in samples)
-    for key, indices in chunks.items():
-        n = next(md["num_chunks"] for _, md in folder.values() if md["__key__"] == key)
-        assert sorted(indices) == list(range(n)), key
-    return json.loads((out / "details.json").read_text())
 
 
 def check_bucket_output(s3, out_url: str, tmp_path: Path, samples) -> tuple[dict, dict[str, bytes]]:

@@ -32,6 +32,7 @@ from s3_support import (
     fault_proxy,
     moto_s3,
     s3,
+    fast_retries,
     s3_env,
 )
 
@@ -202,7 +203,7 @@ def test_cut_schedule_is_deterministic(s3, fault_proxy):
 def test_503_retried_by_default_client(s3, fault_proxy, monkeypatch):
     bucket = s3.make_bucket("slowdown")
     fault_proxy.fail_503_every = 2
-    _fast_retry_sleeps(monkeypatch)
+    fast_retries(monkeypatch)
     client = s3.client(fault_proxy.endpoint)
     for i in range(10):
         data = payload(1000 + i, seed=i)
@@ -429,21 +430,6 @@ def test_proxy_relays_every_response_framing():
 def _host_port(endpoint: str) -> tuple[str, int]:
     host, port = endpoint.removeprefix("http://").split(":")
     return host, int(port)
-
-
-def _fast_retry_sleeps(monkeypatch):
-    """botocore backs off up to a second per retry; a tenth of it keeps 20 retries fast and still real."""
-    import botocore.endpoint
-
-    class ScaledTime:
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(seconds):
-            time.sleep(seconds / 10)
-
-    monkeypatch.setattr(botocore.endpoint, "time", ScaledTime())
 
 
 def test_reject_answers_an_s3_error_of_the_proxys_own(s3, fault_proxy):

@@ -1,13 +1,11 @@
 """storage.py: local paths and s3:// behind one interface, against a real S3 protocol (moto, FaultProxy)."""
 
 import errno
-import functools
 import os
 import pickle
 import random
 import re
 import threading
-import time
 import urllib.parse
 
 import pytest
@@ -28,6 +26,8 @@ from wds_encode.storage import (
     redact_url,
     s3_error,
 )
+
+from s3_support import fast_retries
 
 MiB = 1 << 20
 
@@ -65,25 +65,6 @@ def once_held(held: threading.Event, action) -> threading.Thread:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
-
-
-def fast_retries(monkeypatch) -> None:
-    """Keep botocore's retries real but quick: its backoff sleeps scaled to a tenth, and the adaptive
-    rate limiter's floor (0.5 requests/s once throttled, i.e. 2 s per request) raised to 50/s."""
-    import botocore.endpoint
-    import botocore.retries.bucket
-
-    class ScaledTime:
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(seconds):
-            time.sleep(seconds / 10)
-
-    monkeypatch.setattr(botocore.endpoint, "time", ScaledTime())
-    monkeypatch.setattr(botocore.retries.bucket, "TokenBucket",
-                        functools.partial(botocore.retries.bucket.TokenBucket, min_rate=50))
 
 
 @pytest.fixture

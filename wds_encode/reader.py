@@ -189,6 +189,8 @@ class Reader(IterableDataset):
         torch.set_num_threads(1)
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        if info is not None:  # a forked worker: its own clients and locks, never the parent's copies
+            self.storage = Storage(self.storage.defaults)
         for index in (self.claims if self.claims is not None else range(len(self.shards))):
             for item in self.read_shard(self.shards[index]):
                 if isinstance(item, ShardEnd):
