@@ -23,18 +23,78 @@ from .errors import ModelConfigError, UnsupportedModelError
 from .options import check_options
 
 
-class SnakeBeta(nn.Module):
-    """x + 1/(beta + 1e-9) * sin(alpha * x)^2, with alpha/beta stored as logs (upstream default)."""
+def eager_no_grad() -> bool:
+    """True when a forward may take the eager fast path: autograd off (`torch.no_grad` /
+    `torch.inference_mode`) and not being traced by `torch.compile`, which fuses the textbook
+    formula into one kernel by itself and must not see the cache (no graph breaks)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def derived_constants(module: nn.Module, params: tuple[torch.Tensor, ...], compute) -> tuple:
+    """`compute(*params)` (per-channel constants such as exp(alpha)), computed once and reused
+    while autograd is off and the parameters are unchanged.
+
+    A cache entry is keyed on each parameter's version counter (bumped by every in-place write:
+    `load_state_dict`, optimiser steps, `param.data.copy_`), storage address, dtype and device
+    (`.to()`, `.half()`, `param.data = ...`). The entry holds detached aliases of the parameters it
+    was computed from, so their storage stays alive and its address cannot be reused by a later
+    tensor. With autograd on, under `torch.compile`, or for inference-mode parameters (they have no
+    version counter) the constants are computed every call, as before."""
+    if not eager_no_grad() or any(p.is_inference() for p in params):
+        return compute(*params)
+    key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+    entry = module.__dict__.get("_derived_constants")
+    if entry is None or entry[0] != key:
+        entry = (key, compute(*params), tuple(p.detach() for p in params))
+        module.__dict__["_derived_constants"] = entry
+    return entry[1]
+
+
+class ConstantCacheModule(nn.Module):
+    """Drops the derived-constants cache from pickles and deep copies (it is rebuilt on use)."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_derived_constants", None)
+        return state
+
+
+def snake_eager(x: torch.Tensor, alpha: torch.Tensor, inv_beta: torch.Tensor) -> torch.Tensor:
+    """x + inv_beta * sin(alpha * x)^2 without autograd: one new tensor, written in place.
+
+    The same operations in the same order as the out-of-place formula (sin(x * alpha), squared,
+    times inv_beta, plus x), so the result is bit-for-bit the same; it only skips the four
+    temporaries (each a fresh [B, C, N] allocation) the formula makes."""
+    s = torch.mul(x, alpha)
+    s.sin_()
+    s.mul_(s)
+    s.mul_(inv_beta)
+    return s.add_(x)
+
+
+class SnakeBeta(ConstantCacheModule):
+    """x + 1/(beta + 1e-9) * sin(alpha * x)^2, with alpha/beta stored as logs (upstream default).
+
+    Without autograd the per-channel constants exp(alpha) and 1/(exp(beta) + 1e-9) are computed
+    once (see `derived_constants`) and the activation runs in place (`snake_eager`)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(channels))
         self.beta = nn.Parameter(torch.zeros(channels))
 
+    @staticmethod
+    def _constants(log_alpha: torch.Tensor, log_beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = torch.exp(log_alpha)[None, :, None]
+        beta = torch.exp(log_beta)[None, :, None]
+        return alpha, 1.0 / (beta + 1e-9)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = torch.exp(self.alpha)[None, :, None]
-        beta = torch.exp(self.beta)[None, :, None]
-        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
+        if eager_no_grad():
+            alpha, inv_beta = derived_constants(self, (self.alpha, self.beta), self._constants)
+            return snake_eager(x, alpha, inv_beta)
+        alpha, inv_beta = self._constants(self.alpha, self.beta)
+        return x + inv_beta * torch.sin(x * alpha).pow(2)
 
 
 def _activation(use_snake: bool, channels: int, antialias: bool) -> nn.Module:
@@ -59,6 +119,8 @@ class ResidualUnit(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if eager_no_grad():
+            return self.layers(x).add_(x)  # a conv output: a fresh tensor, safe to add into
         return x + self.layers(x)
 
 
