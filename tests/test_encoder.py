@@ -111,3 +111,77 @@ def test_compiled_encoder_gives_the_same_latents(model):
     compiled = BatchEncoder(model, device=torch.device("cpu"), latent_mode="mean", compile=True)
     out = compiled.encode(audio, masks, list("abc"))
     torch.testing.assert_close(out.latents, plain.latents, rtol=1e-4, atol=1e-4)
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """The real encoder, except that a batch the test deems too large raises the device's OOM error."""
+
+    def __init__(self, inner, too_large):
+        super().__init__()
+        self.inner = inner
+        self.too_large = too_large
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        if self.too_large(x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
+        return self.inner(x)
+
+
+def with_oom(model, too_large):
+    import copy
+    patched = copy.deepcopy(model)
+    patched.encoder = RunsOutOfMemory(patched.encoder, too_large)
+    return patched
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_until_it_fits(model):
+    audio, masks = torch.cat([batch()[0], batch(seed=1)[0][:1]]), torch.ones(4, N, dtype=torch.bool)
+    keys = ["a", "b", "c", "d"]
+    ref = BatchEncoder(model, device=torch.device("cpu"), latent_mode="mean").encode(audio, masks, keys)
+    oom = with_oom(model, lambda x: x.shape[0] > 1)
+    enc = BatchEncoder(oom, device=torch.device("cpu"), latent_mode="mean")
+    out = enc.encode(audio, masks, keys)
+    assert out.errors == [None] * 4 and out.splits == 3 and enc.splits == 3  # 4 -> 2 + 2 -> 1 + 1 + 1 + 1
+    assert oom.encoder.calls == [4, 2, 1, 1, 2, 1, 1]
+    torch.testing.assert_close(out.latents, ref.latents, rtol=1e-5, atol=1e-6)
+
+
+def test_a_window_that_never_fits_is_an_error_and_the_rest_are_written(model):
+    audio, masks = batch()
+    marked = audio.clone()
+    marked[1, 0, 0] = 0.987654  # the test's way to point at one window from inside the encoder
+    oom = with_oom(model, lambda x: bool((x[:, 0, 0] == 0.987654).any()))
+    out = BatchEncoder(oom, device=torch.device("cpu"), latent_mode="mean").encode(marked, masks, list("abc"))
+    assert out.errors[0] is None and out.errors[2] is None
+    assert "out of device memory even for this one window" in out.errors[1]
+    assert out.finite == [True, False, True] and out.splits == 2
+    alone = BatchEncoder(oom, device=torch.device("cpu"), latent_mode="mean").encode(marked[1:2], masks[1:2], ["b"])
+    assert alone.latents is None and alone.finite == [False]
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(model):
+    broken = with_oom(model, lambda x: True)
+    broken.encoder.forward = lambda x: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        BatchEncoder(broken, device=torch.device("cpu")).encode(*batch(), list("abc"))
+
+
+def test_submit_then_collect_is_encode(model):
+    enc = BatchEncoder(model, device=torch.device("cpu"), latent_mode="sample", seed=3)
+    audio, masks = batch()
+    pending = [enc.submit(audio, masks, list("abc")), enc.submit(audio[:2], masks[:2], list("xy"))]
+    collected = [enc.collect(p) for p in pending]
+    assert torch.equal(collected[0].latents, enc.encode(audio, masks, list("abc")).latents)
+    assert torch.equal(collected[1].latents, enc.encode(audio[:2], masks[:2], list("xy")).latents)
+
+
+def test_batch_size_probe_on_the_cpu_fits_the_memory_it_is_given(model):
+    enc = BatchEncoder(model, device=torch.device("cpu"))
+    size, probe = enc.probe_batch_size(N, cap=64, host_memory=64 << 30)
+    per_window = probe["bytes_per_window_estimate"]
+    assert size == 64 and per_window > 2 * N * 4  # at least the input window
+    small, _ = enc.probe_batch_size(N, cap=64, host_memory=per_window * 20)
+    assert small == 8 and small * per_window <= per_window * 20 * 0.8 / 2 < 2 * small * per_window
+    assert enc.probe_batch_size(N, cap=64, host_memory=1)[0] == 1

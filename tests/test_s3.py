@@ -116,9 +116,9 @@ def test_s3_in_s3_out_five_shards_two_workers(s3, five_shards, demo_model, tmp_p
     env = s3_env(s3.endpoint)
     out = "s3://latents/runs/first/"
     result = wds_encode(*encode_args(demo_model, s3_dataset_config(tmp_path, source), out,
-                                     "--num-workers", 2, "--batch-size", 3), env=env)
+                                     "--num-workers", 2, "--batch-size", 3, "--cpus", 4), env=env)
     assert result.returncode == 0, result.stderr
-    assert "5 encoded, 0 already done" in result.stdout and "output     s3://latents/runs/first/" in result.stdout
+    assert "5 encoded, 0 already done" in result.stdout and "2 decode workers" in result.stdout and "output     s3://latents/runs/first/" in result.stdout
     details, objects = check_bucket_output(s3, out, tmp_path, samples)
     assert details["stats"]["units_done"] == 5
     records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/")]

@@ -13,6 +13,7 @@ import os
 import sys
 import typing
 from pathlib import Path
+from typing import Optional
 
 import click
 from click.core import ParameterSource
@@ -45,8 +46,8 @@ def encode_options(func):
         cli_name = (field.alias or name).replace("_", "-")
         default = field.default
         help_text = f"{field.description} [default: {default}]"
-        if field.annotation is bool:
-            decl = f"--{cli_name}/--no-{cli_name}" if default else f"--{cli_name}"
+        if field.annotation is bool or field.annotation == Optional[bool]:
+            decl = f"--{cli_name}/--no-{cli_name}" if default is not False else f"--{cli_name}"
             func = click.option(decl, name, is_flag=True, default=None, help=help_text)(func)
         else:
             func = click.option(f"--{cli_name}", name, type=_click_type(field.annotation), default=None,
@@ -86,6 +87,13 @@ def format_summary(stats) -> str:
     if d["retries"] or d["resumes"]:
         lines.append(f"  storage    {d['retries']} requests retried, {d['resumes']} broken streams resumed "
                      "(reconnects)")
+    if d["cpus"]:
+        lines.append(f"  cpu        {d['cpus']}" + (" per rank" if len(d["units_per_rank"]) > 1 else ""))
+    if d["oom_splits"]:
+        lines.append(f"  memory     {d['oom_splits']} batch splits after running out of device memory")
+    if d["batch_probe"] or d["compiled"]:
+        lines.append(f"  encoder    batch size {d['batch_size']}" + (" (auto)" if d["batch_probe"] else "")
+                     + (", torch.compile" if d["compiled"] else ""))
     if d["fp32_retries"]:
         lines.append(f"  precision  {d['fp32_retries']} batches re-run in fp32 after non-finite latents")
     if len(d["units_per_rank"]) > 1:

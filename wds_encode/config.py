@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Bounds for --sample-size: at least one latent frame of any real model, at most ~1 h at 192 kHz.
 MIN_SAMPLE_SIZE = 64
 MAX_SAMPLE_SIZE = 192_000 * 3600
+MAX_BATCH_SIZE = 4096
 
 
 class ConfigError(ValueError):
@@ -67,7 +68,9 @@ class EncodeConfig(BaseModel):
         None, description="Model folder or Hugging Face repo id (local cache; see --allow-download)")
     dataset_config: Optional[Path] = Field(None, description="Dataset config JSON")
     output_path: Optional[str] = Field(None, description="Output folder, or s3://bucket/prefix/")
-    batch_size: int = Field(1, ge=1, le=4096, description="Windows per encoder batch")
+    batch_size: Union[int, str] = Field(
+        1, description="Windows per encoder batch, or auto: the largest power of two (<= 256) that fits the "
+                       "device with 20% to spare, found by a short probe at start")
     sample_size: int = Field(1320960, ge=MIN_SAMPLE_SIZE, le=MAX_SAMPLE_SIZE,
                              description="Samples per window (pad/crop), at the model's rate")
     num_workers: int = Field(4, ge=0, le=256, description="DataLoader worker processes")
@@ -86,7 +89,9 @@ class EncodeConfig(BaseModel):
     allow_download: bool = Field(False, description="Let --pretrained-name download from the Hugging Face hub")
     allow_unsafe_pickle: bool = Field(
         False, description="Load .ckpt files that hold Python objects besides tensors (runs code from the file)")
-    compile: bool = Field(False, description="torch.compile the encoder (slower start, faster on long runs)")
+    compile: Optional[bool] = Field(
+        None, description="torch.compile the encoder: fused activations, faster once compiled; default: on for "
+                          "CUDA jobs of at least 1 GB of input, where the warm-up pays back")
     precision: Optional[Literal["fp32", "fp16", "bf16"]] = Field(
         None, description="Encoder precision (default fp32, fp16 with --model-half)")
     latent_mode: Literal["sample", "mean", "params"] = Field(
@@ -108,6 +113,9 @@ class EncodeConfig(BaseModel):
     files_per_unit: int = Field(64, ge=1, description="audio_dir: files per work unit")
     seed: int = Field(0, description="Seed for random crops, VAE sampling and shard shuffle")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (under a launcher: cuda:LOCAL_RANK)")
+    cpus: Optional[float] = Field(
+        None, gt=0, description="CPUs to plan decode workers and encoder threads for (default: what CPU affinity "
+                                "and the cgroup quota allow, shared among the ranks on this machine)")
     devices: str = Field("auto", description="Started alone: ranks to start on this machine, one per GPU "
                                              "(auto: every visible GPU; on a CPU-only machine N gloo ranks)")
     peer_timeout: float = Field(60.0, gt=0, description="Seconds without a heartbeat after which a rank is "
@@ -128,6 +136,16 @@ class EncodeConfig(BaseModel):
                              "optimizer state to shard, and every rank holds the whole encoder; use auto or ddp "
                              "(one encoding process per GPU)")
         return value
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value):
+        text = str(value).strip()
+        if text == "auto":
+            return "auto"
+        if text.isdigit() and 1 <= int(text) <= MAX_BATCH_SIZE:
+            return int(text)
+        raise ValueError(f"batch size {value!r}: use auto or a number of windows from 1 to {MAX_BATCH_SIZE}")
 
     @field_validator("devices", mode="before")
     @classmethod

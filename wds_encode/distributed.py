@@ -20,7 +20,6 @@ time out on a long job:
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
@@ -436,10 +435,3 @@ class Job:
         if self._process_group:
             dist.destroy_process_group()
             self._process_group = False
-
-
-def cpu_threads_per_rank(launch: Launch) -> int:
-    """Intra-op threads for a CPU rank, so N ranks on one machine do not oversubscribe its cores."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return int(os.environ["OMP_NUM_THREADS"])
-    return max(1, (os.cpu_count() or 1) // launch.local_world_size)

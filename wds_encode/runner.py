@@ -23,11 +23,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
-from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, cpu_threads_per_rank, rank_device
-from .encoder import BatchEncoder, token_dtype
+from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
+from .encoder import BatchEncoder, PendingBatch, token_dtype
 from .manifest import OutputState, RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
+from .resources import CpuPlan, available_memory, plan_cpus
 from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
 from .sources import Shard, claim_order, list_shards
@@ -35,6 +36,8 @@ from .storage import Place, S3Options, Storage, StorageError, redact_url
 from .writers import FolderWriter, LatentShardWriter
 
 WRITE_QUEUE_DEPTH = 8
+COMPILE_MIN_INPUT_BYTES = 1 << 30   # --compile's default on CUDA: a job this large pays back the warm-up
+AUTO_BATCH_CAP = 256
 
 
 @dataclass
@@ -51,10 +54,18 @@ class RunStats:
     audio_seconds: float = 0.0
     batches: int = 0
     fp32_retries: int = 0
+    oom_splits: int = 0           # batches halved after running out of device memory
     retries: int = 0              # storage requests repeated (S3 503 SlowDown, 5xx, dropped connections)
     resumes: int = 0              # broken S3 read streams continued where they broke
     elapsed_seconds: float = 0.0
-    loop_seconds: float = 0.0     # from the first window to the last commit (steady-state throughput)
+    loop_seconds: float = 0.0     # from the first window to the last commit
+    warmup_seconds: float = 0.0   # from the first window until the first batch was written (compile, autotune)
+    steady_seconds: float = 0.0   # from the first batch written to the last: the steady state
+    steady_audio_seconds: float = 0.0  # audio of the windows written in the steady state
+    batch_size: int = 0           # the batch size used (chosen by the probe with --batch-size auto)
+    batch_probe: dict = field(default_factory=dict)
+    compiled: bool = False        # the encoder ran through torch.compile
+    cpus: str = ""                # the CPUs this rank could use, and how it split them (resources.plan_cpus)
     stopped_early: bool = False
     units_per_rank: list[int] = field(default_factory=list)  # merged stats: units each rank encoded
 
@@ -93,10 +104,13 @@ def resolve_model_source(config: EncodeConfig) -> tuple[dict, Path]:
 class _WriterThread(threading.Thread):
     """Writes batches and commits units, in queue order. A failure stops the run (disk full...)."""
 
-    def __init__(self, config: EncodeConfig, manifest: RunManifest, folder: FolderWriter,
+    def __init__(self, config: EncodeConfig, manifest: RunManifest, folder: FolderWriter, encoder: BatchEncoder,
                  output_dtype: torch.dtype, latent_metadata: dict, on_unit_done):
         super().__init__(name="wds-encode-writer", daemon=True)
         self.config = config
+        self.encoder = encoder
+        self.sample_rate = encoder.model.sample_rate
+        self.progress: list[tuple[float, float]] = []  # (time, audio seconds written so far) per batch
         self.manifest = manifest
         self.folder = folder
         self.output_dtype = output_dtype
@@ -129,15 +143,18 @@ class _WriterThread(threading.Thread):
             pend = self.pending[shard_id] = _Pending()
         return pend
 
-    def _write_batch(self, batch_index: int, items: list[WindowItem], encoded) -> None:
-        arrays = encoded.latents.to(self.output_dtype).numpy()
+    def _write_batch(self, batch_index: int, items: list[WindowItem], pending: PendingBatch) -> None:
+        encoded = self.encoder.collect(pending)  # waits for the device here, not in the main loop
+        arrays = encoded.latents.to(self.output_dtype).numpy() if encoded.latents is not None else None
         masks = encoded.padding_masks.tolist()
+        audio = 0.0
         for i, item in enumerate(items):
             pend = self._unit(item.shard_id)
-            if not encoded.finite[i]:
+            if encoded.errors[i] is not None:
                 pend.errors.append(error_record(item.shard_id, item.metadata["path"], item.metadata["__key__"],
-                                                "encoder produced non-finite latents (also in fp32)"))
+                                                encoded.errors[i]))
                 continue
+            audio += item.metadata["valid_length"] / self.sample_rate
             array = np.ascontiguousarray(arrays[i])
             md = dict(item.metadata)
             md["padding_mask"] = masks[i]
@@ -155,6 +172,7 @@ class _WriterThread(threading.Thread):
                         maxcount=self.config.shard_maxcount, maxsize=self.config.shard_maxsize)
                 pend.shard_writer.write(item.key, array, md)
             pend.written += 1
+        self.progress.append((time.time(), (self.progress[-1][1] if self.progress else 0.0) + audio))
 
     def _commit(self, end: ShardEnd) -> None:
         """Make a unit's outputs visible, then record it done. A crash before the record leaves
@@ -205,8 +223,11 @@ def latent_format(config: EncodeConfig, model) -> tuple[torch.dtype, dict]:
     return (torch.float16 if config.latent_dtype == "float16" else torch.float32), metadata
 
 
-def _collate(items: list[WindowItem]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    audio = torch.stack([it.audio for it in items])
+def _collate(items: list[WindowItem], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack windows into a batch; into pinned memory for a CUDA device, so its copy does not block."""
+    first = items[0].audio
+    audio = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=pin)
+    torch.stack([it.audio for it in items], out=audio)
     masks = torch.stack([it.padding_mask for it in items])
     keys = [f"{it.shard_id}/{it.key}" for it in items]
     return audio, masks, keys
@@ -285,12 +306,33 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
     merged = RunStats(units_total=units_total, units_skipped=units_skipped, elapsed_seconds=elapsed)
     for stats in per_rank:
         for name in ("units_done", "units_failed", "samples", "windows", "rejected", "errors", "warnings",
-                     "audio_seconds", "batches", "fp32_retries", "retries", "resumes"):
+                     "audio_seconds", "batches", "fp32_retries", "oom_splits", "retries", "resumes",
+                     "steady_audio_seconds"):
             setattr(merged, name, getattr(merged, name) + stats[name])
-        merged.loop_seconds = max(merged.loop_seconds, stats["loop_seconds"])
+        for name in ("loop_seconds", "warmup_seconds", "steady_seconds"):
+            setattr(merged, name, max(getattr(merged, name), stats[name]))
         merged.stopped_early = merged.stopped_early or stats["stopped_early"]
         merged.units_per_rank.append(stats["units_done"])
+    if per_rank:  # how rank 0 ran (the others run the same way on the same kind of device)
+        first = per_rank[0]
+        merged.batch_size, merged.batch_probe, merged.compiled, merged.cpus = (
+            first["batch_size"], first["batch_probe"], first["compiled"], first["cpus"])
     return merged
+
+
+def use_compile(config: EncodeConfig, device: torch.device, todo: list[Shard]) -> bool:
+    """--compile / --no-compile, else on for a CUDA job large enough to pay back the compile warm-up."""
+    if config.compile is not None:
+        return config.compile
+    return device.type == "cuda" and sum(u.size for u in todo) >= COMPILE_MIN_INPUT_BYTES
+
+
+def resolve_batch_size(config: EncodeConfig, encoder: BatchEncoder) -> tuple[int, dict]:
+    """The batch size to use, and with `auto`, how the probe found it (recorded in details.json)."""
+    if config.batch_size != "auto":
+        return int(config.batch_size), {}
+    size, probe = encoder.probe_batch_size(config.sample_size, cap=AUTO_BATCH_CAP, host_memory=available_memory())
+    return size, {"requested": "auto", "chosen": size, **probe}
 
 
 def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
@@ -300,11 +342,12 @@ def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
     check_topology(launch, config)
     inputs = plan_inputs(config)
     device = rank_device(config.device, launch)
-    if device.type == "cpu" and launch.local_world_size > 1:
-        torch.set_num_threads(cpu_threads_per_rank(launch))
+    cpus = plan_cpus(max_workers=config.num_workers, device_type=device.type, ranks_on_node=launch.local_world_size,
+                     cpus=config.cpus)
+    torch.set_num_threads(cpus.torch_threads)
     job = Job(launch, device, peer_timeout=config.peer_timeout)
     try:
-        return _run_rank(inputs, job, device, started)
+        return _run_rank(inputs, job, device, cpus, started)
     except BaseException as exc:
         cause = job.failure_behind(exc)
         if cause is not None:
@@ -315,7 +358,7 @@ def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
         job.close()
 
 
-def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float) -> RunStats:
+def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, started: float) -> RunStats:
     config = inputs.config
     place = inputs.output_place()
     manifest = RunManifest(place)
@@ -355,7 +398,12 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
                           "nodes do not see the same files")
     todo = [inputs.units[i] for i in plan["todo"]]
     first_batch = int(plan["next_batch"].get(str(job.rank), 0))
-    stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"])
+    encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
+                           latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
+                           compile=use_compile(config, device, todo))
+    stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"], compiled=encoder.compiled,
+                     cpus=cpus.describe())
+    stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder)
     monitor = None
     if job.rank == 0 and config.progress:
         totals = ProgressTotals(bytes=sum(u.size for u in todo), units=stats.units_total,
@@ -364,7 +412,7 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
         monitor.start()
     finished = False
     try:
-        _encode_units(inputs, todo, model, device, stats, job, manifest, first_batch)
+        _encode_units(inputs, todo, encoder, stats, job, manifest, first_batch, cpus.workers)
         stats.elapsed_seconds = time.time() - started
         per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(), "device": str(device)})
         finished = True
@@ -378,28 +426,30 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, started: float)
         details["finished_at"] = time.time()
         details["stats"] = merged.as_dict()
         details["ranks"] = [{k: r[k] for k in ("rank", "host", "device", "units_done", "windows", "samples",
-                                               "errors", "batches", "loop_seconds")} for r in per_rank]
+                                               "errors", "batches", "batch_size", "cpus", "loop_seconds", "warmup_seconds",
+                                               "steady_seconds", "steady_audio_seconds")} for r in per_rank]
         manifest.write_details(details)
     return merged
 
 
-def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.device, stats: RunStats,
-                  job: Job, manifest: RunManifest, first_batch: int) -> None:
-    """The loop: claimed units -> loader -> batches -> encoder -> writer thread; fills `stats`."""
+def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, stats: RunStats,
+                  job: Job, manifest: RunManifest, first_batch: int, max_workers: int) -> None:
+    """The loop: claimed units -> loader -> batches -> encoder -> writer thread; fills `stats`.
+
+    The loop never waits for the device: it submits a batch and goes on collating the next one;
+    the writer thread collects each batch's latents when the device has them."""
     config = inputs.config
+    model, device, batch_size = encoder.model, encoder.device, stats.batch_size
     reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
                                         sample_size=config.sample_size, chunking=inputs.chunking,
                                         max_chunks=config.max_chunks, seed=config.seed),
                     UnitClaims(job.address, len(todo)), inputs.storage)
-    num_workers = min(config.num_workers, len(todo))
+    num_workers = min(max_workers, len(todo))
     # in_order=False: a worker decoding a long file does not hold up windows the others have ready
     # (each worker's own items still arrive in order, so a unit's end marker follows its windows)
-    loader = DataLoader(reader, batch_size=None, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", in_order=False,
-                        prefetch_factor=max(2, config.batch_size) if num_workers else None)
-    encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
-                           latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
-                           compile=config.compile)
+    # windows are collated into pinned memory by the main loop (`_collate`), not pinned one by one here
+    loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False,
+                        prefetch_factor=max(2, batch_size) if num_workers else None)
     folder = FolderWriter(manifest.place, job.rank, first_batch)
     marker = manifest.start_writing(job.rank, first_batch)
     counter = ProgressCounter(job.add_progress)
@@ -417,7 +467,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
         stats.resumes += end.resumes
         counter.add(units=1, bytes=end.input_bytes, samples=end.samples, errors=errors)
 
-    writer = _WriterThread(config, manifest, folder, *latent_format(config, model), on_unit_done)
+    writer = _WriterThread(config, manifest, folder, encoder, *latent_format(config, model), on_unit_done)
     writer.start()
 
     def put(job_item) -> None:
@@ -437,10 +487,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
     def flush() -> None:
         nonlocal batch, ends_after_batch, batch_index
         if batch:
-            audio, masks, keys = _collate(batch)
-            encoded = encoder.encode(audio, masks, keys)
-            stats.fp32_retries += int(encoded.fp32_retry)
-            put(("batch", (batch_index, batch, encoded)))
+            audio, masks, keys = _collate(batch, pin=device.type == "cuda")
+            put(("batch", (batch_index, batch, encoder.submit(audio, masks, keys))))
             batch_index += 1
             stats.batches += 1
             counter.add(windows=len(batch), bytes=sum(it.input_bytes for it in batch),
@@ -465,7 +513,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
             if stats.stopped_early:
                 break  # the first window past --limit-batches: units ending before it were committed
             batch.append(item)
-            if len(batch) >= config.batch_size:
+            if len(batch) >= batch_size:
                 flush()
                 if config.limit_batches is not None and stats.batches >= config.limit_batches:
                     stats.stopped_early = True
@@ -484,6 +532,12 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], model, device: torch.dev
     writer.discard_open_units()
     manifest.place.close()
     manifest.done_writing(marker)  # every unit this rank opened is committed or removed
+    stats.fp32_retries, stats.oom_splits, stats.compiled = encoder.retries, encoder.splits, encoder.compiled
+    if writer.progress and loop_started is not None:
+        (first_at, first_audio), (last_at, last_audio) = writer.progress[0], writer.progress[-1]
+        stats.warmup_seconds = first_at - loop_started
+        stats.steady_seconds = last_at - first_at
+        stats.steady_audio_seconds = last_audio - first_audio
     own = inputs.storage.counters()  # the main process: uploads, records, listing
     stats.retries += own["retries"]
     stats.resumes += own["resumes"]

@@ -1,0 +1,84 @@
+"""runner.py in-process: out-of-memory batches split and the run goes on, --batch-size auto recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import read_folder_layout, write_dataset_config
+from wds_encode.cli import format_summary
+from wds_encode.config import EncodeConfig
+from wds_encode.encoder import BatchEncoder
+from wds_encode.runner import run
+
+SAMPLE_SIZE = 8192
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """2 shards x 6 samples, one window each."""
+    from wds_encode.synth import write_tar_shards
+    folder = tmp_path_factory.mktemp("runner")
+    _, samples = write_tar_shards(folder / "in", 2, 6, seed=3, name="r", min_seconds=0.5, max_seconds=1.0)
+    config = write_dataset_config(folder / "d.json", "wds", [{"id": "r", "path": str(folder / "in")}],
+                                  random_crop=False)
+    return config, samples
+
+
+def encode_config(demo_model, dataset_config, out, **options) -> EncodeConfig:
+    model_config, ckpt = demo_model
+    return EncodeConfig(model_config=model_config, ckpt_path=ckpt, dataset_config=dataset_config,
+                        output_path=str(out), sample_size=SAMPLE_SIZE, num_workers=0, progress=False,
+                        devices="1", **options)
+
+
+def inject_oom(monkeypatch, too_large):
+    """Make BatchEncoder's forward pass raise the device's out-of-memory error when `too_large(keys)`."""
+    forward = BatchEncoder._forward
+
+    def patched(self, model, audio, keys, start, encoder=None):
+        if too_large(keys):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return forward(self, model, audio, keys, start, encoder)
+    monkeypatch.setattr(BatchEncoder, "_forward", patched)
+
+
+def test_out_of_memory_batches_of_four_are_split_and_every_window_is_written(dataset, demo_model, tmp_path,
+                                                                             monkeypatch):
+    config, samples = dataset
+    inject_oom(monkeypatch, lambda keys: len(keys) > 1)
+    stats = run(encode_config(demo_model, config, tmp_path / "out", batch_size=4))
+    assert stats.windows == len(samples) == 12 and stats.errors == 0
+    assert stats.oom_splits == 3 * 3  # three batches of 4, each halved three times (4 -> 2+2 -> 1+1+1+1)
+    assert sorted(md["__key__"] for _, md in read_folder_layout(tmp_path / "out").values()) == \
+        sorted(s.key for s in samples)
+    assert "9 batch splits after running out of device memory" in format_summary(stats)
+
+
+def test_a_window_that_never_fits_becomes_an_error_record_and_the_run_goes_on(dataset, demo_model, tmp_path,
+                                                                              monkeypatch):
+    config, samples = dataset
+    victim = samples[4].key
+    inject_oom(monkeypatch, lambda keys: any(k.endswith("/" + victim) for k in keys))
+    stats = run(encode_config(demo_model, config, tmp_path / "out", batch_size=4))
+    assert stats.windows == 11 and stats.errors == 1 and stats.units_done == 2
+    written = {md["__key__"] for _, md in read_folder_layout(tmp_path / "out").values()}
+    assert written == {s.key for s in samples} - {victim}
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["key"], e["level"]) for e in errors] == [(victim, "error")]
+    assert "out of device memory even for this one window" in errors[0]["reason"]
+
+
+def test_batch_size_auto_picks_a_power_of_two_and_records_it(dataset, demo_model, tmp_path):
+    config, samples = dataset
+    stats = run(encode_config(demo_model, config, tmp_path / "out", batch_size="auto"))
+    assert stats.windows == len(samples)
+    assert stats.batch_size >= 1 and stats.batch_size & (stats.batch_size - 1) == 0 and stats.batch_size <= 256
+    details = json.loads((tmp_path / "out" / "details.json").read_text())
+    probe = details["stats"]["batch_probe"]
+    assert probe["requested"] == "auto" and probe["chosen"] == stats.batch_size
+    assert probe["host_memory_bytes"] > 0 and probe["bytes_per_window_estimate"] > 0
+    assert details["args"]["batch_size"] == "auto" and details["ranks"][0]["batch_size"] == stats.batch_size
+    assert f"batch size {stats.batch_size} (auto)" in format_summary(stats)
