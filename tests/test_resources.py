@@ -201,10 +201,11 @@ def test_usage_over_the_limit_leaves_nothing(tmp_path):
 
 # --------------------------------------------------------------------------- the plan
 
-def test_cpu_plan_gives_the_encoder_every_core_and_workers_half():
+def test_cpu_plan_gives_the_encoder_every_core_and_half_as_many_workers():
     assert plan_cpus(max_workers=4, device_type="cpu", cpus=2, omp_num_threads="") == CpuPlan(2, 1, 2)
-    assert plan_cpus(max_workers=4, device_type="cpu", cpus=1, omp_num_threads="") == CpuPlan(1, 0, 1)
-    assert plan_cpus(max_workers=4, device_type="cpu", cpus=1.5, omp_num_threads="") == CpuPlan(1.5, 0, 1)
+    assert plan_cpus(max_workers=4, device_type="cpu", cpus=1, omp_num_threads="") == CpuPlan(1, 1, 1)
+    assert plan_cpus(max_workers=4, device_type="cpu", cpus=1.5, omp_num_threads="") == CpuPlan(1.5, 1, 1)
+    assert plan_cpus(max_workers=4, device_type="cpu", cpus=0.5, omp_num_threads="") == CpuPlan(0.5, 1, 1)
     assert plan_cpus(max_workers=4, device_type="cpu", cpus=5, omp_num_threads="") == CpuPlan(5, 2, 5)
     assert plan_cpus(max_workers=16, device_type="cpu", cpus=32, omp_num_threads="") == CpuPlan(32, 16, 32)
 
@@ -213,8 +214,8 @@ def test_cpu_plan_share_per_rank():
     plan = plan_cpus(max_workers=8, device_type="cpu", ranks_on_node=4, cpus=16, omp_num_threads="")
     assert plan == CpuPlan(4, 2, 4)
     plan = plan_cpus(max_workers=8, device_type="cpu", ranks_on_node=3, cpus=2, omp_num_threads="")
-    assert plan == CpuPlan(0.67, 0, 1)  # more ranks than cores: each still gets one thread
-    assert plan.describe() == "0.67 CPUs: decoding in the main process, 1 encoder thread"
+    assert plan == CpuPlan(0.67, 1, 1)  # more ranks than cores: each still gets one thread and a worker
+    assert plan.describe() == "0.67 CPUs: 1 decode worker, 1 encoder thread"
 
 
 def test_cuda_plan_decodes_on_the_cpus_and_keeps_one_for_the_main_process():

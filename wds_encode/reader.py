@@ -186,10 +186,10 @@ class Reader(IterableDataset):
         self._metadata_fns: dict[str, Callable] = {}
 
     def __iter__(self) -> Iterator[WindowItem | ShardEnd]:
-        torch.set_num_threads(1)
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        if info is not None:  # a forked worker: its own clients and locks, never the parent's copies
+        if info is not None:  # a worker process: one thread (the encoder's threads are the main process's),
+            torch.set_num_threads(1)  # and its own S3 clients and locks, never the parent's copies
             self.storage = Storage(self.storage.defaults)
         for index in (self.claims if self.claims is not None else range(len(self.shards))):
             for item in self.read_shard(self.shards[index]):

@@ -5,7 +5,7 @@ or `taskset` may give it fewer cores (the affinity set) or a fraction of their t
 quota), and a cgroup memory limit is what gets it OOM-killed, whatever the host has free. Sizing
 DataLoader workers and torch's intra-op threads from the host's count puts decode workers and the
 encoder's threads on the same few cores, where they slow each other down (on a 2-core machine the
-old default of 4 workers made a CPU run slower than 0 workers, see `plan_cpus`).
+default of 4 workers is slower than 1, see `plan_cpus`).
 
 So: `available_cpus()` and `available_memory()` read what the kernel enforces (affinity, cgroup
 v1 or v2, /proc/meminfo), treating any file they cannot read as "no limit from it", and
@@ -235,18 +235,22 @@ def plan_cpus(*, max_workers: int, device_type: str, ranks_on_node: int = 1, cpu
               omp_num_threads: Optional[str] = None) -> CpuPlan:
     """Decode workers and encoder threads for one rank, from its share of the CPUs.
 
-    share = `cpus` (default `available_cpus()`) / `ranks_on_node`, at least 1; `whole` = the share
-    rounded down (a 1.5-CPU quota runs 1 thread unthrottled; 2 would be throttled a quarter of the time).
+    share = `cpus` (default `available_cpus()`) / `ranks_on_node`, reported as `CpuPlan.cpus`; `whole` =
+    the share rounded down, at least 1 (a 1.5-CPU quota runs 1 thread unthrottled; 2 would be throttled
+    a quarter of the time).
     `max_workers` (`--num-workers`) is an upper bound the plan never exceeds; 0 stays 0 (decode in the
     main process).
 
-    - device "cpu": the encoder is the bottleneck and uses every core it is given, so it gets them all
-      (`torch_threads = whole`) and the decode workers share them: `workers = min(max_workers,
-      whole // 2)`, which is 0 below 2 CPUs. Measured on a 2-core machine (the demo model, 48 files):
-      0 workers 13.4 s, 1 worker 15.0 s, 2 workers 17.6 s, 4 workers 19.3 s. A worker is a separate
-      process that competes with the encoder's threads for the same cores, and on a small machine the
-      overlap it buys is worth less than the cores it takes; with more cores, decoding in parallel pays.
-    - device "cuda": the GPU encodes, so the CPU's job is decoding: `workers = min(max_workers,
+    - device "cpu": the encoder is the bottleneck and scales with threads, so it gets every core
+      (`torch_threads = whole`), and decoding overlaps with it in `workers = min(max_workers,
+      max(1, whole // 2))` processes. Measured with the real command on a 2-core machine (demo model,
+      48 files, batch 8, median wall of 4 runs on a quiet machine): 1 worker 8.9 s, 2 workers 9.2 s,
+      4 workers (the old default) 10.0 s; 1 encoder thread instead of 2 is slower (1 worker 11.7 s,
+      4 workers 10.0 s), and so is decoding in the main process (0 workers 11.5 s). Pinned to 1 core,
+      0 and 1 worker tie (11.3 s and 11.1 s, median of 5), so 1 CPU still gets a worker. Every worker
+      is a process whose decoding competes with the encoder's threads for the same cores: past the few
+      needed to keep batches ready they only take time from the encoder.
+    - any other device ("cuda"): the GPU encodes, so the CPU's job is decoding: `workers = min(max_workers,
       whole - 1)` (at least 1 where the user allows any), leaving a core for the main process, which
       feeds the GPU and writes the output; `torch_threads = min(4, whole - workers)`, at least 1: the
       main process's CPU ops are small (copies, casts), so more threads only contend with the workers.
@@ -263,7 +267,7 @@ def plan_cpus(*, max_workers: int, device_type: str, ranks_on_node: int = 1, cpu
         workers = min(max_workers, max(1, whole - 1))
         threads = min(CUDA_MAX_TORCH_THREADS, max(1, whole - workers))
     else:
-        workers = min(max_workers, whole // 2)
+        workers = min(max_workers, max(1, whole // 2))
         threads = whole
     omp = parse_omp_num_threads(omp_num_threads if omp_num_threads is not None
                                 else os.environ.get("OMP_NUM_THREADS"))
