@@ -185,3 +185,14 @@ def test_batch_size_probe_on_the_cpu_fits_the_memory_it_is_given(model):
     small, _ = enc.probe_batch_size(N, cap=64, host_memory=per_window * 20)
     assert small == 8 and small * per_window <= per_window * 20 * 0.8 / 2 < 2 * small * per_window
     assert enc.probe_batch_size(N, cap=64, host_memory=1)[0] == 1
+
+
+def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_latents(model):
+    audio, masks = batch()
+    plain = BatchEncoder(model, device=torch.device("cpu"), latent_mode="sample", seed=2)
+    padded = BatchEncoder(model, device=torch.device("cpu"), latent_mode="sample", seed=2)
+    padded.pad_to = 5
+    ref, out = plain.encode(audio, masks, list("abc")), padded.encode(audio, masks, list("abc"))
+    assert out.latents.shape[0] == 3 and len(out.errors) == 3 and out.padding_masks.shape[0] == 3
+    torch.testing.assert_close(out.latents, ref.latents, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.padding_masks, ref.padding_masks)

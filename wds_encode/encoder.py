@@ -78,6 +78,7 @@ class PendingBatch:
     keys: list[str]
     parts: list[_Part]
     splits: int = 0
+    count: int = 0                 # real windows; the rest are padding (a short last batch)
 
 
 class BatchEncoder:
@@ -115,6 +116,7 @@ class BatchEncoder:
         self._encoders = {id(m): (torch.compile(m.encoder, dynamic=False) if compile else m.encoder)
                           for m in (self.model, self.low_model) if m is not None}
         self._lock = threading.Lock()
+        self.pad_to: int | None = None  # pad shorter batches to this size (a compiled graph per shape)
         self.retries = 0     # batches (or parts) re-run in fp32
         self.splits = 0      # halvings after running out of memory
 
@@ -183,11 +185,18 @@ class BatchEncoder:
     @torch.inference_mode()
     def submit(self, audio: torch.Tensor, padding_masks: torch.Tensor, keys: list[str]) -> PendingBatch:
         """Queue a CPU batch [B, C, N] on the device; returns at once on CUDA."""
+        count = len(keys)
+        if self.pad_to is not None and count < self.pad_to:  # the short last batch reuses the compiled graph
+            extra = self.pad_to - count
+            audio = torch.cat([audio, audio.new_zeros(extra, *audio.shape[1:])])
+            padding_masks = torch.cat([padding_masks, padding_masks.new_zeros(extra, *padding_masks.shape[1:])])
+            keys = keys + [f"padding/{i}" for i in range(extra)]
         parts, splits = self._forward_split(self.low_model or self.model, audio, keys, 0)
         if splits:
             with self._lock:
                 self.splits += splits
-        return PendingBatch(audio=audio, padding_masks=padding_masks, keys=keys, parts=parts, splits=splits)
+        return PendingBatch(audio=audio, padding_masks=padding_masks, keys=keys, parts=parts, splits=splits,
+                            count=count)
 
     @torch.inference_mode()
     def collect(self, pending: PendingBatch) -> EncodedBatch:
@@ -228,8 +237,10 @@ class BatchEncoder:
                     errors[part.start + i] = "encoder produced non-finite latents" + (
                         " (also in fp32)" if self.low_model is not None else "")
         length = latents.shape[-1] if latents is not None else 1
-        masks = latent_padding_mask(pending.padding_masks, length)
-        return EncodedBatch(latents=latents, padding_masks=masks, errors=errors, fp32_retry=retried, splits=splits)
+        n = pending.count or len(pending.keys)
+        masks = latent_padding_mask(pending.padding_masks[:n], length)
+        return EncodedBatch(latents=latents[:n] if latents is not None else None, padding_masks=masks,
+                            errors=errors[:n], fp32_retry=retried, splits=splits)
 
     def encode(self, audio: torch.Tensor, padding_masks: torch.Tensor, keys: list[str]) -> EncodedBatch:
         return self.collect(self.submit(audio, padding_masks, keys))

@@ -404,6 +404,8 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"], compiled=encoder.compiled,
                      cpus=cpus.describe())
     stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder)
+    if encoder.compiled:
+        encoder.pad_to = stats.batch_size  # one graph for every batch, the short last one included
     monitor = None
     if job.rank == 0 and config.progress:
         totals = ProgressTotals(bytes=sum(u.size for u in todo), units=stats.units_total,

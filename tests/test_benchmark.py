@@ -1,0 +1,165 @@
+"""scripts/benchmark.py: one run on a tiny dataset writes every part (encoder alone eager and compiled,
+data path, end to end in steady state, the seed's approach) with positive throughputs and the ratios
+computed from them; --skip leaves parts out and says so; the nvidia-smi sampler parses what
+nvidia-smi prints, asks for the right GPU, and says why it is skipped when nvidia-smi is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+TINY = ["--model", "demo", "--files", "6", "--shards", "2", "--seconds", "0.5", "--sample-size", "16384",
+        "--min-steady-seconds", "0", "--encoder-seconds", "0.2", "--data-seconds", "0.2",
+        "--baseline-seconds", "0"]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("wds_encode_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmark(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, *args, "--workdir", str(tmp_path / "work"),
+                           "--json-out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"wrote {out}" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+@pytest.mark.slow
+def test_tiny_run_like_the_gpu_command_measures_every_part_and_the_ratios(tmp_path):
+    """The GPU command's options (two precisions, compiled end to end, batches of 2) on the CPU."""
+    result = run_benchmark(tmp_path, "--precisions", "bf16,fp32", "--compile", "on", "--batch-size", "2",
+                           "--num-workers", "2", "--baseline-workers", "2")
+    assert result["command"].startswith("python ") and "--precisions bf16,fp32" in result["command"]
+    assert result["argv"][1:3] == ["--model", "demo"]
+    for field in ("date", "host", "device", "torch", "cpus_available", "cpu_plan", "load_average_start",
+                  "load_average_end"):
+        assert result[field], field
+    params = result["params"]
+    assert params["precisions"] == ["bf16", "fp32"] and params["batch_size"] == 2
+    assert params["compile"] == "on"
+    assert params["sample_size"] == 16384 and params["sample_rate"] == 44100
+    dataset = result["dataset"]
+    assert dataset["formats"] == ["flac"] and dataset["rates"] == [44100, 48000]
+    assert dataset["channels"] == [2]
+    assert dataset["files"] == 6 and dataset["tars"] == 2 and dataset["bytes"] > 0
+
+    encoder = result["encoder_alone"]
+    assert sorted((r["precision"], r["mode"]) for r in encoder) == [
+        ("bf16", "compiled"), ("bf16", "eager"), ("fp32", "compiled"), ("fp32", "eager")]
+    for row in encoder:
+        assert row["realtime"] > 0 and row["batches"] >= 3 and row["batch_size"] == 2
+        assert _close(row["realtime"], row["audio_seconds"] / row["seconds"])
+        assert _close(row["audio_seconds"], row["windows"] * 16384 / 44100)
+        assert row["compiled"] == (row["mode"] == "compiled") and row["compile_error"] is None
+        assert row["warmup_seconds"] >= row["first_batch_seconds"] > 0
+
+    data = result["data_path"]
+    assert data["windows"] >= 6 and data["errors"] == 0 and data["windows"] == 6 * data["passes"]
+    assert data["realtime"] > 0 and _close(data["realtime"], data["audio_seconds"] / data["seconds"])
+    assert _close(data["realtime_per_cpu"], data["realtime"] / data["cpus_used"])
+    assert data["cpus_used"] == max(1, data["workers"])
+
+    e2e = result["end_to_end"]
+    assert [r["precision"] for r in e2e] == ["bf16", "fp32"]
+    for row in e2e:
+        assert row["compiled"] is True and row["batch_size"] == 2 and row["errors"] == 0
+        assert row["windows"] == 6 * row["repeats"] and row["windows"] >= 6
+        assert row["steady_seconds"] > 0 and row["steady_audio_seconds"] > 0 and row["warmup_seconds"] > 0
+        assert _close(row["realtime"], row["steady_audio_seconds"] / row["steady_seconds"])
+        assert row["steady_ok"] is True and row["last_batch_partial"] is False  # 6 windows, batches of 2
+        assert row["gpu_utilisation"] == {"skipped": "device is cpu, not a GPU"}
+
+    baseline = result["baseline"]
+    assert [r["precision"] for r in baseline] == ["bf16", "fp32"]
+    for row in baseline:
+        assert row["batch_size"] == 1 and row["num_workers"] == 2 and row["windows"] >= 2
+        assert row["realtime"] > 0 and _close(row["realtime"], row["audio_seconds"] / row["seconds"])
+    work = tmp_path / "work"
+    assert not list(work.glob("out-e2e-*")) and not list(work.glob("baseline-*"))  # outputs removed
+
+    def realtime(rows, **match):
+        return next(r["realtime"] for r in rows if all(r[k] == v for k, v in match.items()))
+    for precision in ("bf16", "fp32"):
+        ratios = result["ratios"][precision]
+        whole = realtime(e2e, precision=precision)
+        eager, compiled = realtime(encoder, precision=precision, mode="eager"), realtime(
+            encoder, precision=precision, mode="compiled")
+        assert _close(ratios["encoder_compiled_over_eager"], compiled / eager)
+        assert _close(ratios["end_to_end_over_encoder"], whole / compiled)  # end to end ran compiled
+        assert _close(ratios["end_to_end_over_encoder_eager"], whole / eager)
+        assert _close(ratios["end_to_end_over_baseline"], whole / realtime(baseline, precision=precision))
+    for row in [*encoder, data, *e2e, *baseline]:  # what else ran on the machine meanwhile
+        machine = row["machine"]
+        assert machine["own_cpu_seconds"] > 0 and machine["wall_seconds"] > 0
+        assert machine["others_cores"] >= 0
+        assert machine["machine_busy_cpu_seconds"] >= machine["others_cpu_seconds"]
+    assert result["peak_rss_mb"]["self"] > 100 and result["peak_rss_mb"]["children"] > 0
+    assert set(result["peak_rss_mb_after"]) == {"data", "encoder", "e2e", "baseline"}
+
+
+def test_skipped_parts_are_marked_and_their_ratios_are_none(tmp_path):
+    result = run_benchmark(tmp_path, "--skip", "encoder,e2e,baseline")
+    for part in ("encoder_alone", "end_to_end", "baseline"):
+        assert result[part] == {"skipped": True}
+    assert result["data_path"]["realtime_per_cpu"] > 0
+    assert result["params"]["precisions"] == ["fp32"]
+    assert result["params"]["skip"] == ["baseline", "e2e", "encoder"]
+    assert set(result["ratios"]["fp32"].values()) == {None}
+
+
+def test_unknown_part_to_skip_is_refused():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--skip", "encoder,decoder"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown part(s) ['decoder']" in proc.stderr
+
+
+def test_gpu_sampler_parses_nvidia_smi_for_the_right_gpu_and_says_why_when_absent(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "nvidia-smi"
+    # odd calls report 40% and 1000 MiB, even calls 80% and 3000 MiB
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n"
+                    f"if [ $(( $(wc -l < {calls}) % 2 )) = 1 ]; then echo '40, 1000'\n"
+                    "else echo '80, 3000'; fi\n")
+    fake.chmod(0o755)
+    sampler = bench.GpuSampler("GPU-1234", interval=0.01, executable=str(fake))
+    sampler.start()
+    deadline = time.time() + 30
+    while len(sampler.samples) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    sampler.stop()
+    summary = sampler.summary()
+    assert summary["samples"] >= 4 and summary["failed_samples"] == 0 and summary["gpu"] == "GPU-1234"
+    assert summary["utilization_min"] == 40 and summary["utilization_max"] == 80
+    assert 40 < summary["utilization_mean"] < 80 and summary["memory_used_mib_max"] == 3000
+    assert calls.read_text().splitlines()[0] == \
+        "--query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -i GPU-1234"
+    assert sampler.summary(start=time.time() + 60)["samples"] == 0  # a window with no samples in it
+
+    absent = bench.GpuSampler("0", executable=str(tmp_path / "no-such-nvidia-smi"))
+    absent.start()
+    absent.stop()
+    assert absent.summary() == {"skipped": "nvidia-smi not found on PATH"}
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert bench.nvidia_smi_id(torch.device("cuda:1")) == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert bench.nvidia_smi_id(torch.device("cuda:1")) == "1"
+    assert bench.nvidia_smi_id(torch.device("cuda")) == "0"
