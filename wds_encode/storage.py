@@ -54,9 +54,9 @@ class StorageError(OSError):
     """A place could not be read or written; `place` says where, `reason` why (e.g. AccessDenied)."""
 
     def __init__(self, place: str, reason: str, code: str = ""):
-        super().__init__(f"{redact_url(place)}: {redact_text(reason)}")
+        super().__init__(f"{redact_url(place)}: {redact_url(reason)}")
         self.place = redact_url(place)
-        self.reason = redact_text(reason)
+        self.reason = redact_url(reason)
         self.code = code          # the S3 error code (NoSuchKey, AccessDenied...) when there is one
 
     def __reduce__(self):  # rebuilt from its parts, so it can cross a process boundary
@@ -67,13 +67,10 @@ class StorageFull(StorageError):
     """The place filled up (disk full, quota): free space, then rerun."""
 
 
-def redact_url(url: str) -> str:
-    """`scheme://user:secret@host` -> `scheme://***@host`: an endpoint URL can carry credentials."""
-    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(url))
-
-
-def redact_text(text: str) -> str:
-    return redact_url(text)
+def redact_url(text: str) -> str:
+    """`scheme://user:secret@host` -> `scheme://***@host` in a URL, or in any text that holds URLs:
+    an endpoint URL can carry credentials."""
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
 
 
 _SECRET_KEY = re.compile(r"(^|_)(secret|password|passwd|token|credentials?|access_key(_id)?|api_key)($|_)")
