@@ -113,12 +113,16 @@ class BatchEncoder:
         self.compiled = compile
         self.compile_error: str | None = None
         # the encoder network each model copy runs; torch.compile'd on request (one graph per batch shape)
-        self._encoders = {id(m): (torch.compile(m.encoder, dynamic=False) if compile else m.encoder)
-                          for m in (self.model, self.low_model) if m is not None}
+        self._encoders = self._networks(compile)
         self._lock = threading.Lock()
         self.pad_to: int | None = None  # pad shorter batches to this size (a compiled graph per shape)
         self.retries = 0     # batches (or parts) re-run in fp32
         self.splits = 0      # halvings after running out of memory
+
+    def _networks(self, compile: bool) -> dict:
+        """The encoder network each model copy runs, by the copy's id: torch.compile'd or eager."""
+        return {id(m): (torch.compile(m.encoder, dynamic=False) if compile else m.encoder)
+                for m in (self.model, self.low_model) if m is not None}
 
     @property
     def bottleneck(self):
@@ -146,8 +150,7 @@ class BatchEncoder:
             if network is model.encoder or is_out_of_memory(exc):
                 raise
             # torch.compile could not build the graph here (no C++ compiler, no triton...): go on eagerly
-            self._encoders = {key: m.encoder for key, m in ((id(m), m) for m in (self.model, self.low_model)
-                                                             if m is not None)}
+            self._encoders = self._networks(compile=False)
             self.compiled, self.compile_error = False, f"{type(exc).__name__}: {str(exc)[:300]}"
             pre = model.encoder(x).float()
         if self.is_discrete:

@@ -144,10 +144,11 @@ def _client_error_code(exc: BaseException) -> tuple[str, str]:
 def s3_error(place: str, exc: BaseException, doing: str = "") -> StorageError:
     """A botocore/network exception -> StorageError (StorageFull for quota codes), message with the code."""
     code, message = _client_error_code(exc)
-    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") \
-        if isinstance(getattr(exc, "response", None), dict) else None
-    reason = f"{doing + ': ' if doing else ''}{code}: {message}" if code not in message else \
-        f"{doing + ': ' if doing else ''}{message}"
+    response = getattr(exc, "response", None)
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+    reason = message if code in message else f"{code}: {message}"
+    if doing:
+        reason = f"{doing}: {reason}"
     cls = StorageFull if (code in FULL_CODES or status == 507) else StorageError
     return cls(place, reason, code)
 
@@ -411,6 +412,13 @@ class ObjectWriter:
     def abort(self) -> None: ...
 
 
+def _rename_into_place(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise local_error(str(target), exc, "cannot rename into place") from None
+
+
 class LocalPlace(Place):
     def __init__(self, url: str):
         self.url = str(url)
@@ -433,20 +441,15 @@ class LocalPlace(Place):
             with open(path, "wb") as f:
                 f.write(data)
         except OSError as exc:
-            path.unlink(missing_ok=True) if exc.errno in FULL_ERRNOS else None
+            if exc.errno in FULL_ERRNOS:
+                path.unlink(missing_ok=True)  # a truncated file helps nobody on a full disk
             raise local_error(str(path), exc, "cannot write") from None
-
-    def _rename(self, source: Path, target: Path) -> None:
-        try:
-            os.replace(source, target)
-        except OSError as exc:
-            raise local_error(str(target), exc, "cannot rename into place") from None
 
     def write(self, relative: str, data: bytes) -> None:
         final = self._path(relative)
         tmp = final.with_name(final.name + PARTIAL)
         self._write_file(tmp, data)
-        self._rename(tmp, final)
+        _rename_into_place(tmp, final)
 
     def delete(self, relatives: Iterable[str]) -> int:
         count = 0
@@ -482,7 +485,7 @@ class LocalPlace(Place):
     def publish(self, relatives: list[str]) -> None:
         for rel in relatives:
             final = self._path(rel)
-            self._rename(final.with_name(final.name + PARTIAL), final)
+            _rename_into_place(final.with_name(final.name + PARTIAL), final)
 
     def unstage(self, relatives: list[str]) -> None:
         for rel in relatives:
@@ -536,10 +539,7 @@ class LocalObjectWriter(ObjectWriter):
 
     def commit(self) -> None:
         self.finish()
-        try:
-            os.replace(self.tmp, self.path)
-        except OSError as exc:
-            raise local_error(str(self.path), exc, "cannot rename into place") from None
+        _rename_into_place(self.tmp, self.path)
 
     def abort(self) -> None:
         if self._file is not None:
