@@ -5,8 +5,9 @@ Generates WebDataset shards of real audio (FLAC, stereo, 44.1 and 48 kHz, one fi
 encoder with seeded weights (the Stable Audio Open VAE at full size, or the small bundled demo model),
 then measures, in audio seconds per wall second (x real time):
 
-  encoder   the encoder alone (`BatchEncoder`) on batches already on the device, eager and compiled
-            (torch.compile; its warm-up is reported apart), per precision;
+  encoder   the encoder alone (`BatchEncoder`) on batches already on the device, per precision, in three
+            modes: eager (the model as written, channels first), channels-last (`--channels-last`) and
+            compiled (torch.compile, in the layout wds-encode uses on the device; its warm-up reported apart);
   data      the data path alone: the `Reader` (tar streaming, decode, resample, windows) in a DataLoader
             with the workers wds-encode plans for this machine, no model; also per CPU core;
   e2e       wds-encode end to end (`runner.run`), in steady state: from the first batch written to the
@@ -17,10 +18,12 @@ then measures, in audio seconds per wall second (x real time):
             (whole-file decode with soundfile, a torchaudio Resample built per file, then crop/pad to the
             sample size), its default batch size 1, model.encode under no_grad, then per sample a
             synchronous np.save + json.dump, and gc.collect() + torch.cuda.empty_cache() after every batch.
-            Same model, sample size, windows (crop from the start) and precision as the e2e part.
+            Same model, sample size, windows (crop from the start) and precision as the e2e part. It runs
+            in a fresh interpreter, as the seed does: torch's default threads and cuDNN settings, and
+            glibc's default allocator (wds-encode's own parts keep freed memory on a CPU, `heap.py`).
 
 The parts run in the order data, encoder, e2e, baseline, each on the same shards. It prints the
-figures and the ratios (end to end / encoder alone, end to end / baseline, compiled / eager), peak
+figures and the ratios (end to end / encoder alone, end to end / baseline, fast modes / eager), peak
 RSS, what other processes used of the CPUs meanwhile (a shared machine), and writes them with the
 command line and every parameter to a JSON file (benchmarks/*.json were made this way):
 
@@ -36,6 +39,7 @@ command line and every parameter to a JSON file (benchmarks/*.json were made thi
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import gc
 import io
@@ -73,12 +77,14 @@ from wds_encode.models.demo_model import demo_state_dict  # noqa: E402
 from wds_encode.models.reference_configs import STABLE_AUDIO_OPEN_VAE as SAO_VAE  # noqa: E402
 from wds_encode.reader import Reader, ReaderOptions, ShardEnd, WindowItem  # noqa: E402
 from wds_encode.resources import available_cpus, plan_cpus  # noqa: E402
-from wds_encode.runner import run  # noqa: E402
+from wds_encode.heap import keep_freed_memory  # noqa: E402
+from wds_encode.runner import run, use_channels_last  # noqa: E402
 from wds_encode.sources import list_shards  # noqa: E402
 from wds_encode.synth import write_tar_shards  # noqa: E402
 
-# --skip names ("compiled": the compiled encoder alone)
-PARTS = ("encoder", "compiled", "data", "e2e", "baseline")
+# --skip names ("channels-last", "compiled": those modes of the encoder alone)
+PARTS = ("encoder", "channels-last", "compiled", "data", "e2e", "baseline")
+ENCODER_MODES = ("eager", "channels-last", "compiled")
 FORMATS, RATES, CHANNELS = ("flac",), (44100, 48000), (2,)
 SEED_BATCH_SIZE = 1          # pre_encode.py's default --batch-size
 SEED_NUM_WORKERS = 4         # pre_encode.py's default --num-workers
@@ -320,15 +326,23 @@ def write_dataset_config(path: Path, shards_dir: Path, repeats: int = 1) -> Path
 
 # --------------------------------------------------------------------------- (1) encoder alone
 
-def measure_encoder(model_config: dict, ckpt: Path, *, device: torch.device, precision: str, compile: bool,
+def encoder_mode_options(mode: str, device: torch.device) -> tuple[bool, bool]:
+    """(compile, channels_last) of an encoder-alone mode: `eager` is the model as written (channels
+    first, no compile); `compiled` uses the layout wds-encode uses on this device by default."""
+    default_layout = use_channels_last(None, device)
+    return {"eager": (False, False), "channels-last": (False, True), "compiled": (True, default_layout)}[mode]
+
+
+def measure_encoder(model_config: dict, ckpt: Path, *, device: torch.device, precision: str, mode: str,
                     batch_size: int, sample_size: int, min_seconds: float, min_batches: int = 3) -> dict:
     """The encoder alone on one device-resident batch, submitted again and again two deep (submit the
     next, then collect the last: the device always has queued work). Warm-up (two batches; with
     compile, the first one compiles) is timed apart."""
+    compile, channels_last = encoder_mode_options(mode, device)
     model = load_autoencoder(model_config, ckpt)
     sample_rate = model.sample_rate
     encoder = BatchEncoder(model, device=device, precision=precision, latent_mode="sample", seed=0,
-                           compile=compile)
+                           compile=compile, channels_last=channels_last)
     audio = (0.1 * torch.randn(batch_size, model.in_channels, sample_size,
                                generator=torch.Generator().manual_seed(0))).to(device)
     masks = torch.ones(batch_size, sample_size, dtype=torch.bool)
@@ -361,7 +375,7 @@ def measure_encoder(model_config: dict, ckpt: Path, *, device: torch.device, pre
     audio_seconds = windows * sample_size / sample_rate
     batch_audio = batch_size * sample_size / sample_rate
     median_batch = statistics.median(b - a for a, b in zip(done_at, done_at[1:]))
-    row = {"precision": precision, "mode": "compiled" if compile else "eager", "compiled": encoder.compiled,
+    row = {"precision": precision, "mode": mode, "compiled": encoder.compiled, "channels_last": channels_last,
            "compile_error": encoder.compile_error, "batch_size": batch_size, "batches": batches,
            "windows": windows, "audio_seconds": audio_seconds, "seconds": seconds,
            "warmup_seconds": warmup, "first_batch_seconds": first,
@@ -445,6 +459,7 @@ def measure_end_to_end(config_path: Path, ckpt: Path, *, shards_dir: Path, workd
                        dataset_audio: float, window_seconds: float) -> dict:
     """`wds_encode.runner.run` on the shards (repeated as needed), steady-state throughput."""
     compile_option = {"auto": None, "on": True, "off": False}[args.compile]
+    layout_option = {"auto": None, "on": True, "off": False}[args.channels_last]
     # enough audio for the steady state at the encoder's measured speed (+25%), and at least 3 batches
     steady_target = 1.25 * args.min_steady_seconds + (2 if args.min_steady_seconds > 0 else 0)
     needed_audio = 3 * args.batch_size * window_seconds + (expected_realtime or 0.0) * steady_target
@@ -456,7 +471,8 @@ def measure_end_to_end(config_path: Path, ckpt: Path, *, shards_dir: Path, workd
         config = EncodeConfig(model_config=config_path, ckpt_path=ckpt, dataset_config=dataset_config,
                               output_path=str(out), batch_size=args.batch_size, sample_size=args.sample_size,
                               num_workers=args.num_workers, precision=precision, device=args.device,
-                              compile=compile_option, overwrite=True, progress=False, devices="1")
+                              compile=compile_option, channels_last=layout_option, overwrite=True,
+                              progress=False, devices="1")
         sampler = GpuSampler(nvidia_smi_id(device)) if device.type == "cuda" else None
         if sampler is not None:
             sampler.start()
@@ -484,7 +500,7 @@ def measure_end_to_end(config_path: Path, ckpt: Path, *, shards_dir: Path, workd
     steady_end = steady_start + stats.steady_seconds
     realtime = stats.steady_audio_seconds / stats.steady_seconds if stats.steady_seconds > 0 else 0.0
     row = {"precision": precision, "compile": args.compile, "compiled": stats.compiled,
-           "batch_size": stats.batch_size,
+           "channels_last": stats.channels_last, "batch_size": stats.batch_size,
            "num_workers": args.num_workers, "cpus": stats.cpus, "repeats": repeats, "attempts": attempts,
            "units": stats.units_done, "windows": stats.windows, "errors": stats.errors,
            "audio_seconds": stats.audio_seconds, "elapsed_seconds": stats.elapsed_seconds,
@@ -633,14 +649,24 @@ def measure_seed_baseline(model_config: dict, ckpt: Path, *, tars: list[Path], w
     return {"precision": precision, "batch_size": SEED_BATCH_SIZE, "num_workers": workers, "windows": windows,
             "audio_seconds": audio_seconds, "seconds": seconds, "warmup_seconds": warmup,
             "realtime": audio_seconds / seconds if seconds > 0 else 0.0,
-            "windows_per_second": windows / seconds if seconds > 0 else 0.0}
+            "windows_per_second": windows / seconds if seconds > 0 else 0.0,
+            "torch_threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def in_fresh_process(function, *args, **kwargs):
+    """function(*args, **kwargs) in a new interpreter (spawned, not forked: nothing of this process's
+    state, such as torch settings or the allocator's, carries over); returns its result."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args, **kwargs).result()
 
 
 # --------------------------------------------------------------------------- ratios and report
 
 def compute_ratios(results: dict) -> dict:
-    """Per precision: compiled / eager encoder, end to end / encoder alone (in the mode end to end ran,
-    and against each mode), end to end / baseline. Missing parts give None."""
+    """Per precision: channels-last / eager and compiled / eager encoder, end to end / encoder alone (in
+    the mode end to end ran, and against each mode), end to end / baseline. Missing parts give None."""
     def rt(rows, **match):
         for row in rows or []:
             if all(row.get(k) == v for k, v in match.items()):
@@ -653,14 +679,16 @@ def compute_ratios(results: dict) -> dict:
     encoder, e2e, baseline = results.get("encoder_alone"), results.get("end_to_end"), results.get("baseline")
     out = {}
     for precision in results["params"]["precisions"]:
-        eager, compiled = rt(encoder, precision=precision, mode="eager"), rt(encoder, precision=precision,
-                                                                            mode="compiled")
+        eager, layout, compiled = (rt(encoder, precision=precision, mode=mode) for mode in ENCODER_MODES)
         whole = rt(e2e, precision=precision)
-        e2e_compiled = next((r["compiled"] for r in e2e or [] if r["precision"] == precision), None)
+        ran = next((r for r in e2e or [] if r["precision"] == precision), {})
+        same_mode = compiled if ran.get("compiled") else layout if ran.get("channels_last") else eager
         out[precision] = {
+            "encoder_channels_last_over_eager": ratio(layout, eager),
             "encoder_compiled_over_eager": ratio(compiled, eager),
-            "end_to_end_over_encoder": ratio(whole, compiled if e2e_compiled else eager),
+            "end_to_end_over_encoder": ratio(whole, same_mode),
             "end_to_end_over_encoder_eager": ratio(whole, eager),
+            "end_to_end_over_encoder_channels_last": ratio(whole, layout),
             "end_to_end_over_encoder_compiled": ratio(whole, compiled),
             "end_to_end_over_baseline": ratio(whole, rt(baseline, precision=precision)),
         }
@@ -691,12 +719,13 @@ def report(results: dict) -> str:
     for row in results.get("encoder_alone") or []:
         lines.append(f"encoder alone {row['precision']} {row['mode']}: {row['realtime']:.2f}x real time, "
                      f"{row['windows_per_second']:.3f} windows/s (warm-up {row['warmup_seconds']:.1f} s"
-                     + ("" if row["compiled"] or row["mode"] == "eager" else "; compile FAILED, ran eagerly")
+                     + ("; compile FAILED, ran eagerly" if row["mode"] == "compiled" and not row["compiled"] else "")
                      + f"{_others(row)})")
     for row in results.get("end_to_end") or []:
         gpu = row["gpu_utilisation"].get("steady", {})
         util = f", GPU {gpu['utilization_mean']:.0f}% busy" if "utilization_mean" in gpu else ""
-        lines.append(f"end to end {row['precision']} ({'compiled' if row['compiled'] else 'eager'}): "
+        ran = ", ".join(["channels-last"] * row["channels_last"] + ["compiled"] * row["compiled"]) or "eager"
+        lines.append(f"end to end {row['precision']} ({ran}): "
                      f"{row['realtime']:.2f}x real time in steady state ({row['steady_seconds']:.1f} s, "
                      f"{row['windows']} windows), warm-up {row['warmup_seconds']:.1f} s{util}{_others(row)}")
     for row in results.get("baseline") or []:
@@ -704,16 +733,17 @@ def report(results: dict) -> str:
                      f"({row['windows']} windows in {row['seconds']:.1f} s, {row['num_workers']} workers"
                      f"{_others(row)})")
     for precision, r in results["ratios"].items():
-        lines.append(f"ratios {precision}: compiled/eager {_fmt(r['encoder_compiled_over_eager'], 2)}, "
+        lines.append(f"ratios {precision}: channels-last/eager {_fmt(r['encoder_channels_last_over_eager'], 2)}, "
+                     f"compiled/eager {_fmt(r['encoder_compiled_over_eager'], 2)}, "
                      f"end to end/encoder {_fmt(r['end_to_end_over_encoder'], 2)}, "
                      f"end to end/baseline {_fmt(r['end_to_end_over_baseline'], 2)}")
     rss = results["peak_rss_mb"]
     lines.append(f"peak RSS: {rss['self']:.0f} MB (this process, {rss['self_measures']}), "
                  f"{rss['children']:.0f} MB (largest child process)")
     lines.append("")
-    lines.append("| precision | encoder alone, eager | encoder alone, compiled | end to end (steady) "
-                 "| end to end / encoder | seed baseline | end to end / baseline |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| precision | encoder alone, eager | encoder alone, channels-last | encoder alone, compiled "
+                 "| end to end (steady) | end to end / encoder | seed baseline | end to end / baseline |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     by = {(r["precision"], r["mode"]): r["realtime"] for r in results.get("encoder_alone") or []}
     for precision, r in results["ratios"].items():
         e2e = next((x["realtime"] for x in results.get("end_to_end") or [] if x["precision"] == precision),
@@ -721,6 +751,7 @@ def report(results: dict) -> str:
         base = next((x["realtime"] for x in results.get("baseline") or [] if x["precision"] == precision),
                     None)
         lines.append(f"| {precision} | {_fmt(by.get((precision, 'eager')))} "
+                     f"| {_fmt(by.get((precision, 'channels-last')))} "
                      f"| {_fmt(by.get((precision, 'compiled')))} "
                      f"| {_fmt(e2e)} | {_fmt(r['end_to_end_over_encoder'], 2, '')} | {_fmt(base)} "
                      f"| {_fmt(r['end_to_end_over_baseline'], 2, '')} |")
@@ -750,6 +781,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="torch.compile in the end-to-end part (auto: wds-encode's default)")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="the channels-last layout in the end-to-end part (auto: wds-encode's default)")
     parser.add_argument("--min-steady-seconds", type=float, default=30.0,
                         help="end to end: read the shards enough times for this much steady state")
     parser.add_argument("--encoder-seconds", type=float, default=10.0,
@@ -784,7 +817,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     json_out = args.json_out or work / "benchmark.json"
     torch_threads_default = torch.get_num_threads()
-    cudnn_benchmark_default = torch.backends.cudnn.benchmark
     cpus = available_cpus()
     plan = plan_cpus(max_workers=args.num_workers, device_type=device.type)
     load_start = load_average()
@@ -820,6 +852,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "peak_rss_mb_setup": peak_rss_mb(),
         "peak_rss_mb_after": {},
     }
+    # as wds-encode does on a CPU (runner.run), before any part: the data path's workers inherit it
+    results["heap_kept"] = keep_freed_memory() if device.type == "cpu" else False
     peak_reset = reset_peak_rss()  # from here on, the peaks are the parts' (when the kernel allows it)
 
     def part_done(name: str) -> None:
@@ -838,10 +872,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.set_num_threads(plan.torch_threads)  # the threads end to end gives the encoder
         rows = []
         for precision in precisions:
-            for compile in ((False,) if "compiled" in args.skip else (False, True)):
+            for mode in (m for m in ENCODER_MODES if m not in args.skip):
                 meter = MachineMeter()
                 rows.append(measure_encoder(model_config, ckpt, device=device, precision=precision,
-                                            compile=compile, batch_size=args.batch_size,
+                                            mode=mode, batch_size=args.batch_size,
                                             sample_size=args.sample_size, min_seconds=args.encoder_seconds))
                 rows[-1]["machine"] = meter.stop()
                 print(f"encoder alone {precision} {rows[-1]['mode']}: {rows[-1]['realtime']:.2f}x real time "
@@ -866,21 +900,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
         part_done("e2e")
 
     if "baseline" not in args.skip:
-        # the seed leaves torch's defaults: its thread count, cudnn.benchmark off (BatchEncoder turns it on);
-        # TF32 stays as BatchEncoder left it (off after an fp32 run), so fp32 means the same precision
-        torch.set_num_threads(torch_threads_default)
-        torch.backends.cudnn.benchmark = cudnn_benchmark_default
+        # a fresh interpreter per precision, as the seed runs: torch's defaults (its thread count,
+        # cudnn.benchmark off, TF32 on), glibc's default allocator (wds-encode keeps freed memory on a CPU)
         tars = sorted((work / "shards").glob("*.tar"))
         rows = []
         for precision in precisions:
             meter = MachineMeter()
-            rows.append(measure_seed_baseline(model_config, ckpt, tars=tars, workdir=work, device=device,
-                                              precision=precision, sample_size=args.sample_size,
-                                              workers=args.baseline_workers,
-                                              min_seconds=args.baseline_seconds))
-            rows[-1].update(machine=meter.stop(), torch_threads=torch.get_num_threads(),
-                            cudnn_benchmark=torch.backends.cudnn.benchmark,
-                            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+            rows.append(in_fresh_process(measure_seed_baseline, model_config, ckpt, tars=tars, workdir=work,
+                                         device=device, precision=precision, sample_size=args.sample_size,
+                                         workers=args.baseline_workers, min_seconds=args.baseline_seconds))
+            rows[-1].update(machine=meter.stop())
             print(f"seed baseline {precision}: {rows[-1]['realtime']:.2f}x real time", flush=True)
         results["baseline"] = rows
         part_done("baseline")

@@ -1,5 +1,5 @@
-"""scripts/benchmark.py: one run on a tiny dataset writes every part (encoder alone eager and compiled,
-data path, end to end in steady state, the seed's approach) with positive throughputs and the ratios
+"""scripts/benchmark.py: one run on a tiny dataset writes every part (encoder alone eager, channels-last
+and compiled, data path, end to end in steady state, the seed's approach) with positive throughputs and the ratios
 computed from them; --skip leaves parts out and says so; the nvidia-smi sampler parses what
 nvidia-smi prints, asks for the right GPU, and says why it is skipped when nvidia-smi is absent."""
 
@@ -62,12 +62,13 @@ def test_tiny_run_like_the_gpu_command_measures_every_part_and_the_ratios(tmp_pa
 
     encoder = result["encoder_alone"]
     assert sorted((r["precision"], r["mode"]) for r in encoder) == [
-        ("bf16", "compiled"), ("bf16", "eager"), ("fp32", "compiled"), ("fp32", "eager")]
+        (p, m) for p in ("bf16", "fp32") for m in ("channels-last", "compiled", "eager")]
     for row in encoder:
         assert row["realtime"] > 0 and row["batches"] >= 3 and row["batch_size"] == 2
         assert _close(row["realtime"], row["audio_seconds"] / row["seconds"])
         assert _close(row["audio_seconds"], row["windows"] * 16384 / 44100)
         assert row["compiled"] == (row["mode"] == "compiled") and row["compile_error"] is None
+        assert row["channels_last"] == (row["mode"] != "eager")   # compiled: the CPU's default layout
         assert row["warmup_seconds"] >= row["first_batch_seconds"] > 0
 
     data = result["data_path"]
@@ -80,6 +81,7 @@ def test_tiny_run_like_the_gpu_command_measures_every_part_and_the_ratios(tmp_pa
     assert [r["precision"] for r in e2e] == ["bf16", "fp32"]
     for row in e2e:
         assert row["compiled"] is True and row["batch_size"] == 2 and row["errors"] == 0
+        assert row["channels_last"] is True      # wds-encode's default on a CPU
         assert row["windows"] == 6 * row["repeats"] and row["windows"] >= 6
         assert row["steady_seconds"] > 0 and row["steady_audio_seconds"] > 0 and row["warmup_seconds"] > 0
         assert _close(row["realtime"], row["steady_audio_seconds"] / row["steady_seconds"])
@@ -91,6 +93,9 @@ def test_tiny_run_like_the_gpu_command_measures_every_part_and_the_ratios(tmp_pa
     for row in baseline:
         assert row["batch_size"] == 1 and row["num_workers"] == 2 and row["windows"] >= 2
         assert row["realtime"] > 0 and _close(row["realtime"], row["audio_seconds"] / row["seconds"])
+        assert row["torch_threads"] == torch.get_num_threads()   # a fresh process: torch's default
+        assert row["peak_rss_mb"] > 100                          # measured in that process
+    assert result["heap_kept"] is True       # wds-encode's parts, on a CPU (glibc)
     work = tmp_path / "work"
     assert not list(work.glob("out-e2e-*")) and not list(work.glob("baseline-*"))  # outputs removed
 
@@ -99,9 +104,10 @@ def test_tiny_run_like_the_gpu_command_measures_every_part_and_the_ratios(tmp_pa
     for precision in ("bf16", "fp32"):
         ratios = result["ratios"][precision]
         whole = realtime(e2e, precision=precision)
-        eager, compiled = realtime(encoder, precision=precision, mode="eager"), realtime(
-            encoder, precision=precision, mode="compiled")
+        eager, layout, compiled = (realtime(encoder, precision=precision, mode=mode)
+                                   for mode in ("eager", "channels-last", "compiled"))
         assert _close(ratios["encoder_compiled_over_eager"], compiled / eager)
+        assert _close(ratios["encoder_channels_last_over_eager"], layout / eager)
         assert _close(ratios["end_to_end_over_encoder"], whole / compiled)  # end to end ran compiled
         assert _close(ratios["end_to_end_over_encoder_eager"], whole / eager)
         assert _close(ratios["end_to_end_over_baseline"], whole / realtime(baseline, precision=precision))

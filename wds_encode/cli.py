@@ -91,8 +91,9 @@ def format_summary(stats) -> str:
         lines.append(f"  cpu        {d['cpus']}" + (" per rank" if len(d["units_per_rank"]) > 1 else ""))
     if d["oom_splits"]:
         lines.append(f"  memory     {d['oom_splits']} batch splits after running out of device memory")
-    if d["batch_probe"] or d["compiled"]:
+    if d["batch_probe"] or d["compiled"] or d["channels_last"]:
         lines.append(f"  encoder    batch size {d['batch_size']}" + (" (auto)" if d["batch_probe"] else "")
+                     + (", channels-last" if d["channels_last"] else "")
                      + (", torch.compile" if d["compiled"] else ""))
     if d["fp32_retries"]:
         lines.append(f"  precision  {d['fp32_retries']} batches re-run in fp32 after non-finite latents")

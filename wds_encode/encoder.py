@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .models.layout import channels_last_encoder
+
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -91,7 +93,8 @@ class BatchEncoder:
     """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, precision: str = "fp32",
-                 latent_mode: str = "sample", is_discrete: bool = False, seed: int = 0, compile: bool = False):
+                 latent_mode: str = "sample", is_discrete: bool = False, seed: int = 0, compile: bool = False,
+                 channels_last: bool = False):
         self.device = device
         self.precision = precision
         self.latent_mode = latent_mode
@@ -112,7 +115,11 @@ class BatchEncoder:
             self.low_model = copy.deepcopy(self.model).to(self.dtype)
         self.compiled = compile
         self.compile_error: str | None = None
-        # the encoder network each model copy runs; torch.compile'd on request (one graph per batch shape)
+        self.channels_last = channels_last
+        # the encoder network each model copy runs, by the copy's id: eager (in the channels-last layout
+        # on request), and torch.compile'd on request (one graph per batch shape)
+        self._eager = {id(m): channels_last_encoder(m.encoder) if channels_last else m.encoder
+                       for m in (self.model, self.low_model) if m is not None}
         self._encoders = self._networks(compile)
         self._lock = threading.Lock()
         self.pad_to: int | None = None  # pad shorter batches to this size (a compiled graph per shape)
@@ -121,8 +128,7 @@ class BatchEncoder:
 
     def _networks(self, compile: bool) -> dict:
         """The encoder network each model copy runs, by the copy's id: torch.compile'd or eager."""
-        return {id(m): (torch.compile(m.encoder, dynamic=False) if compile else m.encoder)
-                for m in (self.model, self.low_model) if m is not None}
+        return {key: (torch.compile(net, dynamic=False) if compile else net) for key, net in self._eager.items()}
 
     @property
     def bottleneck(self):
@@ -143,16 +149,17 @@ class BatchEncoder:
                  encoder=None) -> _Part:
         """Queue one forward pass and the copies of its results to the host."""
         x = audio.to(self.device, non_blocking=True).to(next(model.parameters()).dtype)
+        eager = self._eager[id(model)]
         network = encoder or self._encoders[id(model)]
         try:
             pre = network(x).float()
         except Exception as exc:
-            if network is model.encoder or is_out_of_memory(exc):
+            if network is eager or encoder is not None or is_out_of_memory(exc):
                 raise
             # torch.compile could not build the graph here (no C++ compiler, no triton...): go on eagerly
             self._encoders = self._networks(compile=False)
             self.compiled, self.compile_error = False, f"{type(exc).__name__}: {str(exc)[:300]}"
-            pre = model.encoder(x).float()
+            pre = eager(x).float()
         if self.is_discrete:
             out, finite = self.bottleneck.encode_tokens(pre), torch.isfinite(pre.flatten(1)).all(dim=1)
         else:
@@ -271,7 +278,8 @@ class BatchEncoder:
                 base = torch.cuda.memory_allocated(self.device)
                 audio = torch.zeros(size, channels, sample_size)
                 try:
-                    part = self._forward(model, audio, [f"probe{i}" for i in range(size)], 0, encoder=model.encoder)
+                    part = self._forward(model, audio, [f"probe{i}" for i in range(size)], 0,
+                                         encoder=self._eager[id(model)])
                     part.event.synchronize()
                 except (torch.OutOfMemoryError, RuntimeError) as exc:
                     if not is_out_of_memory(exc):
@@ -293,9 +301,10 @@ class BatchEncoder:
         def measure(_module, _inputs, output):
             if isinstance(output, torch.Tensor):
                 largest[0] = max(largest[0], output.numel() * output.element_size())
-        hooks = [m.register_forward_hook(measure) for m in model.encoder.modules()]
+        network = self._eager[id(model)]
+        hooks = [m.register_forward_hook(measure) for m in network.modules()]
         try:
-            self._forward(model, torch.zeros(1, channels, sample_size), ["probe"], 0, encoder=model.encoder)
+            self._forward(model, torch.zeros(1, channels, sample_size), ["probe"], 0, encoder=network)
         finally:
             for hook in hooks:
                 hook.remove()

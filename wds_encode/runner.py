@@ -28,6 +28,7 @@ from .encoder import BatchEncoder, PendingBatch, token_dtype
 from .manifest import OutputState, RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
+from .heap import keep_freed_memory
 from .resources import CpuPlan, available_memory, plan_cpus
 from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
@@ -65,6 +66,7 @@ class RunStats:
     batch_size: int = 0           # the batch size used (chosen by the probe with --batch-size auto)
     batch_probe: dict = field(default_factory=dict)
     compiled: bool = False        # the encoder ran through torch.compile
+    channels_last: bool = False   # the encoder's convolutions ran in the channels-last layout
     cpus: str = ""                # the CPUs this rank could use, and how it split them (resources.plan_cpus)
     stopped_early: bool = False
     units_per_rank: list[int] = field(default_factory=list)  # merged stats: units each rank encoded
@@ -315,8 +317,8 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
         merged.units_per_rank.append(stats["units_done"])
     if per_rank:  # how rank 0 ran (the others run the same way on the same kind of device)
         first = per_rank[0]
-        merged.batch_size, merged.batch_probe, merged.compiled, merged.cpus = (
-            first["batch_size"], first["batch_probe"], first["compiled"], first["cpus"])
+        merged.batch_size, merged.batch_probe, merged.compiled, merged.channels_last, merged.cpus = (
+            first["batch_size"], first["batch_probe"], first["compiled"], first["channels_last"], first["cpus"])
     return merged
 
 
@@ -325,6 +327,11 @@ def use_compile(config: EncodeConfig, device: torch.device, todo: list[Shard]) -
     if config.compile is not None:
         return config.compile
     return device.type == "cuda" and sum(u.size for u in todo) >= COMPILE_MIN_INPUT_BYTES
+
+
+def use_channels_last(option: Optional[bool], device: torch.device) -> bool:
+    """--channels-last / --no-channels-last, else on for a CPU device (measured faster there; not on CUDA)."""
+    return option if option is not None else device.type == "cpu"
 
 
 def resolve_batch_size(config: EncodeConfig, encoder: BatchEncoder) -> tuple[int, dict]:
@@ -345,6 +352,8 @@ def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
     cpus = plan_cpus(max_workers=config.num_workers, device_type=device.type, ranks_on_node=launch.local_world_size,
                      cpus=config.cpus)
     torch.set_num_threads(cpus.torch_threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # a CPU forward pass would otherwise fault in every layer's output afresh
     job = Job(launch, device, peer_timeout=config.peer_timeout)
     try:
         return _run_rank(inputs, job, device, cpus, started)
@@ -400,9 +409,10 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     first_batch = int(plan["next_batch"].get(str(job.rank), 0))
     encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
                            latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
-                           compile=use_compile(config, device, todo))
+                           compile=use_compile(config, device, todo),
+                           channels_last=use_channels_last(config.channels_last, device))
     stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"], compiled=encoder.compiled,
-                     cpus=cpus.describe())
+                     channels_last=encoder.channels_last, cpus=cpus.describe())
     stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder)
     if encoder.compiled:
         encoder.pad_to = stats.batch_size  # one graph for every batch, the short last one included
