@@ -2,10 +2,12 @@
 
 A sample's path through the package, one module per stage:
 sources (work units) -> distributed (which rank and worker claims a unit) -> reader (tar members
--> windows, via audio) -> encoder (latents) -> writers (folder layout + latent shards) -> manifest
-(what is done); storage reads and writes local paths and s3:// alike, resources sizes workers and
-threads to the CPUs and memory at hand, runner drives one rank's loop, progress shows the job's
-progress, status reports an output's state, cli is the command.
+-> windows, via audio) -> encoder (latents; models/ holds the networks, models/layout their
+channels-last CPU form) -> writers (folder layout + latent shards) -> manifest (what is done).
+Around them: storage reads and writes local paths and s3:// alike; resources sizes workers and
+threads to the CPUs and memory at hand, and heap keeps a CPU run's freed memory for reuse; runner
+drives one rank's loop; progress shows the job's progress; status reports an output's state; cli
+is the command.
 """
 
 __version__ = "0.1.0"
