@@ -287,3 +287,25 @@ def test_plain_readers_see_the_metadata_contract(sampled):
         assert md["sample_rate"] == details["model"]["sample_rate"]
         assert isinstance(md["prompt"], str) and md["prompt"]
         assert md["path"].split("#")[0].endswith(".tar") and md["__key__"] in md["path"]
+
+
+def test_training_configs_find_exactly_the_written_files(sampled):
+    """configs/training/*.json, pointed at a complete output, find what stable-audio-tools' readers
+    look for there: every window's .npy with its .json (pre_encoded), every latent tar (wds)."""
+    configs = Path(__file__).resolve().parents[1] / "configs" / "training"
+    folder = json.loads((configs / "pre_encoded_folder.json").read_text())
+    shards = json.loads((configs / "pre_encoded_wds.json").read_text())
+    assert folder["dataset_type"] == "pre_encoded" and folder["datasets"][0]["path"].endswith("/")
+    assert shards["dataset_type"] == "wds" and shards["pre_encoded"] is True
+    assert shards["datasets"][0]["path"].endswith("/shards/")
+    for config in (folder, shards):
+        assert isinstance(config["latent_crop_length"], int) and config["random_crop"] is True
+    records = [json.loads(p.read_text()) for p in (sampled / "manifest").glob("*.json")]
+    npys = sorted(sampled.rglob("*.npy"))           # what the pre_encoded reader globs under `path`
+    assert len(npys) == sum(r["windows"] for r in records)
+    for npy in npys:
+        md = json.loads(npy.with_suffix(".json").read_text())
+        assert {"padding_mask", "seconds_total", "seconds_start"} <= set(md)
+    shards_root = sampled / shards["datasets"][0]["path"].rstrip("/").rsplit("/", 1)[1]
+    tars = sorted(str(p.relative_to(sampled)) for p in shards_root.rglob("*.tar"))
+    assert tars == sorted(rel for r in records for rel in r["latent_shards"])
