@@ -6,8 +6,9 @@ sources (work units) -> distributed (which rank and worker claims a unit) -> rea
 channels-last CPU form) -> writers (folder layout + latent shards) -> manifest (what is done).
 Around them: storage reads and writes local paths and s3:// alike; resources sizes workers and
 threads to the CPUs and memory at hand, and heap keeps a CPU run's freed memory for reuse; runner
-drives one rank's loop; progress shows the job's progress; status reports an output's state; cli
-is the command.
+drives one rank's loop; progress shows the job's progress; status reports an output's state;
+inspect sums up its contents (counts, latent statistics, scale factor; inspect_plot draws them);
+cli is the command.
 """
 
 __version__ = "0.1.0"

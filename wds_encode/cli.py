@@ -256,6 +256,61 @@ def status_command(output: str, as_json: bool, s3_profile, s3_endpoint_url, s3_r
     click.echo(json_module.dumps(status, indent=1) if as_json else format_status(status))
 
 
+@main.command("inspect", short_help="Counts, latent statistics and scale factor of an output")
+@click.argument("sources", nargs=-1, required=True, metavar="OUT|SHARD_URLS...")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE.png", help="Also draw per-channel distributions and a duration histogram into this PNG "
+                   "(needs matplotlib: pip install 'wds-encode[plot]')")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Read at most N windows (a seeded random choice for an output) [default: all, exact]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which windows --max-windows picks; the "
+              "plot's sample")
+@s3_access_options
+def inspect_command(sources, as_json: bool, plot_path, max_windows, seed, s3_profile, s3_endpoint_url, s3_region):
+    """What an encoded output holds, before training on it: units, files, windows and audio hours per
+    dataset, latent shape, dtype and padding, errors by reason, per-channel latent statistics and the
+    scale factor (1 / std), or token histograms and codebook usage for discrete outputs.
+
+    OUT is an output folder or s3://bucket/prefix/ (read through its manifest); SHARD_URLS are latent
+    shard tars (paths, s3:// URLs, brace patterns), inspected without a manifest. Statistics are over
+    the unpadded frames (padding_mask 1).
+    """
+    import json as json_module
+
+    from .config import ConfigError as DatasetPathError
+    from .inspect import InspectError, format_inspection, inspect_output, inspect_shards, is_shard_spec
+    from .status import NotAnOutput
+    from .storage import Storage, StorageError
+
+    if plot_path is not None:
+        from .inspect_plot import PlotUnavailable, load_pyplot
+        try:
+            load_pyplot()  # before a long read, not after it
+        except PlotUnavailable as exc:
+            click.echo(f"wds-encode inspect: error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+    storage = Storage(_s3_options(s3_profile, s3_endpoint_url, s3_region))
+    try:
+        if is_shard_spec(list(sources)):
+            inspection = inspect_shards(storage, list(sources), max_windows=max_windows, seed=seed)
+        else:
+            try:
+                inspection = inspect_output(storage.place(sources[0]), max_windows=max_windows, seed=seed)
+            except NotAnOutput as exc:
+                raise NotAnOutput(f"{exc} (to inspect latent shards without an output folder, pass their .tar "
+                                  "paths or a brace pattern such as OUT/shards/DATASET/{a,b}-000.tar)") from None
+        if plot_path is not None:
+            from .inspect_plot import write_plot
+            write_plot(inspection, plot_path)
+    except (NotAnOutput, StorageError, DatasetPathError, InspectError, OSError) as exc:
+        click.echo(f"wds-encode inspect: error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(json_module.dumps(inspection.report, indent=1) if as_json else format_inspection(inspection.report))
+    if plot_path is not None and not as_json:
+        click.echo(f"  plot       {plot_path}")
+
+
 @main.command("verify")
 @click.argument("output")
 @click.option("--model-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
