@@ -14,6 +14,9 @@ then measures, in audio seconds per wall second (x real time):
             last, the warm-up before it (start-up, compile) reported apart; the dataset is read as many
             times as needed for --min-steady-seconds of steady state. On a GPU, nvidia-smi samples the
             utilisation every 0.5 s meanwhile;
+  chunking  wds-encode end to end with --chunking crop, split and full on files of mixed lengths
+            (--mixed-seconds, 5 s to 10 min): the padding each encodes (zeros per real sample) and its
+            throughput;
   baseline  stable-audio-tools' pre_encode.py approach, written here: its DataLoader over the same shards
             (whole-file decode with soundfile, a torchaudio Resample built per file, then crop/pad to the
             sample size), its default batch size 1, model.encode under no_grad, then per sample a
@@ -22,7 +25,7 @@ then measures, in audio seconds per wall second (x real time):
             in a fresh interpreter, as the seed does: torch's default threads and cuDNN settings, and
             glibc's default allocator (wds-encode's own parts keep freed memory on a CPU, `heap.py`).
 
-The parts run in the order data, encoder, e2e, baseline, each on the same shards. It prints the
+The parts run in the order data, encoder, e2e, baseline (each on the same shards), chunking. It prints the
 figures and the ratios (end to end / encoder alone, end to end / baseline, fast modes / eager), peak
 RSS, what other processes used of the CPUs meanwhile (a shared machine), and writes them with the
 command line and every parameter to a JSON file (benchmarks/*.json were made this way):
@@ -83,7 +86,7 @@ from wds_encode.sources import list_shards  # noqa: E402
 from wds_encode.synth import write_tar_shards  # noqa: E402
 
 # --skip names ("channels-last", "compiled": those modes of the encoder alone)
-PARTS = ("encoder", "channels-last", "compiled", "data", "e2e", "baseline")
+PARTS = ("encoder", "channels-last", "compiled", "data", "e2e", "baseline", "chunking")
 ENCODER_MODES = ("eager", "channels-last", "compiled")
 FORMATS, RATES, CHANNELS = ("flac",), (44100, 48000), (2,)
 SEED_BATCH_SIZE = 1          # pre_encode.py's default --batch-size
@@ -662,6 +665,51 @@ def in_fresh_process(function, *args, **kwargs):
         return pool.submit(function, *args, **kwargs).result()
 
 
+# --------------------------------------------------------------------------- (5) chunking modes
+
+def make_mixed_shards(folder: Path, lengths: list[float]) -> dict:
+    """One FLAC file per length (one tar each), reused when the folder holds the same lengths."""
+    spec = {"lengths": lengths, "formats": FORMATS, "rates": RATES, "channels": CHANNELS}
+    marker = folder / "spec.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(spec))):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for i, seconds in enumerate(lengths):
+            write_tar_shards(folder, 1, 1, seed=i, name=f"mixed{i:03d}", formats=FORMATS, rates=RATES,
+                             channels=CHANNELS, min_seconds=seconds, max_seconds=seconds)
+        marker.write_text(json.dumps(spec))
+    tars = sorted(folder.glob("*.tar"))
+    return {**spec, "files": len(lengths), "audio_seconds": sum(lengths),
+            "bytes": sum(p.stat().st_size for p in tars)}
+
+
+def measure_chunking(config_path: Path, ckpt: Path, *, shards_dir: Path, workdir: Path, precision: str,
+                     args: argparse.Namespace, sample_rate: int) -> list[dict]:
+    """wds-encode end to end with --chunking crop, split and full on files of mixed lengths: the
+    padding each mode encodes, and its throughput (real audio, and all samples encoded, per second)."""
+    dataset_config = write_dataset_config(workdir / "dataset-mixed.json", shards_dir)
+    rows = []
+    for mode in ("crop", "split", "full"):
+        out = workdir / f"out-chunking-{mode}"
+        config = EncodeConfig(model_config=config_path, ckpt_path=ckpt, dataset_config=dataset_config,
+                              output_path=str(out), batch_size=args.batch_size, sample_size=args.sample_size,
+                              num_workers=args.num_workers, precision=precision, device=args.device, chunking=mode,
+                              max_seconds=args.max_seconds, overwrite=True, progress=False, devices="1")
+        meter = MachineMeter()
+        stats = in_fresh_process(run, config)   # as a run of its own: each mode sets its own allocator policy
+        shutil.rmtree(out, ignore_errors=True)
+        seconds = stats.loop_seconds
+        rows.append({"chunking": mode, "precision": precision, "windows": stats.windows, "batches": stats.batches,
+                     "audio_seconds": stats.audio_seconds, "real_samples": stats.real_samples,
+                     "padding_samples": stats.padding_samples, "padding_overhead": stats.padding_overhead,
+                     "loop_seconds": seconds, "warmup_seconds": stats.warmup_seconds,
+                     "realtime": stats.audio_seconds / seconds if seconds > 0 else 0.0,
+                     "encoded_realtime": (stats.real_samples + stats.padding_samples) / sample_rate / seconds
+                     if seconds > 0 else 0.0,
+                     "machine": meter.stop()})
+    return rows
+
+
 # --------------------------------------------------------------------------- ratios and report
 
 def compute_ratios(results: dict) -> dict:
@@ -737,6 +785,10 @@ def report(results: dict) -> str:
                      f"compiled/eager {_fmt(r['encoder_compiled_over_eager'], 2)}, "
                      f"end to end/encoder {_fmt(r['end_to_end_over_encoder'], 2)}, "
                      f"end to end/baseline {_fmt(r['end_to_end_over_baseline'], 2)}")
+    for row in results.get("chunking") or []:
+        lines.append(f"chunking {row['chunking']:5s}: {row['windows']} windows, padding "
+                     f"{100 * row['padding_overhead']:.1f}% of real samples, {row['realtime']:.2f}x real time "
+                     f"({row['encoded_realtime']:.2f}x counting padding){_others(row)}")
     rss = results["peak_rss_mb"]
     lines.append(f"peak RSS: {rss['self']:.0f} MB (this process, {rss['self_measures']}), "
                  f"{rss['children']:.0f} MB (largest child process)")
@@ -793,6 +845,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="timed seconds (at most one pass over the shards) of the seed baseline")
     parser.add_argument("--baseline-workers", type=int, default=SEED_NUM_WORKERS,
                         help="DataLoader workers of the seed baseline (pre_encode.py's default: 4)")
+    parser.add_argument("--mixed-seconds", default="5,12,30,60,120,240,420,600",
+                        help="chunking part: the lengths (s) of its files, one each (default: 5 s to 10 min)")
+    parser.add_argument("--max-seconds", type=float, default=300.0,
+                        help="chunking part: wds-encode's --max-seconds for --chunking full")
     parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where shards, model and outputs go (default: a new temporary folder); "
@@ -800,6 +856,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json-out", type=Path, default=None, help="default: WORKDIR/benchmark.json")
     args = parser.parse_args(argv)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    try:
+        args.mixed_seconds = [float(v) for v in args.mixed_seconds.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--mixed-seconds: expected a comma list of seconds, got {args.mixed_seconds!r}")
     unknown = args.skip - set(PARTS)
     if unknown:
         parser.error(f"--skip: unknown part(s) {sorted(unknown)}; the parts are {', '.join(PARTS)}")
@@ -914,7 +974,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         results["baseline"] = rows
         part_done("baseline")
 
-    for part in ("encoder_alone", "data_path", "end_to_end", "baseline"):
+    if "chunking" not in args.skip:
+        mixed = make_mixed_shards(work / "mixed", args.mixed_seconds)
+        results["dataset"]["mixed"] = mixed
+        results["chunking"] = measure_chunking(config_path, ckpt, shards_dir=work / "mixed", workdir=work,
+                                               precision=precisions[-1], args=args, sample_rate=sample_rate)
+        part_done("chunking")
+        for row in results["chunking"]:
+            print(f"chunking {row['chunking']}: padding {100 * row['padding_overhead']:.1f}%, "
+                  f"{row['realtime']:.2f}x real time", flush=True)
+
+    for part in ("encoder_alone", "data_path", "end_to_end", "baseline", "chunking"):
         results.setdefault(part, {"skipped": True})
     results["peak_rss_mb"] = {**peak_rss_mb(), "self_measures": "the parts, after setup" if peak_reset else
                               "the whole process, setup included (the peak could not be reset)"}

@@ -206,6 +206,44 @@ def test_split_covers_file_exactly_once(ext, src_rate, dst_rate):
     torch.testing.assert_close(joined, ref, atol=1e-5, rtol=0)
 
 
+RATIO = 64   # a typical small downsampling ratio (the bundled demo model's)
+
+
+@pytest.mark.parametrize("samples", [1, RATIO - 1, RATIO, RATIO + 1, 10007])   # 10007 is prime
+def test_full_windows_hold_the_file_at_its_length_rounded_up_to_the_ratio(samples):
+    audio = (0.1 * np.sin(np.arange(samples) / 7.0)).astype(np.float32)[:, None]
+    data = encode_audio_bytes(audio, 44100, "wav")
+    [w] = windows(data, "wav", sample_rate=44100, channels=1, sample_size=RATIO * 1000, chunking="full",
+                  length_multiple=RATIO)
+    assert w.valid_length == w.total_length == samples
+    assert w.audio.shape == (1, math.ceil(samples / RATIO) * RATIO)      # the only padding: the rounding
+    assert w.sample_size - samples < RATIO
+    assert torch.all(w.audio[:, samples:] == 0)
+    np.testing.assert_allclose(w.audio[0, :samples].numpy(), audio[:, 0], atol=PCM16_TOL)
+
+
+def test_full_windows_of_a_resampled_file_round_its_resampled_length():
+    _, data, _ = encoded("flac", seconds=1.2345, rate=48000, channels=2)
+    ref = reference(data, "flac", 44100, 2)
+    [w] = windows(data, "flac", sample_rate=44100, channels=2, sample_size=RATIO * 4096, chunking="full",
+                  length_multiple=RATIO)
+    assert w.valid_length == ref.shape[1] and w.sample_size == math.ceil(ref.shape[1] / RATIO) * RATIO
+    torch.testing.assert_close(w.audio[:, :w.valid_length], ref, atol=1e-5, rtol=0)
+
+
+def test_a_file_longer_than_the_longest_window_is_split_and_its_last_window_kept_short():
+    _, data, _ = encoded("flac", seconds=2.5, rate=16000, channels=1)
+    size = RATIO * 250   # 16000 samples: 1 s
+    ws = windows(data, "flac", sample_rate=16000, channels=1, sample_size=size, chunking="full",
+                 length_multiple=RATIO)
+    assert [(w.offset, w.valid_length, w.sample_size) for w in ws] == [
+        (0, size, size), (size, size, size), (2 * size, 8000, 8000 // RATIO * RATIO + RATIO * (8000 % RATIO > 0))]
+    assert all(w.num_chunks == 3 and w.total_length == 40000 for w in ws)
+    with pytest.raises(ValueError, match="not a multiple of length_multiple"):
+        iter_windows(data, ext="flac", sample_rate=16000, channels=1, sample_size=size + 1, chunking="full",
+                     length_multiple=RATIO)
+
+
 def test_split_max_chunks_caps_windows():
     _, data, _ = encoded("flac", seconds=3.0, rate=16000, channels=1)
     ws = windows(data, "flac", sample_rate=16000, channels=1, sample_size=4000, chunking="split",

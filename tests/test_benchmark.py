@@ -18,7 +18,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 TINY = ["--model", "demo", "--files", "6", "--shards", "2", "--seconds", "0.5", "--sample-size", "16384",
         "--min-steady-seconds", "0", "--encoder-seconds", "0.2", "--data-seconds", "0.2",
-        "--baseline-seconds", "0"]
+        "--baseline-seconds", "0", "--mixed-seconds", "0.2,1.3", "--max-seconds", "0.5"]
 
 
 def load_benchmark():
@@ -96,6 +96,15 @@ def test_tiny_run_like_the_gpu_command_measures_every_part_and_the_ratios(tmp_pa
         assert row["torch_threads"] == torch.get_num_threads()   # a fresh process: torch's default
         assert row["peak_rss_mb"] > 100                          # measured in that process
     assert result["heap_kept"] is True       # wds-encode's parts, on a CPU (glibc)
+    chunking = {row["chunking"]: row for row in result["chunking"]}
+    assert sorted(chunking) == ["crop", "full", "split"]
+    assert chunking["crop"]["windows"] == 2 and chunking["split"]["windows"] == 1 + 4   # 16384-sample windows
+    assert chunking["full"]["windows"] == 1 + 3          # 1.3 s in windows of at most 0.5 s
+    assert chunking["full"]["padding_overhead"] < 0.01 < chunking["split"]["padding_overhead"]
+    for row in chunking.values():
+        assert row["realtime"] > 0 and row["encoded_realtime"] >= row["realtime"]
+        assert row["real_samples"] > 0 and row["padding_samples"] >= 0
+    assert result["dataset"]["mixed"]["lengths"] == [0.2, 1.3]
     work = tmp_path / "work"
     assert not list(work.glob("out-e2e-*")) and not list(work.glob("baseline-*"))  # outputs removed
 
@@ -117,16 +126,16 @@ def test_tiny_run_like_the_gpu_command_measures_every_part_and_the_ratios(tmp_pa
         assert machine["others_cores"] >= 0
         assert machine["machine_busy_cpu_seconds"] >= machine["others_cpu_seconds"]
     assert result["peak_rss_mb"]["self"] > 100 and result["peak_rss_mb"]["children"] > 0
-    assert set(result["peak_rss_mb_after"]) == {"data", "encoder", "e2e", "baseline"}
+    assert set(result["peak_rss_mb_after"]) == {"data", "encoder", "e2e", "baseline", "chunking"}
 
 
 def test_skipped_parts_are_marked_and_their_ratios_are_none(tmp_path):
-    result = run_benchmark(tmp_path, "--skip", "encoder,e2e,baseline")
-    for part in ("encoder_alone", "end_to_end", "baseline"):
+    result = run_benchmark(tmp_path, "--skip", "encoder,e2e,baseline,chunking")
+    for part in ("encoder_alone", "end_to_end", "baseline", "chunking"):
         assert result[part] == {"skipped": True}
     assert result["data_path"]["realtime_per_cpu"] > 0
     assert result["params"]["precisions"] == ["fp32"]
-    assert result["params"]["skip"] == ["baseline", "e2e", "encoder"]
+    assert result["params"]["skip"] == ["baseline", "chunking", "e2e", "encoder"]
     assert set(result["ratios"]["fp32"].values()) == {None}
 
 

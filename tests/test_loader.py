@@ -28,7 +28,7 @@ def encode(demo_model, dataset_config: Path, out: str | Path, **options) -> None
     model_config, ckpt = options.pop("model", demo_model)
     stats = run(EncodeConfig(model_config=model_config, ckpt_path=ckpt, dataset_config=dataset_config,
                              output_path=str(out), sample_size=options.pop("sample_size", SAMPLE_SIZE),
-                             num_workers=0, progress=False, devices="1", batch_size=8, **options))
+                             num_workers=0, progress=False, devices="1", **{"batch_size": 8, **options}))
     assert stats.windows > 0 and stats.errors == 0
 
 
@@ -309,3 +309,33 @@ def test_training_configs_find_exactly_the_written_files(sampled):
     shards_root = sampled / shards["datasets"][0]["path"].rstrip("/").rsplit("/", 1)[1]
     tars = sorted(str(p.relative_to(sampled)) for p in shards_root.rglob("*.tar"))
     assert tars == sorted(rel for r in records for rel in r["latent_shards"])
+
+
+@pytest.fixture(scope="module")
+def full_out(inputs, demo_model, tmp_path_factory):
+    """A `--chunking full` output: every file at its own length (latents of 1 to 41 frames here)."""
+    out = tmp_path_factory.mktemp("loader-full") / "out"
+    encode(demo_model, inputs, out, chunking="full", batch_size=2)
+    return out
+
+
+@pytest.mark.parametrize("bucket_width", [None, 8])
+def test_variable_length_latents_are_padded_per_batch_with_a_mask(full_out, bucket_width):
+    truth = stored(full_out)
+    lengths = {name: array.shape[-1] for name, (array, _) in truth.items()}
+    assert len(set(lengths.values())) > 5, "the output holds latents of many lengths"
+    loader = latent_loader(str(full_out), 3, num_workers=2, bucket_width=bucket_width)
+    seen = []
+    for latents, metadata in loader:
+        real = [lengths[name_of(md)] for md in metadata]
+        assert latents.shape[-1] == max(real)                  # padded to the batch's longest only
+        if bucket_width is not None:
+            assert max(real) - min(real) < bucket_width
+        for latent, md, n in zip(latents, metadata, real):
+            assert md["padding_mask"].tolist() == [True] * n + [False] * (latents.shape[-1] - n)
+            np.testing.assert_array_equal(latent[:, :n].numpy(), truth[name_of(md)][0])
+            assert latent[:, n:].abs().sum() == 0
+            seen.append(name_of(md))
+    assert sorted(seen) == sorted(truth)
+    with pytest.raises(ValueError, match="bucket_width works with form='shards'"):
+        latent_loader(str(full_out), 3, form="folder", bucket_width=8)

@@ -27,7 +27,7 @@ import torchaudio.functional as AF
 
 AUDIO_EXTENSIONS: tuple[str, ...] = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
 
-CHUNKING_MODES: tuple[str, ...] = ("crop", "random_crop", "split")
+CHUNKING_MODES: tuple[str, ...] = ("crop", "random_crop", "split", "full")
 
 # Frames decoded per read when skipping or counting, so memory stays bounded.
 _BLOCK_FRAMES = 1 << 16
@@ -180,6 +180,24 @@ def _window_offsets(total: int, sample_size: int, chunking: str, key: str, seed:
     if max_chunks is not None:
         count = min(count, max_chunks)
     return [i * sample_size for i in range(count)]
+
+
+def plan_windows(total: int, sample_size: int, chunking: str, *, key: str = "", seed: int = 0,
+                 max_chunks: int | None = None, length_multiple: int = 1) -> list[tuple[int, int, int]]:
+    """(offset, valid samples, window size) of each window of a file of `total` samples.
+
+    crop / random_crop / split windows are `sample_size` long, zero-padded after the audio. `full`
+    windows hold the whole file (a file longer than `sample_size` is split into windows of that
+    length) at its own length, rounded up to `length_multiple` (the model's downsampling ratio):
+    the only padding is that rounding.
+    """
+    plan = []
+    for offset in _window_offsets(total, sample_size, "split" if chunking == "full" else chunking, key, seed,
+                                  max_chunks):
+        valid = min(sample_size, total - offset)
+        size = -(-valid // length_multiple) * length_multiple if chunking == "full" else sample_size
+        plan.append((offset, valid, size))
+    return plan
 
 
 def _check_finite(audio: torch.Tensor, what: str) -> None:
@@ -483,26 +501,30 @@ def _render(reader, offset: int, valid: int, channels: int, target_rate: int) ->
 
 
 def _validate(sample_rate: int, channels: int, sample_size: int, chunking: str,
-              max_chunks: int | None) -> None:
+              max_chunks: int | None, length_multiple: int) -> None:
     if chunking not in CHUNKING_MODES:
         raise ValueError(f"chunking must be one of {CHUNKING_MODES}, got {chunking!r}")
-    if sample_rate < 1 or channels < 1 or sample_size < 1:
-        raise ValueError("sample_rate, channels and sample_size must be >= 1")
+    if sample_rate < 1 or channels < 1 or sample_size < 1 or length_multiple < 1:
+        raise ValueError("sample_rate, channels, sample_size and length_multiple must be >= 1")
+    if sample_size % length_multiple:
+        raise ValueError(f"sample_size {sample_size} is not a multiple of length_multiple {length_multiple}")
     if max_chunks is not None and max_chunks < 1:
         raise ValueError(f"max_chunks must be >= 1 or None, got {max_chunks}")
 
 
 def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, sample_size: int,
                  chunking: str = "crop", key: str = "", seed: int = 0,
-                 max_chunks: int | None = None) -> Iterator[Window]:
+                 max_chunks: int | None = None, length_multiple: int = 1) -> Iterator[Window]:
     """Decode ``data`` lazily into model windows.
 
     ``crop``: one window from the start; ``random_crop``: one window at an
     offset derived from (seed, key), stable across runs; ``split``: back-to-back
-    windows covering the file, the last zero-padded. Opening errors raise here;
-    per-window errors (e.g. non-finite samples) raise while iterating.
+    windows covering the file, the last zero-padded; ``full``: the file at its own
+    length rounded up to ``length_multiple`` (split into ``sample_size`` windows if
+    longer; see `plan_windows`). Opening errors raise here; per-window errors
+    (e.g. non-finite samples) raise while iterating.
     """
-    _validate(sample_rate, channels, sample_size, chunking, max_chunks)
+    _validate(sample_rate, channels, sample_size, chunking, max_chunks, length_multiple)
     ext = _norm_ext(ext)
     # A plain crop reads from frame 0 without seeking; don't seek an MP3 just to check its length.
     reader = _open_reader(data, ext, check_end=chunking != "crop")
@@ -511,30 +533,30 @@ def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, samp
         reader.close()
         raise AudioDecodeError(f"cannot make {channels} channels from {have}-channel .{ext} audio")
     return _generate(reader, ext=ext, sample_rate=sample_rate, channels=channels, sample_size=sample_size,
-                     chunking=chunking, key=key, seed=seed, max_chunks=max_chunks)
+                     chunking=chunking, key=key, seed=seed, max_chunks=max_chunks, length_multiple=length_multiple)
 
 
 def _generate(reader, *, ext: str, sample_rate: int, channels: int, sample_size: int, chunking: str,
-              key: str, seed: int, max_chunks: int | None) -> Iterator[Window]:
+              key: str, seed: int, max_chunks: int | None, length_multiple: int) -> Iterator[Window]:
     with reader:
         yielded = False
         while True:  # re-plans (before the first yield) if the header over-stated the length
             total = _resampled_length(reader.frames, reader.sample_rate, sample_rate)
             if total <= 0:
                 raise AudioDecodeError(f"no audio frames in .{ext} data")
-            offsets = _window_offsets(total, sample_size, chunking, key, seed, max_chunks)
+            plan = plan_windows(total, sample_size, chunking, key=key, seed=seed, max_chunks=max_chunks,
+                                length_multiple=length_multiple)
             try:
-                for index, offset in enumerate(offsets):
-                    valid = min(sample_size, total - offset)
+                for index, (offset, valid, size) in enumerate(plan):
                     audio = _render(reader, offset, valid, channels, sample_rate)
                     _check_finite(audio, f"window {index} of .{ext} audio")
-                    if valid < sample_size:
-                        padded = audio.new_zeros((channels, sample_size))
+                    if valid < size:
+                        padded = audio.new_zeros((channels, size))
                         padded[:, :valid] = audio
                         audio = padded
                     yielded = True
                     yield Window(audio=audio.contiguous(), offset=offset, valid_length=valid,
-                                 total_length=total, chunk_index=index, num_chunks=len(offsets),
+                                 total_length=total, chunk_index=index, num_chunks=len(plan),
                                  sample_rate=sample_rate, source_sample_rate=reader.sample_rate,
                                  source_channels=reader.channels)
                 return

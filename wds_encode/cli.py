@@ -87,6 +87,9 @@ def format_summary(stats) -> str:
     if d["retries"] or d["resumes"]:
         lines.append(f"  storage    {d['retries']} requests retried, {d['resumes']} broken streams resumed "
                      "(reconnects)")
+    if d["padding_samples"]:
+        lines.append(f"  padding    {100 * d['padding_overhead']:.2f}% (zeros encoded per real sample, "
+                     "windows padded to their size)")
     if d["cpus"]:
         lines.append(f"  cpu        {d['cpus']}" + (" per rank" if len(d["units_per_rank"]) > 1 else ""))
     if d["oom_splits"]:

@@ -99,9 +99,16 @@ class EncodeConfig(BaseModel):
         None, description="Encoder precision (default fp32, fp16 with --model-half)")
     latent_mode: Literal["sample", "mean", "params"] = Field(
         "sample", description="VAE output: sample (seeded by key), mean, or params (mean and std)")
-    chunking: Literal["crop", "split"] = Field(
-        "crop", description="crop: one window per file; split: every window of a long file")
-    max_chunks: Optional[int] = Field(None, ge=1, description="With split: at most this many windows per file")
+    chunking: Literal["crop", "split", "full"] = Field(
+        "crop", description="crop: one window per file; split: every window of a long file; full: each file at its "
+                            "own length (rounded up to the downsampling ratio), split only past --max-seconds")
+    max_chunks: Optional[int] = Field(None, ge=1, description="With split or full: at most this many windows per file")
+    max_seconds: float = Field(300.0, gt=0, le=MAX_SAMPLE_SIZE / 8000,
+                               description="With full: the longest window; a longer file is split into windows "
+                                           "of this length (its last one at its own length)")
+    bucket_buffer: int = Field(64, ge=1, le=100_000,
+                               description="With full: windows held back to fill batches of one length (memory: "
+                                           "up to this many windows of --max-seconds each)")
     shards: bool = Field(True, description="Also write latent tar shards under OUT/shards")
     shard_maxcount: int = Field(10000, ge=1, description="Samples per latent shard before a new part")
     shard_maxsize: int = Field(3_000_000_000, ge=1024, description="Bytes per latent shard before a new part")

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import threading
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ class _Part:
 class PendingBatch:
     """A batch submitted to the device: what `collect` needs to finish it."""
 
-    audio: torch.Tensor            # the CPU batch, kept for an fp32 re-run
+    audio: Optional[torch.Tensor]  # the CPU batch, kept for an fp32 re-run (low precision only)
     padding_masks: torch.Tensor
     keys: list[str]
     parts: list[_Part]
@@ -205,7 +206,10 @@ class BatchEncoder:
         if splits:
             with self._lock:
                 self.splits += splits
-        return PendingBatch(audio=audio, padding_masks=padding_masks, keys=keys, parts=parts, splits=splits,
+        # in fp32 nothing is re-run: let the batch go (a queue of pending batches of long windows is large);
+        # on CUDA a pinned batch stays reserved until its copy to the device is done
+        keep = audio if self.low_model is not None else None
+        return PendingBatch(audio=keep, padding_masks=padding_masks, keys=keys, parts=parts, splits=splits,
                             count=count)
 
     @torch.inference_mode()

@@ -15,7 +15,8 @@ One window becomes `(latent [C, T], metadata)`, the same way in both forms:
 - tokens (`--is-discrete`) come back as int64 tensors [Q, T], latents as float32.
 `metadata["padding_mask"]` becomes a bool tensor aligned with the returned latent.
 `collate_latents` stacks a batch into `(latents [B, C, T], list of metadata)`, padding shorter
-latents to the longest (mask 0 there).
+latents to the longest (mask 0 there); `bucket_width` batches latents of similar length together
+(`--chunking full` outputs), so that padding stays under that many frames.
 
 Epochs and ranks. Every rank and DataLoader worker reads a disjoint part of every epoch: shards
 (or folder windows) are shuffled with (seed, epoch), identically on every rank, then dealt out by
@@ -289,11 +290,35 @@ class _Decode:
             yield latent, md
 
 
+class _BatchByLength:
+    """Stage: batches of latents of similar length (`--chunking full` outputs): samples wait in buckets
+    of `width` frames, a bucket leaves when it holds `batch_size`, the fullest when `buffer` wait in all;
+    so collation pads by less than `width` frames."""
+
+    def __init__(self, batch_size: int, width: int, buffer: int):
+        self.batch_size, self.width, self.buffer = batch_size, width, max(buffer, batch_size)
+
+    def __call__(self, samples: Iterable[tuple[torch.Tensor, dict]]) -> Iterator[tuple[torch.Tensor, list[dict]]]:
+        buckets: dict[int, list] = {}
+        held = 0
+        for sample in samples:
+            bucket = buckets.setdefault(-(-sample[0].shape[-1] // self.width), [])
+            bucket.append(sample)
+            held += 1
+            if len(bucket) >= self.batch_size or held >= self.buffer:
+                key = max(buckets, key=lambda k: len(buckets[k]))
+                held -= len(buckets[key])
+                yield collate_latents(buckets.pop(key))
+        for bucket in buckets.values():
+            yield collate_latents(bucket)
+
+
 class LatentShards(wds.DataPipeline):
     """The webdataset pipeline `latent_dataset` returns; `set_epoch` before each epoch."""
 
     def __init__(self, urls: list[str], reading: LatentReading, *, storage: Storage, shuffle: bool,
-                 shuffle_buffer: int, rank: int, world_size: int, batch_size: Optional[int]):
+                 shuffle_buffer: int, rank: int, world_size: int, batch_size: Optional[int],
+                 bucket_width: Optional[int] = None):
         self.urls = urls
         self.reading = reading
         self.epoch = _Epoch()
@@ -307,7 +332,9 @@ class LatentShards(wds.DataPipeline):
         if shuffle and shuffle_buffer > 1:
             stages.append(_ShuffleSamples(shuffle_buffer, self.epoch, reading.seed, rank))
         stages.append(_Decode(reading, self.epoch))
-        if batch_size is not None:
+        if batch_size is not None and bucket_width is not None:
+            stages.append(_BatchByLength(batch_size, bucket_width, max(shuffle_buffer, 4 * batch_size)))
+        elif batch_size is not None:
             stages.append(wds.batched(batch_size, collation_fn=collate_latents, partial=True))
         super().__init__(*stages)
 
@@ -317,16 +344,20 @@ class LatentShards(wds.DataPipeline):
 
 def latent_dataset(source: str | Sequence[str], *, latent_crop_length: Optional[int] = None,
                    random_crop: bool = False, params: str = "sample", seed: int = 0, shuffle: bool = True,
-                   shuffle_buffer: int = 1000, batch_size: Optional[int] = None, rank: Optional[int] = None,
-                   world_size: Optional[int] = None, storage: Optional[Storage] = None) -> LatentShards:
+                   shuffle_buffer: int = 1000, batch_size: Optional[int] = None, bucket_width: Optional[int] = None,
+                   rank: Optional[int] = None, world_size: Optional[int] = None,
+                   storage: Optional[Storage] = None) -> LatentShards:
     """A webdataset pipeline over the latent shards of `source` yielding (latent, metadata), or batches
-    of them (`collate_latents`) with `batch_size`. See the module docstring for the rest."""
+    of them (`collate_latents`) with `batch_size`; with `bucket_width` (frames) too, batches of latents
+    whose lengths differ by less than that. See the module docstring for the rest."""
+    if bucket_width is not None and (batch_size is None or bucket_width < 1):
+        raise ValueError("bucket_width needs a batch_size, and must be >= 1 frame")
     storage = storage or Storage()
     urls = latent_shard_urls(source, storage)
     rank, world_size = distributed_position(rank, world_size)
     reading = LatentReading(latent_crop_length=latent_crop_length, random_crop=random_crop, params=params, seed=seed)
     return LatentShards(urls, reading, storage=storage, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                        rank=rank, world_size=world_size, batch_size=batch_size)
+                        rank=rank, world_size=world_size, batch_size=batch_size, bucket_width=bucket_width)
 
 
 # --------------------------------------------------------------------------- the folder layout
@@ -410,7 +441,8 @@ class LatentLoader:
 
 def latent_loader(source: str | Sequence[str], batch_size: int, *, form: str = "shards", num_workers: int = 2,
                   latent_crop_length: Optional[int] = None, random_crop: bool = False, params: str = "sample",
-                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, rank: Optional[int] = None,
+                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
+                  bucket_width: Optional[int] = None, rank: Optional[int] = None,
                   world_size: Optional[int] = None, first_epoch: int = 0, pin_memory: bool = False,
                   storage: Optional[Storage] = None, **loader_options) -> LatentLoader:
     """Latents of `source` in batches `(latents [B, C, T], metadata list)`, from the latent shards
@@ -424,11 +456,13 @@ def latent_loader(source: str | Sequence[str], batch_size: int, *, form: str = "
                    storage=storage)
     if form == "shards":
         dataset = latent_dataset(source, shuffle=shuffle, shuffle_buffer=shuffle_buffer, batch_size=batch_size,
-                                 rank=rank, world_size=world_size, **options)
+                                 bucket_width=bucket_width, rank=rank, world_size=world_size, **options)
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                **loader_options)
         return LatentLoader(loader, dataset, first_epoch=first_epoch)
     if form == "folder":
+        if bucket_width is not None:
+            raise ValueError("bucket_width works with form='shards' (the folder form reads in a sampler's order)")
         if not isinstance(source, (str, os.PathLike)) or str(source).endswith(".tar") or "{" in str(source):
             raise LatentSourceError(f"form='folder' reads an output (folder or s3:// prefix), not {source!r}")
         dataset = LatentFolder(str(source), **options)

@@ -53,7 +53,9 @@ def run_identity(model_config: dict, ckpt_path: str | Path, options: dict, rando
     ident = {
         "model_config_sha256": json_sha256(model_config),
         "checkpoint_sha256": file_sha256(ckpt_path),
-        "options": {**{k: options[k] for k in IDENTITY_OPTIONS}, "random_crop": random_crop},
+        "options": {**{k: options[k] for k in IDENTITY_OPTIONS}, "random_crop": random_crop,
+                    # only where it changes what is written, so outputs of other modes keep their identity
+                    **({"max_seconds": options["max_seconds"]} if options.get("chunking") == "full" else {})},
     }
     ident["hash"] = json_sha256(ident)
     return ident

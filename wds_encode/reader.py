@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -27,6 +27,9 @@ from .audio import AUDIO_EXTENSIONS, AudioDecodeError, iter_windows
 from .sources import Shard
 from .storage import Storage
 
+# A sample's windows are held until all of them decoded, so a file that fails half-way yields none;
+# past this much audio (a long file split into many windows) they are passed on as they come instead.
+HOLD_BYTES = 128 << 20
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -37,21 +40,26 @@ class ReaderOptions:
     sample_rate: int
     channels: int
     sample_size: int
-    chunking: str = "crop"          # crop | random_crop | split
+    chunking: str = "crop"          # crop | random_crop | split | full
     max_chunks: Optional[int] = None
     seed: int = 0
+    length_multiple: int = 1        # full: windows are rounded up to this (the downsampling ratio)
 
 
 @dataclass
 class WindowItem:
     """One window ready for the encoder, with its JSON-native metadata."""
 
-    audio: torch.Tensor          # float32 [C, sample_size]
-    padding_mask: torch.Tensor   # bool [sample_size]
+    audio: Optional[torch.Tensor]          # float32 [C, window size]; None once batched (`without_audio`)
+    padding_mask: Optional[torch.Tensor]   # bool [window size]
     key: str                     # output key: sanitised source key (+ chunk suffix), unique per shard
     shard_id: str
     metadata: dict
     input_bytes: int = 0         # bytes of input this window accounts for (the sample's, on its first window)
+
+    def without_audio(self) -> "WindowItem":
+        """The same window with its samples let go: what is left after the batch went to the encoder."""
+        return replace(self, audio=None, padding_mask=None)
 
 
 @dataclass
@@ -264,24 +272,34 @@ class Reader(IterableDataset):
         used_keys.add(key)
         ext = (raw.audio_name or "").rsplit(".", 1)[-1].lower()
         opts = self.options
+        held: list[Optional[WindowItem]] = []   # a sample's windows, yielded once all decoded...
+        held_bytes, passed = 0, 0               # ...unless they outgrow HOLD_BYTES (a long file)
         try:
-            windows = list(iter_windows(raw.audio_bytes, ext=ext, sample_rate=opts.sample_rate,
-                                        channels=opts.channels, sample_size=opts.sample_size,
-                                        chunking=opts.chunking, key=raw.key, seed=opts.seed,
-                                        max_chunks=opts.max_chunks))
-            items = [self._item(shard, raw, key, w) for w in windows]
-        except AudioDecodeError as exc:
-            report(f"{raw.audio_name}: {exc}")
-            return
+            for window in iter_windows(raw.audio_bytes, ext=ext, sample_rate=opts.sample_rate,
+                                       channels=opts.channels, sample_size=opts.sample_size,
+                                       chunking=opts.chunking, key=raw.key, seed=opts.seed,
+                                       max_chunks=opts.max_chunks, length_multiple=opts.length_multiple):
+                held.append(self._item(shard, raw, key, window))
+                held_bytes += window.audio.numel() * window.audio.element_size()
+                if held_bytes > HOLD_BYTES:
+                    passed += len(held)
+                    yield from self._counted(held, end)
+                    held, held_bytes = [], 0
         except Exception as exc:  # never let one sample stop the run
-            report(f"{raw.audio_name}: {type(exc).__name__}: {exc}")
+            reason = str(exc) if isinstance(exc, AudioDecodeError) else f"{type(exc).__name__}: {exc}"
+            if passed:
+                reason += f" (after its first {passed} windows were passed on: the sample is incomplete)"
+            report(f"{raw.audio_name}: {reason}")
             return
+        yield from self._counted(held, end)
+
+    def _counted(self, items: list[Optional[WindowItem]], end: ShardEnd) -> Iterator[WindowItem]:
         for item in items:
             if item is None:
                 end.rejected += 1
                 continue
             end.windows += 1
-            end.audio_seconds += item.metadata["valid_length"] / opts.sample_rate
+            end.audio_seconds += item.metadata["valid_length"] / self.options.sample_rate
             yield item
 
     def _item(self, shard: Shard, raw: RawSample, key: str, window) -> Optional[WindowItem]:

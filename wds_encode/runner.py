@@ -31,6 +31,7 @@ from .models.pretrained import resolve_pretrained
 from .heap import keep_freed_memory
 from .resources import CpuPlan, available_memory, plan_cpus
 from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
+from .batching import LengthBatcher
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
 from .sources import Shard, claim_order, list_shards
 from .storage import Place, S3Options, Storage, StorageError, redact_url
@@ -64,6 +65,8 @@ class RunStats:
     steady_seconds: float = 0.0   # from the first batch written to the last: the steady state
     steady_audio_seconds: float = 0.0  # audio of the windows written in the steady state
     batch_size: int = 0           # the batch size used (chosen by the probe with --batch-size auto)
+    real_samples: int = 0         # audio samples encoded (at the model rate)...
+    padding_samples: int = 0      # ...and zeros encoded with them (windows padded to their size)
     batch_probe: dict = field(default_factory=dict)
     compiled: bool = False        # the encoder ran through torch.compile
     channels_last: bool = False   # the encoder's convolutions ran in the channels-last layout
@@ -79,7 +82,13 @@ class RunStats:
         data = dict(self.__dict__)
         data["audio_hours"] = self.audio_seconds / 3600
         data["realtime_factor"] = self.realtime_factor
+        data["padding_overhead"] = self.padding_overhead
         return data
+
+    @property
+    def padding_overhead(self) -> float:
+        """Zeros encoded per real sample (0.25: a quarter more samples went through the encoder)."""
+        return self.padding_samples / self.real_samples if self.real_samples else 0.0
 
 
 @dataclass
@@ -246,6 +255,19 @@ class RunInputs:
     chunking: str
     units: list[Shard]           # every unit of the dataset, in listing order (the same on every rank)
     storage: Storage             # this process's S3 clients; defaults from --s3-profile / --s3-endpoint-url
+    downsampling_ratio: int = 1
+
+    def window_options(self, sample_rate: int, channels: int) -> ReaderOptions:
+        """How the reader cuts files for this run: fixed windows of --sample-size, or with --chunking
+        full windows at each file's own length (rounded up to the ratio), at most --max-seconds."""
+        config = self.config
+        size, multiple = config.sample_size, 1
+        if self.chunking == "full":
+            multiple = self.downsampling_ratio
+            size = max(multiple, int(config.max_seconds * sample_rate) // multiple * multiple)
+        return ReaderOptions(sample_rate=sample_rate, channels=channels, sample_size=size,
+                             chunking=self.chunking, max_chunks=config.max_chunks, seed=config.seed,
+                             length_multiple=multiple)
 
     def output_place(self) -> Place:
         return self.storage.place(self.config.output_path)
@@ -273,7 +295,12 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
                           f"(at {exc.place}); fix the path, the bucket or its permissions") from None
     model_config, ckpt_path = resolve_model_source(config)
     ratio = int(resolve_autoencoder_config(model_config).ae_config["downsampling_ratio"])
-    if config.sample_size % ratio:
+    if config.chunking == "full":
+        rate = int(model_config["sample_rate"])
+        if int(config.max_seconds * rate) < ratio:
+            raise ConfigError(f"--max-seconds {config.max_seconds:g} is shorter than one latent frame "
+                              f"({ratio} samples at {rate} Hz)")
+    elif config.sample_size % ratio:
         raise ConfigError(f"--sample-size {config.sample_size} is not a multiple of the model's "
                           f"downsampling_ratio {ratio}; latents would not line up "
                           f"(try {config.sample_size // ratio * ratio})")
@@ -281,7 +308,7 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
     if chunking == "crop" and dataset_config.random_crop:
         chunking = "random_crop"
     return RunInputs(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
-                     chunking=chunking, units=units, storage=storage)
+                     chunking=chunking, units=units, storage=storage, downsampling_ratio=ratio)
 
 
 def units_fingerprint(units: list[Shard]) -> str:
@@ -309,7 +336,7 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
     for stats in per_rank:
         for name in ("units_done", "units_failed", "samples", "windows", "rejected", "errors", "warnings",
                      "audio_seconds", "batches", "fp32_retries", "oom_splits", "retries", "resumes",
-                     "steady_audio_seconds"):
+                     "steady_audio_seconds", "real_samples", "padding_samples"):
             setattr(merged, name, getattr(merged, name) + stats[name])
         for name in ("loop_seconds", "warmup_seconds", "steady_seconds"):
             setattr(merged, name, max(getattr(merged, name), stats[name]))
@@ -326,6 +353,8 @@ def use_compile(config: EncodeConfig, device: torch.device, todo: list[Shard]) -
     """--compile / --no-compile, else on for a CUDA job large enough to pay back the compile warm-up."""
     if config.compile is not None:
         return config.compile
+    if config.chunking == "full":
+        return False  # one graph per window length: the compile warm-up would come back for every length
     return device.type == "cuda" and sum(u.size for u in todo) >= COMPILE_MIN_INPUT_BYTES
 
 
@@ -334,11 +363,12 @@ def use_channels_last(option: Optional[bool], device: torch.device) -> bool:
     return option if option is not None else device.type == "cpu"
 
 
-def resolve_batch_size(config: EncodeConfig, encoder: BatchEncoder) -> tuple[int, dict]:
-    """The batch size to use, and with `auto`, how the probe found it (recorded in details.json)."""
+def resolve_batch_size(config: EncodeConfig, encoder: BatchEncoder, window_size: int) -> tuple[int, dict]:
+    """The batch size to use, and with `auto`, how the probe found it for windows of `window_size`
+    samples, the longest of the run (recorded in details.json)."""
     if config.batch_size != "auto":
         return int(config.batch_size), {}
-    size, probe = encoder.probe_batch_size(config.sample_size, cap=AUTO_BATCH_CAP, host_memory=available_memory())
+    size, probe = encoder.probe_batch_size(window_size, cap=AUTO_BATCH_CAP, host_memory=available_memory())
     return size, {"requested": "auto", "chosen": size, **probe}
 
 
@@ -352,8 +382,10 @@ def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
     cpus = plan_cpus(max_workers=config.num_workers, device_type=device.type, ranks_on_node=launch.local_world_size,
                      cpus=config.cpus)
     torch.set_num_threads(cpus.torch_threads)
-    if device.type == "cpu":
-        keep_freed_memory()  # a CPU forward pass would otherwise fault in every layer's output afresh
+    if device.type == "cpu" and config.chunking != "full":
+        # a CPU forward pass would otherwise fault in every layer's output afresh; not with full windows,
+        # whose ever-changing sizes would fragment a heap that is never given back
+        keep_freed_memory()
     job = Job(launch, device, peer_timeout=config.peer_timeout)
     try:
         return _run_rank(inputs, job, device, cpus, started)
@@ -413,7 +445,8 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
                            channels_last=use_channels_last(config.channels_last, device))
     stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"], compiled=encoder.compiled,
                      channels_last=encoder.channels_last, cpus=cpus.describe())
-    stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder)
+    window_size = inputs.window_options(model.sample_rate, model.in_channels).sample_size
+    stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder, window_size)
     if encoder.compiled:
         encoder.pad_to = stats.batch_size  # one graph for every batch, the short last one included
     monitor = None
@@ -452,16 +485,14 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     the writer thread collects each batch's latents when the device has them."""
     config = inputs.config
     model, device, batch_size = encoder.model, encoder.device, stats.batch_size
-    reader = Reader(todo, ReaderOptions(sample_rate=model.sample_rate, channels=model.in_channels,
-                                        sample_size=config.sample_size, chunking=inputs.chunking,
-                                        max_chunks=config.max_chunks, seed=config.seed),
+    reader = Reader(todo, inputs.window_options(model.sample_rate, model.in_channels),
                     UnitClaims(job.address, len(todo)), inputs.storage)
     num_workers = min(max_workers, len(todo))
     # in_order=False: a worker decoding a long file does not hold up windows the others have ready
     # (each worker's own items still arrive in order, so a unit's end marker follows its windows)
     # windows are collated into pinned memory by the main loop (`_collate`), not pinned one by one here
     loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False,
-                        prefetch_factor=max(2, batch_size) if num_workers else None)
+                        prefetch_factor=_prefetch(inputs.chunking, batch_size) if num_workers else None)
     folder = FolderWriter(manifest.place, job.rank, first_batch)
     marker = manifest.start_writing(job.rank, first_batch)
     counter = ProgressCounter(job.add_progress)
@@ -492,22 +523,29 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             except queue.Full:
                 job.raise_if_failed()
 
-    batch: list[WindowItem] = []
-    ends_after_batch: list[ShardEnd] = []
+    batcher = LengthBatcher(batch_size, config.bucket_buffer)
     batch_index = folder.first_batch_index
 
-    def flush() -> None:
-        nonlocal batch, ends_after_batch, batch_index
-        if batch:
-            audio, masks, keys = _collate(batch, pin=device.type == "cuda")
-            put(("batch", (batch_index, batch, encoder.submit(audio, masks, keys))))
+    def send(released: list) -> None:
+        """Batches to the device and on to the writer; unit ends to the writer after their batches."""
+        nonlocal batch_index
+        for part in released:
+            if isinstance(part, ShardEnd):
+                put(("end", part))
+                continue
+            audio, masks, keys = _collate(part, pin=device.type == "cuda")
+            pending = encoder.submit(audio, masks, keys)
+            part = [item.without_audio() for item in part]   # the writer needs metadata only
+            put(("batch", (batch_index, part, pending)))
             batch_index += 1
             stats.batches += 1
-            counter.add(windows=len(batch), bytes=sum(it.input_bytes for it in batch),
-                        audio_ms=round(1000 * sum(it.metadata["valid_length"] for it in batch) / model.sample_rate))
-        for end in ends_after_batch:
-            put(("end", end))
-        batch, ends_after_batch = [], []
+            real = sum(it.metadata["valid_length"] for it in part)
+            stats.real_samples += real
+            stats.padding_samples += audio.shape[0] * audio.shape[-1] - real
+            counter.add(windows=len(part), bytes=sum(it.input_bytes for it in part),
+                        audio_ms=round(1000 * real / model.sample_rate))
+            if config.limit_batches is not None and stats.batches >= config.limit_batches:
+                stats.stopped_early = True
 
     loop_started: Optional[float] = None
     completed = False
@@ -517,20 +555,13 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             if loop_started is None:
                 loop_started = time.time()
             if isinstance(item, ShardEnd):
-                if batch:
-                    ends_after_batch.append(item)
-                else:
-                    put(("end", item))
+                send(batcher.end(item))
                 continue
             if stats.stopped_early:
                 break  # the first window past --limit-batches: units ending before it were committed
-            batch.append(item)
-            if len(batch) >= batch_size:
-                flush()
-                if config.limit_batches is not None and stats.batches >= config.limit_batches:
-                    stats.stopped_early = True
+            send(batcher.add(item))
         else:
-            flush()
+            send(batcher.drain())
         completed = True
     finally:
         writer.queue.put(None)
@@ -554,6 +585,12 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     stats.retries += own["retries"]
     stats.resumes += own["resumes"]
     stats.loop_seconds = time.time() - loop_started if loop_started is not None else 0.0
+
+
+def _prefetch(chunking: str, batch_size: int) -> int:
+    """Windows each decode worker keeps ready: a batch's worth, except with full windows, which can be
+    minutes long each and wait in the bucket buffer anyway."""
+    return 2 if chunking == "full" else max(2, batch_size)
 
 
 def _writer_failure(error: BaseException) -> BaseException:
