@@ -22,6 +22,15 @@ GOLDEN_DIR = Path(os.environ.get("WDS_GOLDEN_DIR") or Path(__file__).resolve().p
 GOLDEN_CKPTS = ("model.ckpt", "model.safetensors", "wrapped.safetensors")
 
 
+# stable-audio-tools' encodec config, shrunk (no golden data exists for SEANet): reflect padding, weight
+# norm, an LSTM at the end; 3200 samples give 20 latent frames
+SEANET_SMALL = {"model_type": "autoencoder", "sample_size": 3200, "sample_rate": 32000, "audio_channels": 1,
+                "model": {"encoder": {"type": "seanet", "config": {
+                    "channels": 1, "dimension": 8, "n_filters": 2, "ratios": [4, 5, 8], "n_residual_layers": 1,
+                    "dilation_base": 2, "lstm": 1, "norm": "weight_norm"}},
+                    "bottleneck": {"type": "tanh"}, "latent_dim": 8, "downsampling_ratio": 160, "io_channels": 1}}
+
+
 def golden(name: str) -> Path:
     """The folder of a model saved by stable-audio-tools itself, with its inputs and outputs."""
     folder = GOLDEN_DIR / name

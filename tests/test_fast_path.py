@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import golden
+from conftest import SEANET_SMALL, golden
 from wds_encode.config import load_model_config
 from wds_encode.encoder import BatchEncoder
 from wds_encode.models import build_autoencoder, load_autoencoder
@@ -178,14 +178,6 @@ def test_snake_encoders_compile_to_one_graph(name):
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
-# shrunk stable-audio-tools encodec config (no golden data exists for SEANet)
-SEANET = {"model_type": "autoencoder", "sample_size": 3200, "sample_rate": 32000, "audio_channels": 1,
-          "model": {"encoder": {"type": "seanet", "config": {
-              "channels": 1, "dimension": 8, "n_filters": 2, "ratios": [4, 5, 8], "n_residual_layers": 1,
-              "dilation_base": 2, "lstm": 1, "norm": "weight_norm"}},
-              "bottleneck": {"type": "tanh"}, "latent_dim": 8, "downsampling_ratio": 160, "io_channels": 1}}
-
-
 def _compiled_vs_eager(model, audio: torch.Tensor):
     """(compiled latents, eager latents) from BatchEncoder, checking that compilation really ran."""
     from torch._dynamo.utils import counters
@@ -221,7 +213,7 @@ def test_compiled_seanet_encoder_matches_eager():
     """SEANet has no golden data: default-initialised weights, 2 windows of 3200 samples of seeded noise
     (20 latent frames). Its LSTM makes Dynamo split the graph, which must not change the result."""
     torch.manual_seed(0)
-    model = build_autoencoder(SEANET)
+    model = build_autoencoder(SEANET_SMALL)
     n = 3200
     assert n % model.downsampling_ratio == 0
     audio = 0.1 * torch.randn(2, model.in_channels, n, generator=torch.Generator().manual_seed(3))

@@ -18,8 +18,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import (assert_exactly_once, golden, golden_model, read_folder_layout, read_latent_shards,
-                      write_dataset_config)
+from conftest import (SEANET_SMALL, assert_exactly_once, golden, golden_model, read_folder_layout,
+                      read_latent_shards, write_dataset_config)
 from wds_encode.cli import format_summary
 from wds_encode.config import EncodeConfig, load_model_config
 from wds_encode.encoder import BatchEncoder
@@ -109,17 +109,10 @@ def test_crop_pads_where_full_does_not(awkward, demo_model, tmp_path):
 
 # ----------------------------------------------------------------------------- batch composition
 
-SEANET = {"model_type": "autoencoder", "sample_size": 3200, "sample_rate": 32000, "audio_channels": 1,
-          "model": {"encoder": {"type": "seanet", "config": {
-              "channels": 1, "dimension": 8, "n_filters": 2, "ratios": [4, 5, 8], "n_residual_layers": 1,
-              "dilation_base": 2, "lstm": 1, "norm": "weight_norm"}},
-              "bottleneck": {"type": "tanh"}, "latent_dim": 8, "downsampling_ratio": 160, "io_channels": 1}}
-
-
 def family_model(family: str):
     if family == "seanet":
         torch.manual_seed(0)
-        return build_autoencoder(SEANET)
+        return build_autoencoder(SEANET_SMALL)
     d = golden({"oobleck": "oobleck_snake_vae", "dac": "dac_vae"}[family])
     return load_autoencoder(load_model_config(d / "model_config.json"), d / "model.safetensors")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import golden
+from conftest import SEANET_SMALL, golden
 from wds_encode.config import load_model_config
 from wds_encode.encoder import BatchEncoder
 from wds_encode.models import build_autoencoder, load_autoencoder
@@ -17,19 +17,11 @@ from wds_encode.models.layout import ChannelsLastConv1d, channels_last_encoder
 
 CPU = torch.device("cpu")
 
-# shrunk stable-audio-tools encodec config; reflect padding and weight norm, an LSTM at the end
-SEANET = {"model_type": "autoencoder", "sample_size": 3200, "sample_rate": 32000, "audio_channels": 1,
-          "model": {"encoder": {"type": "seanet", "config": {
-              "channels": 1, "dimension": 8, "n_filters": 2, "ratios": [4, 5, 8], "n_residual_layers": 1,
-              "dilation_base": 2, "lstm": 1, "norm": "weight_norm"}},
-              "bottleneck": {"type": "tanh"}, "latent_dim": 8, "downsampling_ratio": 160, "io_channels": 1}}
-
-
 def _model(name: str):
     """(model, audio [2, C, N]) for an encoder family: golden stable-audio-tools models, seeded SEANet."""
     if name == "seanet":
         torch.manual_seed(0)
-        model = build_autoencoder(SEANET)
+        model = build_autoencoder(SEANET_SMALL)
         return model, 0.1 * torch.randn(2, 1, 3200, generator=torch.Generator().manual_seed(3))
     d = golden({"oobleck": "oobleck_snake_vae", "oobleck_elu": "oobleck_elu_tanh", "dac": "dac_vae"}[name])
     model = load_autoencoder(load_model_config(d / "model_config.json"), d / "model.safetensors")
