@@ -683,23 +683,36 @@ def make_mixed_shards(folder: Path, lengths: list[float]) -> dict:
             "bytes": sum(p.stat().st_size for p in tars)}
 
 
+def run_with_peak(config: EncodeConfig):
+    """(runner.run's stats, this process's peak RSS in MB from VmHWM, where the kernel has it)."""
+    stats = run(config)
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak = next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        peak = None
+    return stats, peak
+
+
 def measure_chunking(config_path: Path, ckpt: Path, *, shards_dir: Path, workdir: Path, precision: str,
                      args: argparse.Namespace, sample_rate: int) -> list[dict]:
     """wds-encode end to end with --chunking crop, split and full on files of mixed lengths: the
     padding each mode encodes, and its throughput (real audio, and all samples encoded, per second)."""
     dataset_config = write_dataset_config(workdir / "dataset-mixed.json", shards_dir)
     rows = []
-    for mode in ("crop", "split", "full"):
+    runs = [("crop", None), ("split", None)] + [("full", seconds) for seconds in args.max_seconds]
+    for mode, max_seconds in runs:
         out = workdir / f"out-chunking-{mode}"
         config = EncodeConfig(model_config=config_path, ckpt_path=ckpt, dataset_config=dataset_config,
                               output_path=str(out), batch_size=args.batch_size, sample_size=args.sample_size,
                               num_workers=args.num_workers, precision=precision, device=args.device, chunking=mode,
-                              max_seconds=args.max_seconds, overwrite=True, progress=False, devices="1")
+                              max_seconds=max_seconds or 300.0, overwrite=True, progress=False, devices="1")
         meter = MachineMeter()
-        stats = in_fresh_process(run, config)   # as a run of its own: each mode sets its own allocator policy
+        stats, peak_mb = in_fresh_process(run_with_peak, config)   # a run of its own, as a user would start it
         shutil.rmtree(out, ignore_errors=True)
         seconds = stats.loop_seconds
-        rows.append({"chunking": mode, "precision": precision, "windows": stats.windows, "batches": stats.batches,
+        rows.append({"chunking": mode, "max_seconds": max_seconds, "precision": precision, "windows": stats.windows,
+                     "batches": stats.batches, "peak_rss_mb": peak_mb,
                      "audio_seconds": stats.audio_seconds, "real_samples": stats.real_samples,
                      "padding_samples": stats.padding_samples, "padding_overhead": stats.padding_overhead,
                      "loop_seconds": seconds, "warmup_seconds": stats.warmup_seconds,
@@ -786,9 +799,11 @@ def report(results: dict) -> str:
                      f"end to end/encoder {_fmt(r['end_to_end_over_encoder'], 2)}, "
                      f"end to end/baseline {_fmt(r['end_to_end_over_baseline'], 2)}")
     for row in results.get("chunking") or []:
-        lines.append(f"chunking {row['chunking']:5s}: {row['windows']} windows, padding "
+        label = row["chunking"] + (f" (max {row['max_seconds']:g} s)" if row.get("max_seconds") else "")
+        lines.append(f"chunking {label:18s}: {row['windows']} windows, padding "
                      f"{100 * row['padding_overhead']:.1f}% of real samples, {row['realtime']:.2f}x real time "
-                     f"({row['encoded_realtime']:.2f}x counting padding){_others(row)}")
+                     f"({row['encoded_realtime']:.2f}x counting padding), peak RSS {_fmt(row['peak_rss_mb'], 0, ' MB')}"
+                     f"{_others(row)}")
     rss = results["peak_rss_mb"]
     lines.append(f"peak RSS: {rss['self']:.0f} MB (this process, {rss['self_measures']}), "
                  f"{rss['children']:.0f} MB (largest child process)")
@@ -847,8 +862,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="DataLoader workers of the seed baseline (pre_encode.py's default: 4)")
     parser.add_argument("--mixed-seconds", default="5,12,30,60,120,240,420,600",
                         help="chunking part: the lengths (s) of its files, one each (default: 5 s to 10 min)")
-    parser.add_argument("--max-seconds", type=float, default=300.0,
-                        help="chunking part: wds-encode's --max-seconds for --chunking full")
+    parser.add_argument("--max-seconds", default="300,30",
+                        help="chunking part: wds-encode's --max-seconds for --chunking full, a run per value")
     parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where shards, model and outputs go (default: a new temporary folder); "
@@ -858,8 +873,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     try:
         args.mixed_seconds = [float(v) for v in args.mixed_seconds.split(",") if v.strip()]
+        args.max_seconds = [float(v) for v in args.max_seconds.split(",") if v.strip()]
     except ValueError:
-        parser.error(f"--mixed-seconds: expected a comma list of seconds, got {args.mixed_seconds!r}")
+        parser.error(f"--mixed-seconds / --max-seconds: expected a comma list of seconds, got "
+                     f"{args.mixed_seconds!r} / {args.max_seconds!r}")
     unknown = args.skip - set(PARTS)
     if unknown:
         parser.error(f"--skip: unknown part(s) {sorted(unknown)}; the parts are {', '.join(PARTS)}")
@@ -981,7 +998,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                precision=precisions[-1], args=args, sample_rate=sample_rate)
         part_done("chunking")
         for row in results["chunking"]:
-            print(f"chunking {row['chunking']}: padding {100 * row['padding_overhead']:.1f}%, "
+            print(f"chunking {row['chunking']} {row['max_seconds'] or ''}: padding {100 * row['padding_overhead']:.1f}%, "
                   f"{row['realtime']:.2f}x real time", flush=True)
 
     for part in ("encoder_alone", "data_path", "end_to_end", "baseline", "chunking"):

@@ -1,6 +1,7 @@
 """wds_encode/heap.py: after `keep_freed_memory`, a large block allocated again after free is served
 from memory the process already has (no page faults), as the CPU encoder allocates every layer's
-output batch after batch. Each case runs in a fresh interpreter: the setting is process-wide."""
+output batch after batch, and `give_back_freed_memory` returns the free pages when asked. Each case
+runs in a fresh interpreter: the setting is process-wide."""
 
 from __future__ import annotations
 
@@ -47,3 +48,32 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert kept["took"] is True
     assert kept["faults"][0] > pages // 2                  # the first batches grow the heap
     assert statistics.median(kept["faults"][-5:]) < pages // 20   # then its memory is reused
+
+
+TRIM_PROBE = r"""
+import json, re
+import torch
+from wds_encode.heap import give_back_freed_memory, keep_freed_memory
+
+def rss_mb():
+    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+keep_freed_memory()
+before = rss_mb()
+blocks = [torch.ones(64 << 20, dtype=torch.uint8) for _ in range(4)]   # 256 MB, faulted in
+del blocks
+kept = rss_mb()
+took = give_back_freed_memory()
+print(json.dumps({"before": before, "kept": kept, "after": rss_mb(), "took": took}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the setting exists in glibc only")
+def test_a_kept_heap_gives_its_free_pages_back_when_asked():
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["took"] is True
+    assert found["kept"] > found["before"] + 200          # freed, but kept by the process
+    assert found["after"] < found["before"] + 50           # given back

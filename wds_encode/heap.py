@@ -6,8 +6,11 @@ so every layer of every batch faults in and zeroes its output afresh: on the bun
 is over half of the encoder's time (1.17 s against 0.44 s a 30 s window on 2 cores). PyTorch keeps
 no CPU cache of its own (its docs suggest jemalloc or tcmalloc through LD_PRELOAD); the same effect
 is two glibc settings, made here at run time: serve large blocks from the heap (`M_MMAP_MAX` 0) and
-never give its free top back to the kernel (`M_TRIM_THRESHOLD`). The shapes of a run repeat batch
-after batch, so the heap settles at the peak of one batch and is reused from then on.
+never give its free top back to the kernel (`M_TRIM_THRESHOLD`). With fixed windows the shapes repeat
+batch after batch, so the heap settles after a batch or two and is reused from then on. With windows
+of every length (`--chunking full`) free pieces pile up between live blocks; the runner then gives
+the free pages back every few batches (`give_back_freed_memory`), which keeps memory flat for one
+round of page faults each time.
 
 Only on Linux with glibc; elsewhere `keep_freed_memory` does nothing and says so.
 """
@@ -38,3 +41,20 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def give_back_freed_memory() -> bool:
+    """Return the heap's free pages to the kernel now (glibc `malloc_trim`); True if it took effect.
+
+    For a kept heap whose block sizes keep changing (windows of every length): free pieces too small
+    for the next block pile up between the live ones. An occasional trim bounds that, and costs one
+    round of page faults."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    trim(0)
+    return True

@@ -28,7 +28,7 @@ from .encoder import BatchEncoder, PendingBatch, token_dtype
 from .manifest import OutputState, RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
-from .heap import keep_freed_memory
+from .heap import give_back_freed_memory, keep_freed_memory
 from .resources import CpuPlan, available_memory, plan_cpus
 from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .batching import LengthBatcher
@@ -38,6 +38,7 @@ from .storage import Place, S3Options, Storage, StorageError, redact_url
 from .writers import FolderWriter, LatentShardWriter
 
 WRITE_QUEUE_DEPTH = 8
+TRIM_EVERY_BATCHES = 8   # --chunking full on a CPU: batches between heap trims (measured: RSS flat, no slowdown)
 COMPILE_MIN_INPUT_BYTES = 1 << 30   # --compile's default on CUDA: a job this large pays back the warm-up
 AUTO_BATCH_CAP = 256
 
@@ -382,10 +383,8 @@ def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
     cpus = plan_cpus(max_workers=config.num_workers, device_type=device.type, ranks_on_node=launch.local_world_size,
                      cpus=config.cpus)
     torch.set_num_threads(cpus.torch_threads)
-    if device.type == "cpu" and config.chunking != "full":
-        # a CPU forward pass would otherwise fault in every layer's output afresh; not with full windows,
-        # whose ever-changing sizes would fragment a heap that is never given back
-        keep_freed_memory()
+    if device.type == "cpu":
+        keep_freed_memory()  # a CPU forward pass would otherwise fault in every layer's output afresh
     job = Job(launch, device, peer_timeout=config.peer_timeout)
     try:
         return _run_rank(inputs, job, device, cpus, started)
@@ -524,6 +523,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
                 job.raise_if_failed()
 
     batcher = LengthBatcher(batch_size, config.bucket_buffer)
+    # windows of every length fragment the kept heap of a CPU run: give its free pages back now and then
+    trim_heap = device.type == "cpu" and inputs.chunking == "full"
     batch_index = folder.first_batch_index
 
     def send(released: list) -> None:
@@ -544,6 +545,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             stats.padding_samples += audio.shape[0] * audio.shape[-1] - real
             counter.add(windows=len(part), bytes=sum(it.input_bytes for it in part),
                         audio_ms=round(1000 * real / model.sample_rate))
+            if trim_heap and stats.batches % TRIM_EVERY_BATCHES == 0:
+                give_back_freed_memory()
             if config.limit_batches is not None and stats.batches >= config.limit_batches:
                 stats.stopped_early = True
 
