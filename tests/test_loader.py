@@ -339,3 +339,14 @@ def test_variable_length_latents_are_padded_per_batch_with_a_mask(full_out, buck
     assert sorted(seen) == sorted(truth)
     with pytest.raises(ValueError, match="bucket_width works with form='shards'"):
         latent_loader(str(full_out), 3, form="folder", bucket_width=8)
+
+
+def test_rank_and_world_size_come_from_the_launcher_environment(monkeypatch):
+    from wds_encode.loader import distributed_position
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed_position() == (3, 4)                 # torchrun's variables, no process group
+    assert distributed_position(1, 2) == (1, 2)             # given ones win
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="rank 4 is not in a world of 4"):
+        distributed_position()
