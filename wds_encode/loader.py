@@ -193,12 +193,11 @@ def collate_latents(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tenso
 
 def distributed_position(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
     """(rank, world size): as given, else torch.distributed's when initialised, else RANK / WORLD_SIZE."""
-    if rank is not None and world_size is not None:
-        pass
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size}")
     return rank, world_size
