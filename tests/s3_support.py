@@ -486,6 +486,8 @@ class FaultProxy:
             raise _BadMessage(f"bad request line {request_line[:80]!r}")
         method, target, _ = parts
         decision, stalled, released = self._admit(method, target, headers)
+        if self._stopping.is_set() and decision != "hold":
+            return False  # stopping: nothing is answered any more (a forward could still deliver bytes)
         expects = (_header(headers, "expect") or "").lower() == "100-continue"
 
         if decision == "503" and expects:  # a final answer instead of 100 Continue: the body never comes
