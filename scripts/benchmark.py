@@ -31,12 +31,14 @@ RSS, what other processes used of the CPUs meanwhile (a shared machine), and wri
 command line and every parameter to a JSON file (benchmarks/*.json were made this way):
 
     python scripts/benchmark.py --model demo --files 16 --shards 4 --encoder-seconds 30 \\
-        --data-seconds 10 --json-out benchmarks/cpu_demo_defaults.json
+        --data-seconds 10 --skip chunking --json-out benchmarks/cpu_demo_defaults.json
     python scripts/benchmark.py --model sao --files 16 --shards 4 --seconds 3 --sample-size 131072 \\
-        --compile on --encoder-seconds 30 --data-seconds 10 --json-out benchmarks/cpu_sao_vae.json
+        --compile on --encoder-seconds 30 --data-seconds 10 --skip chunking --json-out benchmarks/cpu_sao_vae.json
+    python scripts/benchmark.py --model demo --batch-size 2 --skip encoder,data,e2e,baseline \\
+        --json-out benchmarks/cpu_demo_chunking.json
     python scripts/benchmark.py --model sao --files 96 --shards 16 --seconds 30 --batch-size 8 \\
         --num-workers 12 --precisions bf16,fp32 --compile on --encoder-seconds 5 --data-seconds 3 \\
-        --baseline-seconds 15 --json-out benchmarks/h200_sao_vae.json      # one GPU, ~6 minutes
+        --baseline-seconds 15 --skip chunking --json-out benchmarks/h200_sao_vae.json   # one GPU, ~6 min
 """
 
 from __future__ import annotations
@@ -998,8 +1000,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                precision=precisions[-1], args=args, sample_rate=sample_rate)
         part_done("chunking")
         for row in results["chunking"]:
-            print(f"chunking {row['chunking']} {row['max_seconds'] or ''}: padding {100 * row['padding_overhead']:.1f}%, "
-                  f"{row['realtime']:.2f}x real time", flush=True)
+            print(f"chunking {row['chunking']} {row['max_seconds'] or ''}: "
+                  f"padding {100 * row['padding_overhead']:.1f}%, {row['realtime']:.2f}x real time", flush=True)
 
     for part in ("encoder_alone", "data_path", "end_to_end", "baseline", "chunking"):
         results.setdefault(part, {"skipped": True})
