@@ -18,12 +18,24 @@ Only on Linux with glibc; elsewhere `keep_freed_memory` does nothing and says so
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import platform
+import os
 
 M_TRIM_THRESHOLD = -1       # glibc <malloc.h>
 M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1      # the largest int mallopt takes (it saturates on 64-bit: never reached by a trim)
+
+
+def _glibc_function(name: str, argtypes: tuple, restype):
+    """glibc's `name` from this process's own symbols, or None elsewhere. Cheap enough to call per batch:
+    no `find_library` (it runs ldconfig) and no `platform.libc_ver` (it reads the Python binary)."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return None
+        function = getattr(ctypes.CDLL(None), name)
+    except (ValueError, OSError, AttributeError):   # no such confstr name (not glibc), no symbol
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
 
 
 def keep_freed_memory() -> bool:
@@ -32,14 +44,9 @@ def keep_freed_memory() -> bool:
     Process-wide and inherited by forked workers. Worth it where a process allocates the same large
     blocks again and again (CPU encoding); a CUDA process does not need it (PyTorch caches device
     memory itself)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
 
 
@@ -49,12 +56,8 @@ def give_back_freed_memory() -> bool:
     For a kept heap whose block sizes keep changing (windows of every length): free pieces too small
     for the next block pile up between the live ones. An occasional trim bounds that, and costs one
     round of page faults."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    trim = _glibc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
     trim(0)
     return True
