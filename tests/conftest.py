@@ -58,6 +58,7 @@ def write_dataset_config(path: Path, dataset_type: str, datasets: list[dict], **
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     """A tar with exactly these members, in this order (names are not checked: tests need bad ones)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)

@@ -10,7 +10,6 @@ import json
 import math
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import soundfile as sf
 import torch
 
 from conftest import (SEANET_SMALL, assert_exactly_once, golden, golden_model, read_folder_layout,
-                      read_latent_shards, write_dataset_config)
+                      read_latent_shards, write_dataset_config, write_tar)
 from wds_encode.cli import format_summary
 from wds_encode.config import EncodeConfig, load_model_config
 from wds_encode.encoder import BatchEncoder
@@ -38,16 +37,6 @@ def wav_bytes(samples: int, rate: int, channels: int = 2, seed: int = 0) -> byte
     return buf.getvalue()
 
 
-def write_shard(path: Path, members: dict[str, bytes]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def encode(model, dataset: Path, out: Path, **options):
     model_config, ckpt = model
     options = {"num_workers": 0, "batch_size": 4, **options}
@@ -61,7 +50,7 @@ def awkward(tmp_path_factory):
     folder = tmp_path_factory.mktemp("awkward")
     members = {f"n{n}.wav": wav_bytes(n, 44100, seed=n) for n in AWKWARD}
     members["r10007.wav"] = wav_bytes(10007, 48000, seed=1)
-    write_shard(folder / "in" / "odd-000.tar", members)
+    write_tar(folder / "in" / "odd-000.tar", list(members.items()))
     return write_dataset_config(folder / "d.json", "wds", [{"id": "odd", "path": str(folder / "in")}],
                                 random_crop=False)
 
@@ -193,7 +182,7 @@ def _run_measuring_peak_rss(folder: Path, long_seconds: int) -> tuple[float, dic
     del t
     members = {"long.flac": buf.getvalue(), **{f"s{i}.wav": wav_bytes(4410 * (i + 1), 44100, seed=i)
                                                 for i in range(6)}}
-    write_shard(folder / "in" / "mem-000.tar", members)
+    write_tar(folder / "in" / "mem-000.tar", list(members.items()))
     dataset = write_dataset_config(folder / "d.json", "wds", [{"id": "mem", "path": str(folder / "in")}],
                                    random_crop=False)
     # VmHWM: this process's own peak (ru_maxrss would carry the parent's from before exec);

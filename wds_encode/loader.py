@@ -28,7 +28,6 @@ steps, or write more, smaller shards (`--shard-maxcount`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from .encoder import key_seed
 from .manifest import RunManifest
 from .storage import Storage
 from .writers import folder_files
@@ -105,8 +105,7 @@ def latent_folder_files(source: str, storage: Optional[Storage] = None) -> list[
 
 def read_seed(seed: int, epoch: int, window: str, purpose: str) -> int:
     """A 63-bit seed for one read of one window: stable across processes, ranks and workers."""
-    digest = hashlib.sha256(f"{seed}:{epoch}:{purpose}:{window}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return key_seed(seed, f"{epoch}:{purpose}:{window}")
 
 
 def window_name(metadata: dict, fallback: str) -> str:
