@@ -1,10 +1,13 @@
 """encoder.py: precision, fp32 fallback, key-seeded VAE noise, latent modes, padding masks."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wds_encode.config import load_model_config
-from wds_encode.encoder import BatchEncoder, key_seed, latent_padding_mask
+from wds_encode.encoder import PRECISION_CHECK_LIMIT, BatchEncoder, PrecisionMismatch, is_out_of_memory, key_seed, latent_padding_mask
 from wds_encode.models import demo_model_paths, load_autoencoder
 
 N = 64 * 32
@@ -94,14 +97,130 @@ def test_non_finite_even_in_fp32_is_flagged_per_sample(model):
     assert out.finite == [True, False, True]
 
 
-def test_bf16_is_close_to_fp32(model):
+def relative_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_bf16_is_close_to_fp32_or_the_precision_check_refuses_it(model):
+    """Holds on every CPU: where bf16 is right (rounding only) the check lets it run and the latents are
+    close; where the CPU's bf16 kernels are broken (oneDNN on AMX) the check refuses, and rightly."""
     audio, masks = batch()
     ref = BatchEncoder(model, device=torch.device("cpu"), latent_mode="mean").encode(audio, masks, list("abc"))
     low = BatchEncoder(model, device=torch.device("cpu"), precision="bf16", latent_mode="mean")
     out = low.encode(audio, masks, list("abc"))
     assert out.latents.dtype == torch.float32 and not out.fp32_retry
-    rel = (out.latents - ref.latents).norm() / ref.latents.norm()
-    assert rel < 0.05
+    rel = relative_error(out.latents, ref.latents)
+    try:
+        check = low.check_precision(N)
+    except PrecisionMismatch as exc:
+        assert rel > 0.05, f"refused bf16 that is only {rel:.3g} off: {exc}"
+        assert exc.check["relative_error"] > PRECISION_CHECK_LIMIT
+    else:
+        assert check["ok"] and 0 < check["relative_error"] < PRECISION_CHECK_LIMIT
+        assert rel < 0.05
+
+
+def corrupt_low_precision_convolutions(monkeypatch, dtype=torch.bfloat16):
+    """What oneDNN's AMX kernels do to bf16 convolutions on some CPUs: finite, wrong results."""
+    for name in ("conv1d", "conv2d"):
+        original = getattr(F, name)
+
+        def broken(x, weight, *args, _original=original, **kwargs):
+            out = _original(x, weight, *args, **kwargs)
+            return out.flip(-1) if x.dtype == dtype else out
+        monkeypatch.setattr(F, name, broken)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_precision_check_refuses_a_broken_low_precision_path(model, monkeypatch, channels_last):
+    enc = BatchEncoder(model, device=torch.device("cpu"), precision="bf16", channels_last=channels_last)
+    healthy = enc.check_precision(N)
+    corrupt_low_precision_convolutions(monkeypatch)
+    with pytest.raises(PrecisionMismatch) as info:
+        enc.check_precision(N)
+    check = info.value.check
+    assert check["relative_error"] > 10 * healthy["relative_error"] and check["relative_error"] > PRECISION_CHECK_LIMIT
+    text = str(info.value)
+    assert "--precision bf16 disagrees with fp32" in text and f"{check['relative_error']:.3g}" in text
+    assert "Nothing was written" in text and "--precision fp32" in text
+    fp32 = BatchEncoder(model, device=torch.device("cpu"))
+    assert fp32.check_precision(N) == {}  # fp32 is the reference: nothing to check
+
+
+def test_the_precision_check_refuses_a_model_that_overflows_fp16(model):
+    loud = copy.deepcopy(model)
+    with torch.no_grad():
+        last = [m for m in loud.encoder.modules() if isinstance(m, torch.nn.Conv1d)][-1]
+        last.weight.mul_(1e6)
+    with pytest.raises(PrecisionMismatch, match="non-finite output.*overflows float16"):
+        BatchEncoder(loud, device=torch.device("cpu"), precision="fp16").check_precision(N)
+
+
+def test_the_precision_check_advises_the_onednn_cap_on_an_amx_cpu(model, monkeypatch):
+    import wds_encode.encoder as encoder_module
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    corrupt_low_precision_convolutions(monkeypatch)
+    with pytest.raises(PrecisionMismatch, match="ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"):
+        BatchEncoder(model, device=torch.device("cpu"), precision="bf16").check_precision(N)
+
+
+class CountsPasses(torch.nn.Module):
+    """The real encoder network, recording the (dtype, batch size) of every pass."""
+
+    def __init__(self, inner, calls):
+        super().__init__()
+        self.inner = inner
+        self.calls = calls
+
+    def forward(self, x):
+        self.calls.append((x.dtype, x.shape[0]))
+        return self.inner(x)
+
+
+class Calls(list):
+    """A list that model copies share (deepcopy keeps it): every copy's passes land in one place."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def test_only_the_non_finite_windows_are_rerun_in_fp32(model):
+    calls = Calls()
+    counted = copy.deepcopy(model)
+    counted.encoder = CountsPasses(counted.encoder, calls)
+    audio, masks = batch(n=4)
+    audio[2] *= 1e5  # past float16's range: inf in fp16, finite in fp32
+    keys = list("abcd")
+    ref = BatchEncoder(model, device=torch.device("cpu"), latent_mode="mean").encode(audio[2:3], masks[2:3], ["c"])
+    enc = BatchEncoder(counted, device=torch.device("cpu"), precision="fp16", latent_mode="mean")
+    low_alone = BatchEncoder(model, device=torch.device("cpu"), precision="fp16", latent_mode="mean")
+    calls.clear()
+    out = enc.encode(audio, masks, keys)
+    assert calls == [(torch.float16, 4), (torch.float32, 1)]  # the batch, then window 2 alone
+    assert out.fp32_retry and enc.retries == 1 and out.errors == [None] * 4
+    assert relative_error(out.latents[2], ref.latents[0]) < 1e-5  # window 2 is its fp32 latents
+    others = low_alone.encode(audio[[0, 1, 3]], masks[[0, 1, 3]], list("abd")).latents
+    torch.testing.assert_close(out.latents[[0, 1, 3]], others)
+
+
+def test_a_pinned_slot_is_given_back_when_its_batch_is_collected(model):
+    from wds_encode.pinned import PinnedRing
+    ring = PinnedRing(slots=2, pin=False)  # no CUDA here: the same ring over plain memory
+    enc = BatchEncoder(model, device=torch.device("cpu"), precision="bf16", latent_mode="mean")
+    audio, masks = batch()
+    pending = []
+    for _ in range(2):
+        slot = ring.acquire(audio.shape, audio.dtype, timeout=0)
+        slot.tensor.copy_(audio)
+        pending.append(enc.submit(slot.tensor, masks, list("abc"), slot=slot))
+    assert ring.in_use == 2 and ring.acquire(audio.shape, audio.dtype, timeout=0.05) is None
+    first = enc.collect(pending[0])
+    assert ring.in_use == 1
+    again = ring.acquire(audio.shape, audio.dtype, timeout=0)
+    assert again is not None and again.index == pending[0].slot.index if pending[0].slot else again is not None
+    enc.collect(pending[1])
+    assert ring.in_use == 1
+    torch.testing.assert_close(first.latents, enc.encode(audio, masks, list("abc")).latents)
 
 
 @pytest.mark.slow
@@ -143,9 +262,67 @@ def test_a_batch_that_runs_out_of_memory_is_halved_until_it_fits(model):
     oom = with_oom(model, lambda x: x.shape[0] > 1)
     enc = BatchEncoder(oom, device=torch.device("cpu"), latent_mode="mean")
     out = enc.encode(audio, masks, keys)
-    assert out.errors == [None] * 4 and out.splits == 3 and enc.splits == 3  # 4 -> 2 + 2 -> 1 + 1 + 1 + 1
-    assert oom.encoder.calls == [4, 2, 1, 1, 2, 1, 1]
+    # 4 -> 2 + 2 -> 1 + 1, then the second half goes as 1 + 1 at once: the split is remembered
+    assert out.errors == [None] * 4 and out.splits == 2 and enc.splits == 2
+    assert oom.encoder.calls == [4, 2, 1, 1, 1, 1]
     torch.testing.assert_close(out.latents, ref.latents, rtol=1e-5, atol=1e-6)
+
+
+def test_after_a_split_no_batch_larger_than_what_fit_is_submitted(model):
+    k = 3
+    oom = with_oom(model, lambda x: x.shape[0] > k)
+    enc = BatchEncoder(oom, device=torch.device("cpu"), latent_mode="mean")
+    assert enc.split_limit is None
+    audio, masks = batch(n=16)
+    keys = [f"w{i}" for i in range(16)]
+    ref = BatchEncoder(model, device=torch.device("cpu"), latent_mode="mean").encode(audio, masks, keys)
+    first = enc.encode(audio, masks, keys)
+    assert first.splits > 0 and first.errors == [None] * 16
+    after_first = len(oom.encoder.calls)
+    failed = [size for size in oom.encoder.calls if size > k]
+    assert failed == [16, 8, 4], "halving 16 -> 8 -> 4 -> 2: the sizes that ran out of memory"
+    assert enc.split_limit == 2
+    for _ in range(3):  # later batches, full and short, never go above the size that fit
+        out = enc.encode(audio, masks, keys)
+        assert out.splits == 0 and out.errors == [None] * 16
+        torch.testing.assert_close(out.latents, ref.latents, rtol=1e-5, atol=1e-6)
+        enc.encode(audio[:5], masks[:5], keys[:5])
+    assert max(oom.encoder.calls[after_first:]) <= enc.split_limit <= k
+    assert enc.splits == first.splits
+
+
+@pytest.mark.parametrize("message", [
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes",
+])
+def test_allocation_failures_of_cudnn_and_cublas_count_as_out_of_memory(model, message):
+    assert is_out_of_memory(RuntimeError(message))
+    raised = []
+
+    def too_large(x):
+        if x.shape[0] > 1:
+            raised.append(x.shape[0])
+            return True
+        return False
+    oom = with_oom(model, lambda x: False)
+    inner = oom.encoder.inner
+
+    def forward(x):
+        if too_large(x):
+            raise RuntimeError(message)
+        return inner(x)
+    oom.encoder.forward = forward
+    out = BatchEncoder(oom, device=torch.device("cpu"), latent_mode="mean").encode(*batch(), list("abc"))
+    assert raised == [3] and out.splits == 1 and out.errors == [None] * 3
+
+
+def test_other_runtime_errors_are_not_out_of_memory():
+    for message in ("shape mismatch", "cuDNN error: CUDNN_STATUS_BAD_PARAM", "CUDA error: an illegal memory access"):
+        assert not is_out_of_memory(RuntimeError(message))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not an error torch raises
 
 
 def test_a_window_that_never_fits_is_an_error_and_the_rest_are_written(model):
@@ -156,7 +333,7 @@ def test_a_window_that_never_fits_is_an_error_and_the_rest_are_written(model):
     out = BatchEncoder(oom, device=torch.device("cpu"), latent_mode="mean").encode(marked, masks, list("abc"))
     assert out.errors[0] is None and out.errors[2] is None
     assert "out of device memory even for this one window" in out.errors[1]
-    assert out.finite == [True, False, True] and out.splits == 2
+    assert out.finite == [True, False, True] and out.splits == 1  # 3 -> 1 + 2, then 2 goes as 1 + 1 (remembered)
     alone = BatchEncoder(oom, device=torch.device("cpu"), latent_mode="mean").encode(marked[1:2], masks[1:2], ["b"])
     assert alone.latents is None and alone.finite == [False]
 

@@ -129,10 +129,19 @@ def test_codebook_shape_mismatch_is_named(tmp_path):
 def test_uninitialised_rvq_codebook_is_refused(tmp_path):
     key = "bottleneck.quantizer.layers.1._codebook.initted"
     path = _rewrite("oobleck_rvq", tmp_path, lambda t: t.__setitem__(key, torch.zeros(1)))
-    model = load_autoencoder(load_model_config(golden("oobleck_rvq") / "model_config.json"), path)
-    audio = torch.from_numpy(npy("oobleck_rvq", "input"))
     with pytest.raises(CheckpointError, match=r"layer\(s\) \[1\] were never initialised"):
-        model.encode(audio)
+        load_autoencoder(load_model_config(golden("oobleck_rvq") / "model_config.json"), path)
+
+
+def test_the_codebook_check_runs_at_load_not_per_batch():
+    """Reading the `initted` flags synchronises with the device: done once at load, never per batch."""
+    d = golden("oobleck_rvq")
+    model = load_autoencoder(load_model_config(d / "model_config.json"), d / "model.safetensors")
+    for layer in model.bottleneck.quantizer.layers:
+        layer._codebook.initted.fill_(0)  # a check per batch would now refuse to encode
+    audio = torch.from_numpy(npy("oobleck_rvq", "input"))
+    tokens = model.bottleneck.encode_tokens(model.encoder(audio))
+    assert torch.equal(tokens.long(), golden_tokens("oobleck_rvq").long())
 
 
 # ----------------------------------------------------------------------------- tokens API

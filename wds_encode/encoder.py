@@ -2,26 +2,49 @@
 
 The model runs under `torch.inference_mode()` in the chosen precision; the bottleneck runs in
 fp32. VAE noise is drawn per sample from a generator seeded by the sample's key, so latents do not
-depend on batch composition, rank or worker count. A low-precision batch with any non-finite
-latent is re-run in fp32; a sample still non-finite then is reported, not written. A batch that
-runs out of device memory is halved and retried, down to one window; a window that still does
-not fit is reported, and the run goes on.
+depend on batch composition, rank or worker count (beyond float rounding: another batch shape can
+take another kernel). A low-precision run starts with a precision check (`check_precision`): a
+probe window in the requested precision must agree with fp32 on the same device, which catches
+broken kernels (oneDNN's AMX bf16 convolutions in some torch builds) and models that overflow in
+fp16 before anything is written. During the run, a low-precision window with a non-finite latent
+is re-run in fp32 (only that window, eagerly); a window still non-finite then is reported, not
+written. A batch that runs out of device memory is halved and retried, down to one window, and
+the size that fit is remembered for the batches after it; a window that still does not fit is
+reported, and the run goes on.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .models.layout import channels_last_encoder
+from .pinned import PinnedRing, PinnedSlot
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The precision check's bound on the error of the encoder's output for one probe window: the L2 norm of the
+# difference over that of the fp32 output's variation in time (per-channel mean removed: some models' outputs
+# sit far from 0, and a constant offset would hide a wrong result). Rounding stays far below it: measured on
+# the CPU for the stable-audio-tools models here, 0.024 to 0.062 in bf16 and 0.0025 to 0.0055 in fp16; broken
+# kernels and a time-reversed convolution output give 1 and more.
+PRECISION_CHECK_LIMIT = 0.25
+PRECISION_PROBE_SECONDS = 10.0   # the probe window: at most this long (a window of the run, if shorter)
+CPUINFO = "/proc/cpuinfo"
+
+# What allocation failures look like: PyTorch's own error, and cuDNN / cuBLAS failing to allocate a
+# workspace or a handle near a full device (cuDNN reports some of those as an internal error).
+ALLOCATION_FAILURE_MARKERS = ("out of memory", "can't allocate memory", "CUDNN_STATUS_ALLOC_FAILED",
+                              "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_INTERNAL_ERROR")
+_OOM_TYPES = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                               getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
 
 
 def key_seed(seed: int, key: str) -> int:
@@ -40,10 +63,53 @@ OOM_SPLIT_NOTE = "out of device memory even for this one window; lower --sample-
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """A device (or host) allocation failure: the batch may fit in smaller pieces."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if _OOM_TYPES and isinstance(exc, _OOM_TYPES):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in ALLOCATION_FAILURE_MARKERS)
+
+
+def cpu_flags(cpuinfo: str = CPUINFO) -> set[str]:
+    """The CPU's feature flags (`amx_bf16`, `avx512_bf16`...), empty where /proc/cpuinfo cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def probe_window(channels: int, samples: int) -> torch.Tensor:
+    """[1, C, N] of music-like audio (a few partials over soft noise, about -12 dBFS), the same every time."""
+    t = torch.arange(samples, dtype=torch.float64) / 44100.0
+    tone = sum(math.pow(0.6, k) * torch.sin(2 * math.pi * 220.0 * (k + 1) * t + k) for k in range(6))
+    noise = torch.randn(channels, samples, generator=torch.Generator().manual_seed(1234))
+    return (0.12 * tone.float() + 0.03 * noise)[None]
+
+
+def output_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """How far `output` is from `reference` [B, C, T]: the norm of the difference over the norm of the
+    reference's variation in time (its per-channel mean removed; the plain norm for a single frame); inf
+    when `output` has a non-finite value."""
+    if not bool(torch.isfinite(output).all()):
+        return math.inf
+    spread = reference - reference.mean(dim=-1, keepdim=True) if reference.shape[-1] > 1 else reference
+    return float((output - reference).norm() / spread.norm().clamp_min(1e-20))
+
+
+class PrecisionMismatch(ConfigError):
+    """The requested precision disagrees with fp32 on this device beyond what rounding explains."""
+
+    def __init__(self, check: dict, advice: str):
+        self.check = check
+        error = check["relative_error"]
+        measured = "non-finite output" if not math.isfinite(error) else f"relative error {error:.3g}"
+        super().__init__(
+            f"--precision {check['precision']} disagrees with fp32 on {check['device']}: {measured} on a probe "
+            f"window of {check['window_samples']} samples (limit {check['limit']:g}; float rounding stays far "
+            f"below it), so its latents would be wrong. Nothing was written. {advice}")
 
 
 @dataclass
@@ -82,30 +148,36 @@ class PendingBatch:
     parts: list[_Part]
     splits: int = 0
     count: int = 0                 # real windows; the rest are padding (a short last batch)
+    slot: Optional[PinnedSlot] = field(default=None, repr=False)  # the pinned buffer `audio` lives in
 
 
 class BatchEncoder:
     """Owns the model copies on the device; `submit` queues a batch, `collect` returns its latents.
 
-    On CUDA, `submit` returns as soon as the work is queued: the batch is copied from pinned memory
-    without blocking, and the latents and per-window finiteness flags are copied back into pinned
-    host buffers behind an event. `collect` (the writer thread) waits for that event only. The main
-    loop thus never waits for the device. `encode` does both, for callers that want the result now.
+    On CUDA, `submit` returns as soon as the work is queued: the batch is copied from a pinned
+    buffer of `staging` without blocking, and the latents and per-window finiteness flags are
+    copied back into pinned host buffers behind a blocking event. `collect` (the writer thread)
+    sleeps on that event only, then gives the batch's pinned buffer back. The main loop thus never
+    waits for the device. `encode` does both, for callers that want the result now.
+
+    `autotune` lets cuDNN benchmark the convolutions of each new input shape (worth it where shapes
+    repeat: fixed windows; with a length per batch every shape would be benchmarked anew).
     """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, precision: str = "fp32",
                  latent_mode: str = "sample", is_discrete: bool = False, seed: int = 0, compile: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, autotune: bool = True):
         self.device = device
         self.precision = precision
         self.latent_mode = latent_mode
         self.is_discrete = is_discrete
         self.seed = seed
         self.model = model.to(device).eval()
+        self.autotune = autotune and device.type == "cuda"
         if device.type == "cuda":
             if device.index is not None:
                 torch.cuda.set_device(device)  # events, pinned buffers and streams of this rank's GPU
-            torch.backends.cudnn.benchmark = True  # windows have one fixed shape: autotune it once
+            torch.backends.cudnn.benchmark = self.autotune
             if precision == "fp32":
                 # cuDNN convolutions default to TF32, which moves fp32 latents by ~1e-3: keep fp32 exact
                 torch.backends.cudnn.allow_tf32 = False
@@ -126,15 +198,64 @@ class BatchEncoder:
         self.pad_to: int | None = None  # pad shorter batches to this size (a compiled graph per shape)
         self.retries = 0     # batches (or parts) re-run in fp32
         self.splits = 0      # halvings after running out of memory
+        self.rerun_limit: int | None = None   # windows per fp32 re-run pass (set by the batch-size probe)
+        self._fit_samples: int | None = None  # after running out of memory: the most samples a part may hold
+        self._last_length = 0
+        self.staging = PinnedRing() if device.type == "cuda" else None
 
     def _networks(self, compile: bool) -> dict:
         """The encoder network each model copy runs, by the copy's id: torch.compile'd or eager."""
         return {key: (torch.compile(net, dynamic=False) if compile else net) for key, net in self._eager.items()}
 
+    def use_compile(self, compile: bool) -> None:
+        """Switch torch.compile on or off (before the first batch: the runner decides it once the plan is known)."""
+        self.compiled = compile
+        self._encoders = self._networks(compile)
+
     @property
     def bottleneck(self):
         return self.model.bottleneck
 
+    @property
+    def split_limit(self) -> int | None:
+        """None until a batch ran out of memory; then the most windows (of the last length seen) one
+        forward pass may take: batches are cut to it up front instead of running out of memory again."""
+        if self._fit_samples is None:
+            return None
+        return max(1, self._fit_samples // max(1, self._last_length))
+
+    # ------------------------------------------------------------------ the precision check
+    @torch.inference_mode()
+    def check_precision(self, window_samples: int, limit: float = PRECISION_CHECK_LIMIT) -> dict:
+        """Encode one probe window in the run's precision and in fp32 on this device and compare the
+        encoder outputs; {} in fp32. Raises PrecisionMismatch when they disagree beyond `limit`."""
+        if self.low_model is None:
+            return {}
+        ratio = max(1, int(getattr(self.model, "downsampling_ratio", 1)))
+        longest = math.ceil(PRECISION_PROBE_SECONDS * self.model.sample_rate / ratio) * ratio
+        samples = max(ratio, min(int(window_samples), longest))
+        audio = probe_window(self.model.in_channels, samples).to(self.device)
+        reference = self._eager[id(self.model)](audio).float()
+        low = self._eager[id(self.low_model)](audio.to(self.dtype)).float()
+        error = output_error(low, reference)
+        check = {"precision": self.precision, "reference": "fp32", "device": str(self.device),
+                 "relative_error": error if math.isfinite(error) else None, "limit": limit,
+                 "window_samples": samples, "ok": error <= limit}
+        if not check["ok"]:
+            raise PrecisionMismatch({**check, "relative_error": error}, self._precision_advice(error))
+        return check
+
+    def _precision_advice(self, error: float) -> str:
+        advice = "Use --precision fp32"
+        if self.precision == "fp16" and not math.isfinite(error):
+            return advice + " or bf16: this model overflows float16 (values past 65504)."
+        if self.device.type == "cpu" and self.precision == "bf16" and "amx_bf16" in cpu_flags():
+            advice += (". This CPU has AMX (amx_bf16), whose oneDNN bf16 convolution kernels in this torch "
+                       "compute some shapes wrong: to keep bf16, rerun with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 "
+                       "in the environment (oneDNN then stays off AMX)")
+        return advice + "."
+
+    # ------------------------------------------------------------------ forward passes
     def _noise(self, pre: torch.Tensor, keys: list[str]) -> torch.Tensor | None:
         if self.is_discrete or self.latent_mode != "sample" or not getattr(self.bottleneck, "needs_noise", False):
             return None
@@ -147,20 +268,19 @@ class BatchEncoder:
         return noise.to(pre.device, non_blocking=True)
 
     def _forward(self, model: torch.nn.Module, audio: torch.Tensor, keys: list[str], start: int,
-                 encoder=None) -> _Part:
+                 eager: bool = False) -> _Part:
         """Queue one forward pass and the copies of its results to the host."""
         x = audio.to(self.device, non_blocking=True).to(next(model.parameters()).dtype)
-        eager = self._eager[id(model)]
-        network = encoder or self._encoders[id(model)]
+        network = self._eager[id(model)] if eager else self._encoders[id(model)]
         try:
             pre = network(x).float()
         except Exception as exc:
-            if network is eager or encoder is not None or is_out_of_memory(exc):
+            if eager or not self.compiled or is_out_of_memory(exc):
                 raise
             # torch.compile could not build the graph here (no C++ compiler, no triton...): go on eagerly
             self._encoders = self._networks(compile=False)
             self.compiled, self.compile_error = False, f"{type(exc).__name__}: {str(exc)[:300]}"
-            pre = eager(x).float()
+            pre = self._eager[id(model)](x).float()
         if self.is_discrete:
             out, finite = self.bottleneck.encode_tokens(pre), torch.isfinite(pre.flatten(1)).all(dim=1)
         else:
@@ -172,134 +292,208 @@ class BatchEncoder:
             part.latents.copy_(out, non_blocking=True)
             part.finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
             part.finite.copy_(finite, non_blocking=True)
-            part.event = torch.cuda.Event()
+            part.event = torch.cuda.Event(blocking=True)  # a waiting thread sleeps instead of spinning a core
             part.event.record(torch.cuda.current_stream(self.device))
         else:
             part.latents, part.finite = out, finite
         return part
 
-    def _forward_split(self, model: torch.nn.Module, audio: torch.Tensor, keys: list[str], start: int
-                       ) -> tuple[list[_Part], int]:
-        """Forward passes over the batch, halving it on out-of-memory down to one window."""
+    def _part_size(self, length: int, limit: int | None) -> int | None:
+        """The most windows of `length` samples one forward pass may take now (None: no limit)."""
+        sizes = [limit] if limit is not None else []
+        with self._lock:
+            self._last_length = length
+            if self._fit_samples is not None:
+                sizes.append(max(1, self._fit_samples // max(1, length)))
+        return min(sizes) if sizes else None
+
+    def _remember_fit(self, windows: int, length: int) -> None:
+        """`windows` ran out of memory: from now on a part holds at most half as many samples."""
+        with self._lock:
+            fit = (windows // 2) * length
+            self._fit_samples = fit if self._fit_samples is None else min(self._fit_samples, fit)
+
+    def _forward_split(self, model: torch.nn.Module, audio: torch.Tensor, keys: list[str], start: int,
+                       eager: bool = False, limit: int | None = None) -> tuple[list[_Part], int]:
+        """Forward passes over the batch in parts of at most the size known to fit, halving a part
+        that runs out of memory down to one window. Returns the parts and the halvings."""
+        size = self._part_size(audio.shape[-1], limit)
+        if size is not None and len(keys) > size:
+            parts, splits = [], 0
+            for i in range(0, len(keys), size):
+                more, n = self._forward_split(model, audio[i:i + size], keys[i:i + size], start + i, eager, limit)
+                parts += more
+                splits += n
+            return parts, splits
         try:
-            return [self._forward(model, audio, keys, start)], 0
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            return [self._forward(model, audio, keys, start, eager)], 0
+        except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-        if len(keys) == 1:
-            return [_Part(start, start + 1, error=OOM_SPLIT_NOTE)], 0
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed pass's blocks go back before the retry
+        self._remember_fit(len(keys), audio.shape[-1])
+        if len(keys) == 1:  # a window that does not fit alone is an error, not a split
+            return [_Part(start, start + 1, error=f"{OOM_SPLIT_NOTE} ({reason})")], 0
+        with self._lock:
+            self.splits += 1
         half = len(keys) // 2
-        first, n1 = self._forward_split(model, audio[:half], keys[:half], start)
-        second, n2 = self._forward_split(model, audio[half:], keys[half:], start + half)
+        first, n1 = self._forward_split(model, audio[:half], keys[:half], start, eager, limit)
+        second, n2 = self._forward_split(model, audio[half:], keys[half:], start + half, eager, limit)
         return first + second, 1 + n1 + n2
 
+    # ------------------------------------------------------------------ submit / collect
+    def pinned_batch(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                     timeout: Optional[float] = None) -> Optional[PinnedSlot]:
+        """A pinned buffer to collate the next batch into (CUDA only), waiting up to `timeout` seconds
+        while every buffer is in flight (None: still none free). Pass it to `submit` as `slot`."""
+        if self.staging is None:
+            raise RuntimeError("pinned staging buffers are for a CUDA device")
+        return self.staging.acquire(shape, dtype, timeout=timeout)
+
     @torch.inference_mode()
-    def submit(self, audio: torch.Tensor, padding_masks: torch.Tensor, keys: list[str]) -> PendingBatch:
-        """Queue a CPU batch [B, C, N] on the device; returns at once on CUDA."""
+    def submit(self, audio: torch.Tensor, padding_masks: torch.Tensor, keys: list[str],
+               slot: Optional[PinnedSlot] = None) -> PendingBatch:
+        """Queue a CPU batch [B, C, N] on the device; returns at once on CUDA. `slot`: the pinned buffer
+        `audio` lives in (from `pinned_batch`), given back when the batch is collected."""
         count = len(keys)
         if self.pad_to is not None and count < self.pad_to:  # the short last batch reuses the compiled graph
             extra = self.pad_to - count
             audio = torch.cat([audio, audio.new_zeros(extra, *audio.shape[1:])])
             padding_masks = torch.cat([padding_masks, padding_masks.new_zeros(extra, *padding_masks.shape[1:])])
             keys = keys + [f"padding/{i}" for i in range(extra)]
-        parts, splits = self._forward_split(self.low_model or self.model, audio, keys, 0)
-        if splits:
-            with self._lock:
-                self.splits += splits
+        try:
+            parts, splits = self._forward_split(self.low_model or self.model, audio, keys, 0)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
         # in fp32 nothing is re-run: let the batch go (a queue of pending batches of long windows is large);
-        # on CUDA a pinned batch stays reserved until its copy to the device is done
+        # a pinned batch stays reserved (its slot) until the batch is collected
         keep = audio if self.low_model is not None else None
         return PendingBatch(audio=keep, padding_masks=padding_masks, keys=keys, parts=parts, splits=splits,
-                            count=count)
+                            count=count, slot=slot)
 
     @torch.inference_mode()
     def collect(self, pending: PendingBatch) -> EncodedBatch:
-        """Wait for a submitted batch and finish it: low-precision parts with a non-finite latent are
+        """Wait for a submitted batch and finish it: low-precision windows with a non-finite latent are
         re-run in fp32; a window still non-finite, or that never fit in memory, gets an error."""
-        parts: list[_Part] = []
-        retried = False
-        splits = pending.splits
+        try:
+            return self._finish(pending)
+        finally:
+            if pending.slot is not None:
+                pending.slot.release()
+                pending.slot = None
+
+    def _finish(self, pending: PendingBatch) -> EncodedBatch:
         for part in pending.parts:
             if part.event is not None:
                 part.event.synchronize()
-            if part.error is None and part.low_precision and not bool(part.finite.all()):
-                again, n = self._forward_split(self.model, pending.audio[part.start:part.stop],
-                                               pending.keys[part.start:part.stop], part.start)
-                for p in again:
-                    if p.event is not None:
-                        p.event.synchronize()
-                parts.extend(again)
-                splits += n
-                retried = True
-                with self._lock:
-                    self.retries += 1
-                    self.splits += n
-            else:
-                parts.append(part)
         errors: list[str | None] = [None] * len(pending.keys)
-        done = [p for p in parts if p.error is None]
+        done = [p for p in pending.parts if p.error is None]
         latents = None
         if done:
             latents = torch.zeros((len(pending.keys), *done[0].latents.shape[1:]), dtype=done[0].latents.dtype)
-        for part in parts:
+        rerun: list[int] = []
+        for part in pending.parts:
             if part.error is not None:
                 errors[part.start] = part.error
                 continue
             latents[part.start:part.stop] = part.latents
             for i, ok in enumerate(part.finite.tolist()):
                 if not ok:
-                    errors[part.start + i] = "encoder produced non-finite latents" + (
-                        " (also in fp32)" if self.low_model is not None else "")
+                    if part.low_precision:
+                        rerun.append(part.start + i)
+                    else:
+                        errors[part.start + i] = "encoder produced non-finite latents"
+        splits = pending.splits
+        if rerun:
+            splits += self._rerun_in_fp32(pending, rerun, latents, errors)
         length = latents.shape[-1] if latents is not None else 1
         n = pending.count or len(pending.keys)
         masks = latent_padding_mask(pending.padding_masks[:n], length)
         return EncodedBatch(latents=latents[:n] if latents is not None else None, padding_masks=masks,
-                            errors=errors[:n], fp32_retry=retried, splits=splits)
+                            errors=errors[:n], fp32_retry=bool(rerun), splits=splits)
+
+    def _rerun_in_fp32(self, pending: PendingBatch, windows: list[int], latents: torch.Tensor,
+                       errors: list[str | None]) -> int:
+        """Re-run these windows of a low-precision batch through the eager fp32 network (no second
+        compiled graph in the writer thread) and put their latents in place. Returns the halvings."""
+        index = torch.tensor(windows)
+        parts, splits = self._forward_split(self.model, pending.audio[index], [pending.keys[i] for i in windows], 0,
+                                            eager=True, limit=self.rerun_limit)
+        for part in parts:
+            if part.event is not None:
+                part.event.synchronize()
+        for part in parts:
+            if part.error is not None:
+                errors[windows[part.start]] = part.error
+                continue
+            latents[index[part.start:part.stop]] = part.latents
+            for i, ok in enumerate(part.finite.tolist()):
+                if not ok:
+                    errors[windows[part.start + i]] = "encoder produced non-finite latents (also in fp32)"
+        with self._lock:
+            self.retries += 1
+        return splits
 
     def encode(self, audio: torch.Tensor, padding_masks: torch.Tensor, keys: list[str]) -> EncodedBatch:
         return self.collect(self.submit(audio, padding_masks, keys))
+
+    # ------------------------------------------------------------------ batch size
+    def _cuda_peak(self, model: torch.nn.Module, size: int, sample_size: int) -> int | None:
+        """Peak device bytes of an eager forward pass of `size` windows, measured on a second pass (the
+        first autotunes the shape, with workspaces the run does not keep); None: out of memory."""
+        audio = torch.zeros(size, self.model.in_channels, sample_size)
+        keys = [f"probe{i}" for i in range(size)]
+        try:
+            self._forward(model, audio, keys, 0, eager=True).event.synchronize()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self._forward(model, audio, keys, 0, eager=True).event.synchronize()
+            return int(torch.cuda.max_memory_allocated(self.device) - base)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return None
+        finally:
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def probe_batch_size(self, sample_size: int, *, cap: int, host_memory: int, headroom: float = 0.2
                          ) -> tuple[int, dict]:
         """The largest power-of-two batch (<= cap) that fits with `headroom` to spare, and how it was found.
 
-        On CUDA: forward passes of growing batches (the eager encoder: one compiled graph per probe
-        would cost minutes), stopping at the first that runs out of memory or whose peak leaves less
-        than `headroom` of the device free. On the CPU: one window's largest activation, measured by
-        forward hooks, against the memory the process may still use (`host_memory`).
+        On CUDA: eager forward passes of growing batches (one compiled graph per probe would cost
+        minutes), each measured on its second pass, stopping at the first that runs out of memory or
+        whose peak leaves less than `headroom` of the device free. A low-precision run also keeps room
+        for the writer thread's fp32 re-run of one window at a time (`rerun_limit`), which can run while
+        the next batch does. On the CPU: one window's largest activation, measured by forward hooks,
+        against the memory the process may still use (`host_memory`).
         """
         model = self.low_model or self.model
         channels = self.model.in_channels
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free * (1 - headroom)
+            rerun_peak = 0
+            if self.low_model is not None:
+                rerun_peak = self._cuda_peak(self.model, 1, sample_size) or 0
+                self.rerun_limit = 1
             chosen, tried = 0, []
             size = 1
             while size <= cap:
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-                base = torch.cuda.memory_allocated(self.device)
-                audio = torch.zeros(size, channels, sample_size)
-                try:
-                    part = self._forward(model, audio, [f"probe{i}" for i in range(size)], 0,
-                                         encoder=self._eager[id(model)])
-                    part.event.synchronize()
-                except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    tried.append({"batch_size": size, "peak_bytes": None})
-                    break
-                finally:
-                    torch.cuda.empty_cache()
-                peak = torch.cuda.max_memory_allocated(self.device) - base
-                tried.append({"batch_size": size, "peak_bytes": int(peak)})
-                if peak > budget:
+                peak = self._cuda_peak(model, size, sample_size)
+                tried.append({"batch_size": size, "peak_bytes": peak})
+                if peak is None or peak + rerun_peak > budget:
                     break
                 chosen = size
                 size *= 2
             return max(1, chosen), {"device_free_bytes": int(free), "device_total_bytes": int(total),
-                                    "headroom": headroom, "probes": tried}
+                                    "headroom": headroom, "fp32_rerun_peak_bytes": int(rerun_peak),
+                                    "probes": tried}
         largest = [0]
 
         def measure(_module, _inputs, output):
@@ -308,7 +502,7 @@ class BatchEncoder:
         network = self._eager[id(model)]
         hooks = [m.register_forward_hook(measure) for m in network.modules()]
         try:
-            self._forward(model, torch.zeros(1, channels, sample_size), ["probe"], 0, encoder=network)
+            self._forward(model, torch.zeros(1, channels, sample_size), ["probe"], 0, eager=True)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -319,6 +513,17 @@ class BatchEncoder:
             chosen *= 2
         return chosen, {"host_memory_bytes": int(host_memory), "headroom": headroom,
                         "bytes_per_window_estimate": int(per_window)}
+
+
+def bound_compile_workers(workers: int) -> None:
+    """Inductor starts up to 32 compile worker processes per rank by default (8 ranks: 256 processes
+    competing with the decode workers); give each rank at most its own CPUs."""
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # no inductor in this build: nothing to bound
+        return
+    current = inductor_config.compile_threads or workers
+    inductor_config.compile_threads = max(1, min(int(current), workers))
 
 
 def token_dtype(codebook_size: int) -> torch.dtype:

@@ -203,5 +203,8 @@ def load_autoencoder(model_config: Mapping[str, Any], ckpt_path: str | Path | No
         tensors, prefix = read_checkpoint(ckpt_path, sections, key_prefix=key_prefix,
                                           allow_unsafe_pickle=allow_unsafe_pickle)
         load_strict(model, tensors, sections, Path(ckpt_path), prefix)
+        check_loaded = getattr(model.bottleneck, "check_loaded", None)
+        if check_loaded is not None:
+            check_loaded()
     model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype)

@@ -91,7 +91,7 @@ class _Codebook(nn.Module):
         embed = torch.randn(1, codebook_size, dim)
         embed = F.normalize(embed, dim=-1) if cosine else embed / math.sqrt(dim)
         # initted is 1 here so an un-loaded model (tests, dry runs) works; a checkpoint's 0 is
-        # caught by RVQBottleneck._check_initted
+        # caught by RVQBottleneck.check_loaded
         self.register_buffer("initted", torch.ones(1))
         self.register_buffer("cluster_size", torch.zeros(1, codebook_size))
         self.register_buffer("embed_avg", embed.clone())
@@ -195,7 +195,9 @@ class RVQBottleneck(DiscreteBottleneck):
     def _codebooks(self) -> list[torch.Tensor]:
         return [layer._codebook.embed[0].float() for layer in self.quantizer.layers]
 
-    def _check_initted(self) -> None:
+    def check_loaded(self) -> None:
+        """Once, after the checkpoint is loaded (reading the flags synchronises with the device, so not
+        per batch): a codebook stable-audio-tools never initialised cannot give reproducible tokens."""
         flags = torch.stack([layer._codebook.initted.reshape(-1)[0]
                              for layer in self.quantizer.layers])
         if not bool(flags.all()):
@@ -208,7 +210,6 @@ class RVQBottleneck(DiscreteBottleneck):
                 "checkpoint.")
 
     def quantize(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_initted()
         x = _linear(pre.float().transpose(1, 2), self.quantizer.project_in)  # [B, T, D]
         residual, out, indices = x, torch.zeros_like(x), []
         for embed in self._codebooks():
