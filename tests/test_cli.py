@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
 import tarfile
 
 import numpy as np
 import pytest
 
-from conftest import read_folder_layout, read_latent_shards, run_cli, write_dataset_config, write_tar
+from conftest import WDS_ENCODE, read_folder_layout, read_latent_shards, run_cli, write_dataset_config, write_tar
 
 SAMPLE_SIZE = 4096
 SEED_OPTIONS = ["--model-config", "--ckpt-path", "--pretrained-name", "--dataset-config", "--output-path",
@@ -419,3 +422,57 @@ def test_ckpt_prefix_selects_the_ema_copy(mixed_run, demo_model, tmp_path):
     assert detected.returncode == 0, detected.stderr  # the non-EMA copy under autoencoder.: other latents
     other = read_folder_layout(tmp_path / "detected")
     assert all(not np.allclose(other[k][0], plain_out[k][0]) for k in other)
+
+
+BROKEN_BF16 = '''
+import torch
+import torch.nn.functional as F
+
+
+def _broken(original):
+    def conv(x, weight, *args, **kwargs):  # as oneDNN's AMX bf16 kernels on some CPUs: finite, wrong
+        out = original(x, weight, *args, **kwargs)
+        return out.flip(-1) if x.dtype == torch.bfloat16 else out
+    return conv
+
+
+F.conv1d, F.conv2d = _broken(F.conv1d), _broken(F.conv2d)
+'''
+
+
+def run_with_env(env_extra: dict, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([WDS_ENCODE, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env_extra})
+
+
+def test_bf16_that_disagrees_with_fp32_stops_before_anything_is_written(mixed_run, demo_model, tmp_path):
+    _, _, _, dataset = mixed_run
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(BROKEN_BF16)  # the real command, with a broken bf16 path
+    out = tmp_path / "out"
+    config, ckpt = demo_model
+    result = run_with_env({"PYTHONPATH": str(inject)}, "--model-config", config, "--ckpt-path", ckpt,
+                          "--dataset-config", dataset, "--output-path", out, "--sample-size", SAMPLE_SIZE,
+                          "--no-progress", "--precision", "bf16", "--batch-size", 4)
+    assert result.returncode == 2, result.stderr
+    measured = re.search(r"--precision bf16 disagrees with fp32 on cpu: relative error ([0-9.e+-]+)", result.stderr)
+    assert measured and float(measured.group(1)) > 0.25, result.stderr
+    assert "Nothing was written" in result.stderr and "--precision fp32" in result.stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_bf16_that_agrees_with_fp32_runs_and_records_the_agreement(mixed_run, demo_model, tmp_path):
+    _, _, samples, dataset = mixed_run
+    out = tmp_path / "out"
+    config, ckpt = demo_model
+    # oneDNN kept off AMX, whose bf16 convolutions are wrong in this torch: bf16 is right on every CPU then
+    result = run_with_env({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "--model-config", config, "--ckpt-path", ckpt,
+                          "--dataset-config", dataset, "--output-path", out, "--sample-size", SAMPLE_SIZE,
+                          "--no-progress", "--precision", "bf16", "--batch-size", 4)
+    assert result.returncode == 0, result.stderr
+    check = json.loads((out / "details.json").read_text())["stats"]["precision_check"]
+    assert check["ok"] and check["precision"] == "bf16" and check["reference"] == "fp32"
+    assert 0 < check["relative_error"] < check["limit"] == 0.25
+    assert f"precision  bf16 agrees with fp32 on cpu: error {check['relative_error']:.2g}" in result.stdout
+    assert len(read_folder_layout(out)) == len(samples)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 import torch
 
 from wds_encode.config import ConfigError, EncodeConfig, encode_config_from
-from wds_encode.distributed import (Job, Launch, UnitClaims, check_topology, detect_launch, first_slurm_host,
-                                    local_process_count, slurm_tasks_per_node)
+from wds_encode.distributed import (CLAIM_KEY, Job, Launch, UnitClaims, check_topology, count_cpu_sharers,
+                                    detect_launch, first_slurm_host, local_process_count, shared_gpu_error,
+                                    slurm_tasks_per_node)
 
 BASE = {"model_config": "m.json", "ckpt_path": "m.ckpt", "dataset_config": "d.json", "output_path": "out"}
 TORCHRUN_ENV = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2",
@@ -154,13 +158,15 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_rank_that_dies_without_a_launcher_stops_the_job():
-    """No launcher to kill the others (plain env, like srun without --kill-on-bad-exit): heartbeats do."""
-    import socket
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        return s.getsockname()[1]
+
+
+def test_a_rank_that_dies_without_a_launcher_stops_the_job():
+    """No launcher to kill the others (plain env, like srun without --kill-on-bad-exit): heartbeats do."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, "3"], env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     started = time.monotonic()
@@ -170,3 +176,155 @@ def test_a_rank_that_dies_without_a_launcher_stops_the_job():
     assert procs[0].returncode == 3, err0
     assert "rank 1 stopped responding (no heartbeat for 3 s" in out0
     assert time.monotonic() - started < 30
+
+
+# --------------------------------------------------------------------------- who runs where, and the end
+
+def env_launch(rank: int, port: int, world: int = 2) -> Launch:
+    """Rank `rank` of a plain RANK / WORLD_SIZE / MASTER_* job on this machine: rank 0 hosts the store."""
+    return Launch(launcher="env", rank=rank, world_size=world, local_rank=rank, local_world_size=world,
+                  master_addr="127.0.0.1", master_port=port, run_id=f"env.{port}")
+
+
+def in_threads(rank_main, world: int = 2) -> list:
+    """`rank_main(rank)` for every rank, each in its own thread: what each returned or raised."""
+    outcome: list = [None] * world
+
+    def run(rank):
+        try:
+            outcome[rank] = rank_main(rank)
+        except BaseException as exc:  # noqa: B036 - handed to the test
+            outcome[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a rank is stuck"
+    return outcome
+
+
+def test_ranks_with_their_own_gpus_join_and_merge_results_through_the_store():
+    port = free_port()
+
+    def rank_main(rank):
+        job = Job(env_launch(rank, port), torch.device("cpu"), peer_timeout=60, device_uuid=f"GPU-{rank}")
+        try:
+            process_group = torch.distributed.is_initialized()
+            results = job.finish({"rank": rank, "units_done": 3 + rank, "x": [1.5]})
+            return job.cpu_sharers, process_group, results
+        finally:
+            job.close()
+
+    outcome = in_threads(rank_main)
+    expected = [{"rank": 0, "units_done": 3, "x": [1.5]}, {"rank": 1, "units_done": 4, "x": [1.5]}]
+    # one affinity, shared by both threads; rank 0 speaks for the job and gets every rank's result
+    assert outcome == [(2, False, expected), (2, False, expected[1:])]
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to bind two ranks apart")
+def test_ranks_bound_to_their_own_cores_share_them_with_nobody():
+    port, cores = free_port(), sorted(os.sched_getaffinity(0))
+
+    def rank_main(rank):
+        os.sched_setaffinity(0, {cores[rank]})  # this thread only, as srun --cpu-bind does per task
+        job = Job(env_launch(rank, port), torch.device("cpu"), peer_timeout=60, device_uuid=None)
+        try:
+            return job.cpu_sharers
+        finally:
+            job.finish({})
+            job.close()
+
+    assert in_threads(rank_main) == [1, 1]
+
+
+def test_two_ranks_on_one_gpu_stop_at_join_before_any_work():
+    """The launcher's agent hosts the store (torchrun), so the test can look into it afterwards."""
+    agent = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    launches = [Launch(launcher="torchrun", rank=r, world_size=2, local_rank=r, local_world_size=2,
+                       master_addr="127.0.0.1", master_port=agent.port, agent_store=True, run_id="same-gpu")
+                for r in range(2)]
+    outcome = in_threads(lambda r: Job(launches[r], torch.device("cpu"), peer_timeout=60,
+                                       device_uuid="GPU-5f1c0e3a"))
+    host = socket.gethostname()
+    for error in outcome:
+        assert isinstance(error, ConfigError), error
+        assert str(error).startswith(f"on host {host}, ranks 0 (local rank 0, cpu) and 1 (local rank 1, cpu) "
+                                     "all run on GPU GPU-5f1c0e3a. Every rank needs a GPU of its own")
+        assert "--nproc-per-node" in str(error) and "CUDA_VISIBLE_DEVICES" in str(error)
+    store = torch.distributed.PrefixStore("wds-encode/same-gpu", agent)
+    assert store.add("joined", 0) == 2  # both got as far as joining...
+    assert not store.check([CLAIM_KEY])  # ...no further: no unit claimed, no heartbeat ever sent
+    assert not store.check(["beat/0"]) and not store.check(["beat/1"])
+
+
+HOSTED_BY_RANK_0_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time, torch
+    from wds_encode import distributed
+    from wds_encode.config import ConfigError
+    launch = distributed.detect_launch(os.environ)
+    if launch.rank == 1:  # join second, then be slow to see each barrier pass: rank 0 must wait for it
+        probe = distributed.StoreAddress(launch.master_addr, launch.master_port,
+                                         f"wds-encode/{launch.run_id}").connect()
+        while probe.add("joined", 0) < 1:
+            time.sleep(0.01)
+        distributed.POLL_SECONDS = 1.5
+    try:
+        job = distributed.Job(launch, torch.device("cpu"), peer_timeout=60,
+                              device_uuid=sys.argv[1 + launch.rank])
+    except ConfigError as exc:
+        print(f"ConfigError: {exc}", flush=True)
+        sys.exit(2)
+    while launch.rank == 0 and not job.store.check(["result/1"]):
+        time.sleep(0.01)  # rank 1 finishes first and sleeps through the moment everyone has
+    print(json.dumps(job.finish({"rank": launch.rank, "units_done": 5 + launch.rank})), flush=True)
+    job.close()
+""")
+
+
+def ranks_hosted_by_rank_0(*gpus: str) -> list[tuple[int, str]]:
+    """(exit code, output) of two processes of a plain RANK / WORLD_SIZE / MASTER_* job with these GPUs."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", HOSTED_BY_RANK_0_SCRIPT, *gpus],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(2)]
+    return [(p.returncode, out) for p, out in ((p, p.communicate(timeout=60)[0]) for p in procs)]
+
+
+def test_when_rank_0_hosts_the_store_every_rank_gets_the_clear_error():
+    """Rank 0 must not exit (taking the store with it) before the others have read why: rank 1, which
+    sees the barriers pass last, would get a connection error instead."""
+    for code, out in ranks_hosted_by_rank_0("GPU-5f1c0e3a", "GPU-5f1c0e3a"):
+        assert code == 2, out
+        assert out.startswith(f"ConfigError: on host {socket.gethostname()}, ranks 0 (local rank 0, cpu) "
+                              "and 1 (local rank 1, cpu) all run on GPU GPU-5f1c0e3a"), out
+
+
+def test_when_rank_0_hosts_the_store_it_gets_every_result_and_the_others_finish_cleanly():
+    """Rank 0 must not return from `finish` (and exit) while the others still use the store."""
+    expected = [{"rank": 0, "units_done": 5}, {"rank": 1, "units_done": 6}]
+    (code0, out0), (code1, out1) = ranks_hosted_by_rank_0("GPU-0", "GPU-1")
+    assert code0 == 0 and json.loads(out0) == expected, out0
+    assert code1 == 0 and json.loads(out1) == expected[1:], out1
+
+
+def test_shared_gpu_error_names_every_group_and_ignores_cpu_ranks():
+    def record(rank, gpu, device="cuda:0"):
+        return {"rank": rank, "local_rank": rank, "device": device, "gpu": gpu, "cpus": [0]}
+
+    assert shared_gpu_error("n1", [record(0, "GPU-a"), record(1, "GPU-b"), record(2, None, "cpu"),
+                                   record(3, None, "cpu")]) is None
+    message = shared_gpu_error("n1", [record(3, "GPU-a"), record(0, "GPU-a"), record(1, "GPU-b"),
+                                      record(2, "GPU-a"), record(4, "GPU-b", "cuda:1")])
+    assert message.startswith("on host n1, ranks 0 (local rank 0, cuda:0), 2 (local rank 2, cuda:0) and "
+                              "3 (local rank 3, cuda:0) all run on GPU GPU-a; ranks 1 (local rank 1, cuda:0) "
+                              "and 4 (local rank 4, cuda:1) all run on GPU GPU-b. ")
+
+
+def test_cpu_sharers_count_overlapping_affinities_itself_included():
+    ranks = [{"cpus": [0, 1, 2, 3]}, {"cpus": [4, 5, 6, 7]}, {"cpus": [3, 4]}]
+    assert [count_cpu_sharers(r["cpus"], ranks) for r in ranks] == [2, 2, 3]
+    assert count_cpu_sharers([0], [{"cpus": [0]}]) == 1

@@ -373,3 +373,13 @@ def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_latents(model
     assert out.latents.shape[0] == 3 and len(out.errors) == 3 and out.padding_masks.shape[0] == 3
     torch.testing.assert_close(out.latents, ref.latents, rtol=1e-5, atol=1e-6)
     assert torch.equal(out.padding_masks, ref.padding_masks)
+
+
+def test_compile_workers_are_bounded_by_the_ranks_cpus(monkeypatch):
+    import torch._inductor.config as inductor_config
+    from wds_encode.encoder import bound_compile_workers
+    monkeypatch.setattr(inductor_config, "compile_threads", 32)  # inductor's default on a large node
+    bound_compile_workers(6)
+    assert inductor_config.compile_threads == 6
+    bound_compile_workers(64)  # never raised above what inductor would start anyway
+    assert inductor_config.compile_threads == 6

@@ -125,7 +125,7 @@ def test_a_window_gives_the_same_latents_alone_or_batched(family, channels_last)
     for i in range(4):
         alone = encoder.encode(audio[i:i + 1], masks[i:i + 1], keys[i:i + 1]).latents
         assert alone.shape[-1] == length // ratio
-        torch.testing.assert_close(alone[0], together[i], atol=1e-6, rtol=0)
+        torch.testing.assert_close(alone[0], together[i], rtol=1e-5, atol=1e-6)
     assert together.abs().max() > 1e-3
 
 
@@ -138,7 +138,8 @@ def test_a_run_gives_the_same_latents_at_batch_size_1_and_4(mixed_shards, demo_m
     one, four = read_folder_layout(tmp_path / "one"), read_folder_layout(tmp_path / "four")
     assert one.keys() == four.keys()
     for key, (latent, _) in one.items():
-        np.testing.assert_allclose(four[key][0], latent, atol=1e-6, rtol=0)
+        # float32 rounding of another batch shape: relative, so it holds on every CPU's kernels
+        np.testing.assert_allclose(four[key][0], latent, rtol=1e-5, atol=1e-6)
 
 
 def test_every_file_exactly_once_with_two_workers(mixed_shards, demo_model, tmp_path):

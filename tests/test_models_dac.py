@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN_CKPTS, golden
 from wds_encode.config import load_model_config
+from wds_encode.encoder import BatchEncoder, PrecisionMismatch
 from wds_encode.models import (
     CheckpointError,
     ModelConfigError,
@@ -151,7 +152,15 @@ def test_half_precision_encode_is_close(tmp_path, dtype):
     out = half.encode(audio, mode="mean")
     assert out.dtype == dtype
     rel = ((out.float() - ref).norm() / ref.norm()).item()
-    assert rel < 0.05, rel
+    if rel < 0.05:  # rounding only
+        return
+    # more than rounding: this CPU's kernels compute these shapes wrong in this precision (oneDNN's AMX
+    # bf16 convolutions in some torch builds). A run must refuse to write such latents: the precision
+    # check at its start has to find the same disagreement
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    encoder = BatchEncoder(load_autoencoder(cfg, path), device=torch.device("cpu"), precision=precision)
+    with pytest.raises(PrecisionMismatch):
+        encoder.check_precision(audio.shape[-1])
 
 
 # ----------------------------------------------------------------------------- checkpoints

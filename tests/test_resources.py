@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from wds_encode.resources import (CpuPlan, available_cpus, available_memory, cgroup_cpu_quota, cgroup_memory_room,
-                                  meminfo_available, parse_omp_num_threads, plan_cpus, process_cgroups)
+                                  meminfo_available, parse_omp_num_threads, plan_cpus, process_cgroups,
+                                  slurm_cpus_per_task)
 
 GIB = 1 << 30
 V1_UNLIMITED = "9223372036854771712"
@@ -211,9 +212,9 @@ def test_cpu_plan_gives_the_encoder_every_core_and_half_as_many_workers():
 
 
 def test_cpu_plan_share_per_rank():
-    plan = plan_cpus(max_workers=8, device_type="cpu", ranks_on_node=4, cpus=16, omp_num_threads="")
+    plan = plan_cpus(max_workers=8, device_type="cpu", ranks_sharing=4, cpus=16, omp_num_threads="")
     assert plan == CpuPlan(4, 2, 4)
-    plan = plan_cpus(max_workers=8, device_type="cpu", ranks_on_node=3, cpus=2, omp_num_threads="")
+    plan = plan_cpus(max_workers=8, device_type="cpu", ranks_sharing=3, cpus=2, omp_num_threads="")
     assert plan == CpuPlan(0.67, 1, 1)  # more ranks than cores: each still gets one thread and a worker
     assert plan.describe() == "0.67 CPUs: 1 decode worker, 1 encoder thread"
 
@@ -223,8 +224,71 @@ def test_cuda_plan_decodes_on_the_cpus_and_keeps_one_for_the_main_process():
     assert plan_cpus(max_workers=4, device_type="cuda", cpus=1, omp_num_threads="") == CpuPlan(1, 1, 1)
     assert plan_cpus(max_workers=64, device_type="cuda", cpus=16, omp_num_threads="") == CpuPlan(16, 15, 1)
     assert plan_cpus(max_workers=4, device_type="cuda", cpus=16, omp_num_threads="") == CpuPlan(16, 4, 4)
-    assert plan_cpus(max_workers=8, device_type="cuda", ranks_on_node=8, cpus=96,
+    assert plan_cpus(max_workers=8, device_type="cuda", ranks_sharing=8, cpus=96,
                      omp_num_threads="") == CpuPlan(12, 8, 4)
+
+
+# A task of `scripts/slurm_encode.sbatch`: 8 tasks per node, --cpus-per-task=12, inside the srun step.
+SRUN_TASK_ENV = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
+                 "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "12", "SLURM_CPUS_ON_NODE": "96"}
+
+
+def node_cpus(tmp_path, cores: int) -> float:
+    """What `available_cpus` reads for an affinity of `cores` cores and no cgroup quota."""
+    return available_cpus(cgroup_root=str(tmp_path / "none"), affinity=set(range(cores)),
+                          proc_cgroup=str(tmp_path / "missing"))
+
+
+def test_an_srun_task_bound_to_its_cores_plans_for_all_of_them(tmp_path):
+    """srun bound the task to its 12 cores: they are its own, not a twelfth of them (the old plan
+    divided by the 8 ranks on the node: 1.5 CPUs, 1 decode worker for a GPU)."""
+    cpus, slurm = node_cpus(tmp_path, 12), slurm_cpus_per_task(SRUN_TASK_ENV)
+    assert (cpus, slurm) == (12.0, 12.0)
+    for sharing in (1, 8):  # what Job.cpu_sharers says under binding; what the ranks on the node are
+        plan = plan_cpus(max_workers=16, device_type="cuda", ranks_sharing=sharing, slurm_cpus_per_task=slurm,
+                         cpus=cpus, omp_num_threads="")
+        assert plan == CpuPlan(12, 11, 1)
+
+
+def test_ranks_sharing_one_affinity_split_it(tmp_path):
+    """torchrun or --devices 8 on a 96-core machine: every rank may run on every core."""
+    plan = plan_cpus(max_workers=16, device_type="cuda", ranks_sharing=8, cpus=node_cpus(tmp_path, 96),
+                     slurm_cpus_per_task=slurm_cpus_per_task({}), omp_num_threads="")
+    assert plan == CpuPlan(12, 11, 1)
+
+
+def test_srun_without_binding_plans_the_tasks_cpus(tmp_path):
+    """--cpu-bind=none (or no task affinity plugin): each task's affinity is the whole node."""
+    slurm = slurm_cpus_per_task(SRUN_TASK_ENV)
+    plan = plan_cpus(max_workers=16, device_type="cuda", ranks_sharing=8, slurm_cpus_per_task=slurm,
+                     cpus=node_cpus(tmp_path, 96), omp_num_threads="")
+    assert plan == CpuPlan(12, 11, 1)
+
+
+def test_slurm_cpus_per_task_is_capped_by_what_the_task_may_use(tmp_path):
+    """From SLURM 22.05 srun does not inherit sbatch's --cpus-per-task: the task inherits the variable
+    (12) but srun bound it to one core. A `--cpus 4` given by the user caps it too."""
+    slurm = slurm_cpus_per_task(SRUN_TASK_ENV)
+    one_core = node_cpus(tmp_path, 1)
+    assert plan_cpus(max_workers=16, device_type="cuda", slurm_cpus_per_task=slurm, cpus=one_core,
+                     omp_num_threads="") == CpuPlan(1, 1, 1)
+    assert plan_cpus(max_workers=16, device_type="cuda", slurm_cpus_per_task=slurm, cpus=4,
+                     omp_num_threads="") == CpuPlan(4, 3, 1)
+
+
+@pytest.mark.parametrize("env, expected", [
+    (SRUN_TASK_ENV, 12.0),
+    ({**SRUN_TASK_ENV, "SLURM_CPUS_PER_TASK": "6"}, 6.0),
+    ({k: v for k, v in SRUN_TASK_ENV.items() if k != "SLURM_STEP_ID"}, None),  # the sbatch script itself
+    ({k: v for k, v in SRUN_TASK_ENV.items() if k != "SLURM_CPUS_PER_TASK"}, None),  # no --cpus-per-task
+    ({**SRUN_TASK_ENV, "TORCHELASTIC_RUN_ID": "x"}, None),  # a rank torchrun started inside the task
+    ({**SRUN_TASK_ENV, "SLURM_CPUS_PER_TASK": ""}, None),
+    ({**SRUN_TASK_ENV, "SLURM_CPUS_PER_TASK": "twelve"}, None),
+    ({**SRUN_TASK_ENV, "SLURM_CPUS_PER_TASK": "0"}, None),
+    ({}, None),
+])
+def test_slurm_cpus_per_task_only_for_an_srun_task(env, expected):
+    assert slurm_cpus_per_task(env) == expected
 
 
 def test_max_workers_is_an_upper_bound_and_zero_stays_zero():

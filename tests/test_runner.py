@@ -11,7 +11,7 @@ from conftest import read_folder_layout, write_dataset_config
 from wds_encode.cli import format_summary
 from wds_encode.config import EncodeConfig
 from wds_encode.encoder import BatchEncoder
-from wds_encode.runner import run
+from wds_encode.runner import PREFETCH_BYTES, prefetch_windows, run, shared_memory_free
 
 SAMPLE_SIZE = 8192
 
@@ -38,23 +38,27 @@ def inject_oom(monkeypatch, too_large):
     """Make BatchEncoder's forward pass raise the device's out-of-memory error when `too_large(keys)`."""
     forward = BatchEncoder._forward
 
-    def patched(self, model, audio, keys, start, encoder=None):
+    def patched(self, model, audio, keys, start, eager=False):
         if too_large(keys):
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
-        return forward(self, model, audio, keys, start, encoder)
+        return forward(self, model, audio, keys, start, eager)
     monkeypatch.setattr(BatchEncoder, "_forward", patched)
 
 
 def test_out_of_memory_batches_of_four_are_split_and_every_window_is_written(dataset, demo_model, tmp_path,
                                                                              monkeypatch):
     config, samples = dataset
-    inject_oom(monkeypatch, lambda keys: len(keys) > 1)
+    sizes = []
+    inject_oom(monkeypatch, lambda keys: sizes.append(len(keys)) or len(keys) > 1)
     stats = run(encode_config(demo_model, config, tmp_path / "out", batch_size=4))
     assert stats.windows == len(samples) == 12 and stats.errors == 0
-    assert stats.oom_splits == 3 * 3  # three batches of 4, each halved three times (4 -> 2+2 -> 1+1+1+1)
+    # the first batch of 4 is halved twice (4 -> 2 -> 1); the size that fit is remembered, so every later
+    # pass takes one window and nothing runs out of memory again
+    assert stats.oom_splits == 2
+    assert sizes[:2] == [4, 2] and set(sizes[2:]) == {1} and len(sizes) == 2 + 12
     assert sorted(md["__key__"] for _, md in read_folder_layout(tmp_path / "out").values()) == \
         sorted(s.key for s in samples)
-    assert "9 batch splits after running out of device memory" in format_summary(stats)
+    assert "2 batch splits after running out of device memory" in format_summary(stats)
 
 
 def test_a_window_that_never_fits_becomes_an_error_record_and_the_run_goes_on(dataset, demo_model, tmp_path,
@@ -100,3 +104,33 @@ def test_a_cpu_run_uses_the_channels_last_layout_unless_told_not_to(dataset, dem
     for latent, md in fast_latents:
         torch.testing.assert_close(torch.from_numpy(latent), torch.from_numpy(by_key[md["__key__"]]),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunking, autotune", [("split", True), ("full", False)])
+def test_cudnn_autotuning_only_where_batch_shapes_repeat(dataset, demo_model, tmp_path, monkeypatch, chunking,
+                                                         autotune):
+    """With --chunking full nearly every batch has a new length: autotuning would benchmark each anew."""
+    asked = []
+    original = BatchEncoder.__init__
+
+    def record(self, *args, **kwargs):
+        asked.append(kwargs.get("autotune"))
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(BatchEncoder, "__init__", record)
+    config, samples = dataset
+    options = {"max_seconds": 1.0} if chunking == "full" else {}
+    stats = run(encode_config(demo_model, config, tmp_path / "out", batch_size=2, chunking=chunking, **options))
+    assert asked == [autotune] and stats.windows >= len(samples)
+    assert stats.autotune is False  # a CPU has no cuDNN to tune: what ran is recorded, not what was asked
+
+
+def test_decode_workers_keep_a_bounded_number_of_bytes_ready():
+    window = 2 * 1_323_000 * 4   # a 30 s stereo window at 44.1 kHz, float32: 10.6 MB
+    assert prefetch_windows("crop", 8, window, 4, shm_free=64 << 30) == 8     # a batch's worth each
+    # --batch-size auto chose 256: a batch's worth per worker would be 10.8 GB in /dev/shm; 1 GiB in all instead
+    many = prefetch_windows("crop", 256, window, 4, shm_free=64 << 30)
+    assert 4 * many * window <= PREFETCH_BYTES and many == PREFETCH_BYTES // (4 * window)
+    # a container's 64 MB /dev/shm: the minimum of 2 (one in hand, one coming)
+    assert prefetch_windows("split", 256, window, 4, shm_free=64 << 20) == 2
+    assert prefetch_windows("full", 256, window, 4, shm_free=64 << 30) == 2
+    assert shared_memory_free("/nonexistent/shm") > 1 << 60 and shared_memory_free("/dev/shm") >= 0

@@ -2,14 +2,15 @@
 
 A sample's path through the package, one module per stage:
 sources (work units) -> distributed (which rank and worker claims a unit) -> reader (tar members
--> windows, via audio) -> batching (windows of one length per batch) -> encoder (latents; models/
-holds the networks, models/layout their channels-last CPU form) -> writers (folder layout + latent
+-> windows, via audio) -> batching (windows of one length per batch) -> encoder (latents, and the
+precision check at start; models/ holds the networks, models/layout their channels-last CPU form;
+pinned the page-locked buffers batches reach a GPU through) -> writers (folder layout + latent
 shards) -> manifest (what is done). Back into training: loader reads either form as batches.
 Around them: storage reads and writes local paths and s3:// alike; resources sizes workers and
 threads to the CPUs and memory at hand, and heap keeps a CPU run's freed memory for reuse; runner
 drives one rank's loop; progress shows the job's progress; status reports an output's state;
 inspect sums up its contents (counts, latent statistics, scale factor; inspect_plot draws them);
-cli is the command.
+compat checks the torch release at start; cli is the command.
 """
 
 __version__ = "0.1.0"

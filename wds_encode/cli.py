@@ -94,10 +94,15 @@ def format_summary(stats) -> str:
         lines.append(f"  cpu        {d['cpus']}" + (" per rank" if len(d["units_per_rank"]) > 1 else ""))
     if d["oom_splits"]:
         lines.append(f"  memory     {d['oom_splits']} batch splits after running out of device memory")
-    if d["batch_probe"] or d["compiled"] or d["channels_last"]:
+    if d["batch_probe"] or d["compiled"] or d["channels_last"] or d["autotune"]:
         lines.append(f"  encoder    batch size {d['batch_size']}" + (" (auto)" if d["batch_probe"] else "")
                      + (", channels-last" if d["channels_last"] else "")
+                     + (", cuDNN autotuned" if d["autotune"] else "")
                      + (", torch.compile" if d["compiled"] else ""))
+    if d["precision_check"]:
+        check = d["precision_check"]
+        lines.append(f"  precision  {check['precision']} agrees with fp32 on {check['device']}: error "
+                     f"{check['relative_error']:.2g} on a probe window (limit {check['limit']:g})")
     if d["fp32_retries"]:
         lines.append(f"  precision  {d['fp32_retries']} batches re-run in fp32 after non-finite latents")
     if len(d["units_per_rank"]) > 1:
@@ -124,6 +129,7 @@ def run_encode(config: EncodeConfig) -> int:
     """
     from .distributed import JobAborted, Launch, check_topology, detect_launch, local_process_count, \
         spawn_local_ranks
+    from .compat import check_installed
     from .manifest import ManifestError
     from .models import CheckpointError, ModelConfigError
     from .runner import plan_inputs, run
@@ -131,6 +137,7 @@ def run_encode(config: EncodeConfig) -> int:
 
     launch = None
     try:
+        check_installed()
         launch = detect_launch(os.environ)
         if launch is None:
             nprocs = local_process_count(config)

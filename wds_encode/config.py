@@ -97,6 +97,10 @@ class EncodeConfig(BaseModel):
                           "several times faster on a CPU for few channels; default: on for a CPU device")
     precision: Optional[Literal["fp32", "fp16", "bf16"]] = Field(
         None, description="Encoder precision (default fp32, fp16 with --model-half)")
+    precision_check_limit: float = Field(
+        0.25, gt=0, description="With fp16 / bf16: stop at start when a probe window encoded in that precision "
+                                "differs from fp32 by more than this (error norm over the fp32 output's variation "
+                                "in time; rounding stays below 0.07, broken kernels give 1 and more)")
     latent_mode: Literal["sample", "mean", "params"] = Field(
         "sample", description="VAE output: sample (seeded by key), mean, or params (mean and std)")
     chunking: Literal["crop", "split", "full"] = Field(
@@ -124,10 +128,11 @@ class EncodeConfig(BaseModel):
     seed: int = Field(0, description="Seed for random crops, VAE sampling and shard shuffle")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (under a launcher: cuda:LOCAL_RANK)")
     cpus: Optional[float] = Field(
-        None, gt=0, description="CPUs to plan decode workers and encoder threads for (default: what CPU affinity "
-                                "and the cgroup quota allow, shared among the ranks on this machine)")
+        None, gt=0, description="CPUs to plan decode workers and encoder threads for (default: an srun task's "
+                                "--cpus-per-task, else what CPU affinity and the cgroup quota allow, split among the "
+                                "ranks on this machine that share these cores)")
     devices: str = Field("auto", description="Started alone: ranks to start on this machine, one per GPU "
-                                             "(auto: every visible GPU; on a CPU-only machine N gloo ranks)")
+                                             "(auto: every visible GPU; on a CPU-only machine N CPU ranks)")
     peer_timeout: float = Field(60.0, gt=0, description="Seconds without a heartbeat after which a rank is "
                                                        "taken as dead and the job stops")
     strict: bool = Field(False, description="Exit non-zero on any bad sample")

@@ -11,17 +11,25 @@ time out on a long job:
 - rank 0 publishes the plan (the ordered units still to do); the others wait for it;
 - DataLoader workers claim units with `add(CLAIM, 1)` over that one ordered list, so every unit
   goes to exactly one (rank, worker) and nobody idles while units remain;
+- at the start every rank publishes where it runs (host, GPU UUID, CPU affinity) under its host's
+  keys, so two ranks given one GPU (a launch mistake: they would split its memory and time) stop
+  with a clear error (exit 2) before any work, and each rank knows how many share its cores;
 - every rank sends heartbeats; rank 0 watches everyone, the others watch rank 0, and any rank can
   publish an abort reason, so a dead rank stops the job within `--peer-timeout`;
-- progress counters are summed in the store; at the end every rank waits (polling, no timeout)
-  until all have finished, then one `all_gather_object` (nccl on GPUs, gloo on CPU) merges stats.
+- progress counters are summed in the store; at the end every rank publishes its stats there and
+  waits (polling, no timeout) until all have; rank 0 reads them all and merges them.
+There is no process group: nothing waits on NCCL or gloo, whose network setup can hang a job.
+When rank 0 hosts the store, it leaves a barrier last, so it never takes the store away before
+the others have read what they need from it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -30,7 +38,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,6 +53,7 @@ SLURM_PORT_BASE = 10000                   # MASTER_PORT under srun when none is 
 SLURM_PORT_SPAN = 50000
 CLAIM_KEY = "claims/next"
 PROGRESS_KEYS = ("bytes", "units", "windows", "samples", "audio_ms", "errors")
+FROM_DEVICE = "from-device"              # Job(device_uuid=...): read the UUID from the device itself
 
 
 class JobAborted(RuntimeError):
@@ -299,46 +308,125 @@ def _open_store(launch: Launch) -> dist.TCPStore:
 
 # --------------------------------------------------------------------------- the job, seen from one rank
 
-class Job:
-    """This rank's view of the job: the shared store, the process group, heartbeats and failures."""
+def gpu_uuid(device: torch.device) -> Optional[str]:
+    """The GPU's UUID, the same whatever CUDA_VISIBLE_DEVICES numbers it; None for the CPU."""
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
 
-    def __init__(self, launch: Launch, device: torch.device, *, peer_timeout: float):
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if not dist.is_available() or (launch.world_size > 1 and not dist.is_backend_available(backend)):
-            raise ConfigError(f"this torch build ({torch.__version__}) has no torch.distributed {backend} backend, "
-                              f"which a {launch.world_size}-rank job on {device.type} needs; install a torch "
-                              "build with it, or run one rank")
+
+def cpu_affinity() -> list[int]:
+    """The cores this process may run on (the host's, where the platform cannot say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def shared_gpu_error(host: str, ranks: Iterable[dict]) -> Optional[str]:
+    """What to tell the user when ranks on `host` (their join records) were given one GPU; None when
+    each has its own. CPU ranks (no GPU) never clash."""
+    by_gpu: dict[str, list[dict]] = {}
+    for record in sorted(ranks, key=lambda r: r["rank"]):
+        if record["gpu"] is not None:
+            by_gpu.setdefault(record["gpu"], []).append(record)
+    groups = [(gpu, records) for gpu, records in by_gpu.items() if len(records) > 1]
+    if not groups:
+        return None
+
+    def names(records: list[dict]) -> str:
+        each = [f"{r['rank']} (local rank {r['local_rank']}, {r['device']})" for r in records]
+        return ", ".join(each[:-1]) + " and " + each[-1]
+
+    shared = "; ".join(f"ranks {names(records)} all run on GPU {gpu}" for gpu, records in groups)
+    return (f"on host {host}, {shared}. Every rank needs a GPU of its own: start one rank per GPU "
+            "(torchrun --nproc-per-node = the number of GPUs on the node, or --devices N with N GPUs "
+            "visible), and check CUDA_VISIBLE_DEVICES; under srun, --ntasks-per-node = GPUs per node and "
+            "--gpus-per-task=1 (or every GPU visible to every task)")
+
+
+def count_cpu_sharers(mine: Iterable[int], ranks: Iterable[dict]) -> int:
+    """How many of `ranks` (join records of one host, this rank's among them) may run on any of the
+    cores in `mine`: 1 when srun or taskset bound each rank to its own cores."""
+    cores = set(mine)
+    return max(1, sum(1 for record in ranks if cores & set(record["cpus"])))
+
+
+class Job:
+    """This rank's view of the job: the shared store, who runs where, heartbeats and failures.
+
+    `device_uuid` is the GPU this rank runs on (default: read from `device`; tests inject one).
+    `cpu_sharers` is the number of ranks on this host whose CPU affinity overlaps this rank's,
+    itself included: what `resources.plan_cpus` divides the CPUs by.
+    """
+
+    def __init__(self, launch: Launch, device: torch.device, *, peer_timeout: float,
+                 device_uuid: Optional[str] = FROM_DEVICE):
+        if not dist.is_available():
+            raise ConfigError(f"this torch build ({torch.__version__}) has no torch.distributed, whose store "
+                              "the ranks coordinate through (one rank too); install a standard torch build")
         self.launch = launch
         self.rank = launch.rank
         self.world_size = launch.world_size
         self.peer_timeout = peer_timeout
+        self._hosts_store = launch.rank == 0 and not launch.agent_store
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # code that uses "the current GPU" uses this rank's
         raw = _open_store(launch)
         prefix = f"wds-encode/{launch.run_id}"
         self.address = StoreAddress(launch.master_addr, raw.port, prefix)
         self.store = dist.PrefixStore(prefix, raw)
         self._failure: Optional[str] = None
         self._stop = threading.Event()
-        self._process_group = False
-        self._join()
-        if self.world_size > 1:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend, store=dist.PrefixStore(prefix + "/pg", raw), rank=self.rank,
-                                    world_size=self.world_size)
-            self._process_group = True
+        self.cpu_sharers: int = self._join({
+            "rank": self.rank, "local_rank": launch.local_rank, "host": socket.gethostname(),
+            "device": str(device), "gpu": gpu_uuid(device) if device_uuid == FROM_DEVICE else device_uuid,
+            "cpus": cpu_affinity()})
         self._watchdog = threading.Thread(target=self._watch, name="wds-encode-heartbeat", daemon=True)
         self._watchdog.start()
 
-    # -- start: everyone joins, rank 0 publishes the plan
-    def _join(self) -> None:
-        self.store.add("joined", 1)
+    # -- start: everyone joins and checks where it runs, rank 0 publishes the plan
+    def _join(self, record: dict) -> int:
+        """Publish `record` under this host's keys, wait for every rank, and stop the whole job (every
+        rank raises ConfigError) when ranks on any host share a GPU. Returns this rank's CPU sharers."""
+        node = f"node/{record['host']}"
+        slot = self.store.add(f"{node}/count", 1) - 1
+        self.store.set(f"{node}/{slot}", json.dumps(record))  # before "joined": complete once all joined
+        self._barrier("joined", "joined")
+        count = self.store.add(f"{node}/count", 0)  # final: every rank of the job has published
+        neighbours = [json.loads(self.store.get(f"{node}/{i}")) for i in range(count)]
+        problem = shared_gpu_error(record["host"], neighbours)
+        if problem is not None:
+            self.store.compare_set("join/error", "", problem)
+        self._barrier("join/checked", "checked where they run")  # every host's verdict is in
+        if self.store.check(["join/error"]):
+            error = self.store.get("join/error").decode("utf-8", "replace")
+            self._leave("join/read", timeout=JOIN_TIMEOUT_SECONDS)
+            raise ConfigError(error)
+        return count_cpu_sharers(record["cpus"], neighbours)
+
+    def _barrier(self, key: str, what: str) -> None:
+        """Wait until every rank has reached this point (added 1 to `key`), unless one aborts first."""
+        self.store.add(key, 1)
         deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
-        while (joined := self.store.add("joined", 0)) < self.world_size:
+        while (count := self.store.add(key, 0)) < self.world_size:
             if (reason := self._abort_reason()) is not None:
                 raise JobAborted(reason)
             if time.monotonic() > deadline:
-                raise JobAborted(f"only {joined} of {self.world_size} ranks joined within "
+                raise JobAborted(f"only {count} of {self.world_size} ranks {what} within "
                                  f"{JOIN_TIMEOUT_SECONDS:.0f} s ({self.launch.describe()})")
+            time.sleep(POLL_SECONDS)
+
+    def _leave(self, key: str, *, timeout: Optional[float]) -> None:
+        """This rank's last use of the store for now. The rank hosting the store waits until every rank
+        has added 1 to `key` (or the job failed, or `timeout`), so it cannot take the store away while
+        others still read from it; the others go at once."""
+        self.store.add(key, 1)
+        if not self._hosts_store:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.store.add(key, 0) < self.world_size and self._failure is None:
+            if deadline is not None and time.monotonic() > deadline:
+                return
             time.sleep(POLL_SECONDS)
 
     def publish(self, key: str, value: dict) -> None:
@@ -416,22 +504,23 @@ class Job:
     def read_progress(self) -> dict[str, int]:
         return {key: self.store.add(f"progress/{key}", 0) for key in PROGRESS_KEYS}
 
-    # -- end: wait for everyone without a collective timeout, then gather
+    # -- end: every rank's result through the store, waiting without a timeout
     def finish(self, result: dict) -> list[dict]:
-        """Every rank's `result`, in rank order, once all ranks have finished (all ranks get the list)."""
+        """Once all ranks have finished: on rank 0, which speaks for the job, every rank's `result`
+        (JSON-serialisable) in rank order; on the others, their own alone (a thousand ranks each reading
+        a thousand results would move gigabytes through the store). No collective: a slow rank is
+        waited for, a dead one stops the job."""
+        self.store.set(f"result/{self.rank}", json.dumps(result))
         self.store.add("finished", 1)
         while self.store.add("finished", 0) < self.world_size:
             self.raise_if_failed()
             time.sleep(POLL_SECONDS)
-        if not self._process_group:
-            return [result]
-        gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, result)
-        return gathered
+        results = [result]
+        if self.rank == 0:
+            results = [json.loads(self.store.get(f"result/{r}").decode("utf-8")) for r in range(self.world_size)]
+        self._leave("collected", timeout=None)
+        return results
 
     def close(self) -> None:
         self._stop.set()
         self._watchdog.join(timeout=5)
-        if self._process_group:
-            dist.destroy_process_group()
-            self._process_group = False

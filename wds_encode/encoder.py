@@ -332,7 +332,8 @@ class BatchEncoder:
                 raise
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the failed pass's blocks go back before the retry
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()  # the failed pass's blocks go back before the retry
         self._remember_fit(len(keys), audio.shape[-1])
         if len(keys) == 1:  # a window that does not fit alone is an error, not a split
             return [_Part(start, start + 1, error=f"{OOM_SPLIT_NOTE} ({reason})")], 0

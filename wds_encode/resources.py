@@ -10,8 +10,11 @@ default of 4 workers is slower than 1, see `plan_cpus`).
 So: `available_cpus()` and `available_memory()` read what the kernel enforces (affinity, cgroup
 v1 or v2, /proc/meminfo), treating any file they cannot read as "no limit from it", and
 `plan_cpus()` turns this rank's share of the CPUs into a number of decode workers and encoder
-threads, with `--num-workers` as the user's upper bound. Nothing here sets anything: the caller
-applies the `CpuPlan` and prints `describe()` in its summary.
+threads, with `--num-workers` as the user's upper bound. The share is what SLURM gave the task
+(`slurm_cpus_per_task`) under srun, else the CPUs divided among the ranks whose affinity overlaps
+this one's (`distributed.Job.cpu_sharers`): ranks that srun or taskset bound to their own cores
+do not split them again. Nothing here sets anything: the caller applies the `CpuPlan` and prints
+`describe()` in its summary.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"       # which cgroup this process is in, per hierarchy
@@ -231,13 +234,35 @@ def parse_omp_num_threads(value: Optional[str]) -> Optional[int]:
     return int(first) if first.isdigit() and int(first) > 0 else None
 
 
-def plan_cpus(*, max_workers: int, device_type: str, ranks_on_node: int = 1, cpus: Optional[float] = None,
+def slurm_cpus_per_task(env: Mapping[str, str]) -> Optional[float]:
+    """SLURM_CPUS_PER_TASK when this process is itself a task of an srun step, else None.
+
+    The sbatch script's own shell (no SLURM_STEP_ID) is not a task: what it starts shares the whole
+    allocation. Nor is a rank that torchrun or `--devices` (TORCHELASTIC_RUN_ID) started inside a task:
+    it shares that task's CPUs with the other ranks there. Garbage or a value <= 0 counts as unset.
+    """
+    value = env.get("SLURM_CPUS_PER_TASK")
+    if not value or "SLURM_STEP_ID" not in env or "TORCHELASTIC_RUN_ID" in env:
+        return None
+    try:
+        cpus = float(value)
+    except ValueError:
+        return None
+    return cpus if cpus > 0 else None
+
+
+def plan_cpus(*, max_workers: int, device_type: str, ranks_sharing: int = 1,
+              slurm_cpus_per_task: Optional[float] = None, cpus: Optional[float] = None,
               omp_num_threads: Optional[str] = None) -> CpuPlan:
     """Decode workers and encoder threads for one rank, from its share of the CPUs.
 
-    share = `cpus` (default `available_cpus()`) / `ranks_on_node`, reported as `CpuPlan.cpus`; `whole` =
-    the share rounded down, at least 1 (a 1.5-CPU quota runs 1 thread unthrottled; 2 would be throttled
-    a quarter of the time).
+    share = `slurm_cpus_per_task` (an srun task's own cores, see `slurm_cpus_per_task()`), capped by
+    `cpus` (default `available_cpus()`): from 22.05 srun no longer inherits sbatch's --cpus-per-task, so
+    a task may be bound to fewer cores than the variable it inherited says. Otherwise share = `cpus` /
+    `ranks_sharing`, the ranks on this node whose CPU affinity overlaps this rank's, itself included
+    (torchrun's and `--devices`'s ranks all share one set; ranks bound to their own cores share nothing).
+    The share is reported as `CpuPlan.cpus`; `whole` = the share rounded down, at least 1 (a 1.5-CPU
+    quota runs 1 thread unthrottled; 2 would be throttled a quarter of the time).
     `max_workers` (`--num-workers`) is an upper bound the plan never exceeds; 0 stays 0 (decode in the
     main process).
 
@@ -260,7 +285,10 @@ def plan_cpus(*, max_workers: int, device_type: str, ranks_on_node: int = 1, cpu
     """
     if cpus is None:
         cpus = available_cpus()
-    share = cpus / max(1, ranks_on_node)
+    if slurm_cpus_per_task is not None:
+        share = min(slurm_cpus_per_task, cpus)
+    else:
+        share = cpus / max(1, ranks_sharing)
     whole = max(1, int(share + _EPSILON))
     max_workers = max(0, max_workers)
     if device_type != "cpu":

@@ -1,15 +1,18 @@
 """One rank of the job: plan, prepare (rank 0), claim units, encode, write, commit, merge stats.
 
-Every rank checks its inputs, joins the job (`distributed.Job`) and waits for rank 0's plan: the
-units still to do, in claim order. DataLoader workers claim those units one by one and decode
+Every rank checks its inputs, joins the job (`distributed.Job`), loads the model and checks its
+precision (a low precision that gives wrong latents stops the run before anything is written), and
+waits for rank 0's plan: the units still to do, in claim order. DataLoader workers claim those units one by one and decode
 them in parallel; this process batches windows, encodes them, and hands the latents to a writer
 thread through a bounded queue, so the device never waits on disk. A unit's `ShardEnd` travels
 through the same queue after the unit's last batch, so the writer commits a unit only once all of
-its windows are written. At the end the ranks' stats are merged into one summary.
+its windows are written. At the end rank 0 merges every rank's stats (through the job's store) into
+one summary.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -24,12 +27,12 @@ from torch.utils.data import DataLoader
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
 from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
-from .encoder import BatchEncoder, PendingBatch, token_dtype
+from .encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
 from .manifest import OutputState, RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
 from .heap import give_back_freed_memory, keep_freed_memory
-from .resources import CpuPlan, available_memory, plan_cpus
+from .resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .batching import LengthBatcher
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
@@ -41,6 +44,8 @@ WRITE_QUEUE_DEPTH = 8
 TRIM_EVERY_BATCHES = 8   # --chunking full on a CPU: batches between heap trims (measured: RSS flat, no slowdown)
 COMPILE_MIN_INPUT_BYTES = 1 << 30   # --compile's default on CUDA: a job this large pays back the warm-up
 AUTO_BATCH_CAP = 256
+PREFETCH_BYTES = 1 << 30   # windows decode workers keep ready, per rank in all (on top of the batch being built)
+SHM_PATH = "/dev/shm"
 
 
 @dataclass
@@ -70,6 +75,8 @@ class RunStats:
     padding_samples: int = 0      # ...and zeros encoded with them (windows padded to their size)
     batch_probe: dict = field(default_factory=dict)
     compiled: bool = False        # the encoder ran through torch.compile
+    autotune: bool = False        # cuDNN benchmarked the convolutions of each new shape (fixed windows on CUDA)
+    precision_check: dict = field(default_factory=dict)  # a low-precision run's agreement with fp32 at start
     channels_last: bool = False   # the encoder's convolutions ran in the channels-last layout
     cpus: str = ""                # the CPUs this rank could use, and how it split them (resources.plan_cpus)
     stopped_early: bool = False
@@ -134,6 +141,8 @@ class _WriterThread(threading.Thread):
 
     def run(self) -> None:
         try:
+            if self.encoder.device.type == "cuda":
+                torch.cuda.set_device(self.encoder.device)  # a thread starts on cuda:0: no second context there
             while True:
                 job = self.queue.get()
                 if job is None:
@@ -235,10 +244,12 @@ def latent_format(config: EncodeConfig, model) -> tuple[torch.dtype, dict]:
     return (torch.float16 if config.latent_dtype == "float16" else torch.float32), metadata
 
 
-def _collate(items: list[WindowItem], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack windows into a batch; into pinned memory for a CUDA device, so its copy does not block."""
+def _collate(items: list[WindowItem], out: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack windows into a batch: into `out` (a pinned buffer for a CUDA device, so its copy does not
+    block) or a new tensor."""
     first = items[0].audio
-    audio = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=pin)
+    audio = out if out is not None else torch.empty((len(items), *first.shape), dtype=first.dtype)
     torch.stack([it.audio for it in items], out=audio)
     masks = torch.stack([it.padding_mask for it in items])
     keys = [f"{it.shard_id}/{it.key}" for it in items]
@@ -345,8 +356,8 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
         merged.units_per_rank.append(stats["units_done"])
     if per_rank:  # how rank 0 ran (the others run the same way on the same kind of device)
         first = per_rank[0]
-        merged.batch_size, merged.batch_probe, merged.compiled, merged.channels_last, merged.cpus = (
-            first["batch_size"], first["batch_probe"], first["compiled"], first["channels_last"], first["cpus"])
+        for name in ("batch_size", "batch_probe", "compiled", "channels_last", "cpus", "autotune", "precision_check"):
+            setattr(merged, name, first[name])
     return merged
 
 
@@ -357,6 +368,13 @@ def use_compile(config: EncodeConfig, device: torch.device, todo: list[Shard]) -
     if config.chunking == "full":
         return False  # one graph per window length: the compile warm-up would come back for every length
     return device.type == "cuda" and sum(u.size for u in todo) >= COMPILE_MIN_INPUT_BYTES
+
+
+def use_autotune(chunking: str) -> bool:
+    """cuDNN autotuning where shapes repeat: fixed windows give one batch shape (two with a short last
+    batch), worth benchmarking once; with --chunking full nearly every batch has a new length, and each
+    would be benchmarked anew (workspaces up to the free memory) for one use."""
+    return chunking != "full"
 
 
 def use_channels_last(option: Optional[bool], device: torch.device) -> bool:
@@ -374,19 +392,21 @@ def resolve_batch_size(config: EncodeConfig, encoder: BatchEncoder, window_size:
 
 
 def run(config: EncodeConfig, launch: Optional[Launch] = None) -> RunStats:
-    """Run this process's rank of the job (alone: the whole job); returns the job's merged stats."""
+    """Run this process's rank of the job (alone: the whole job); returns the job's merged stats on
+    rank 0, which speaks for the job, and this rank's own on the others."""
     started = time.time()
     launch = launch or Launch()
     check_topology(launch, config)
     inputs = plan_inputs(config)
     device = rank_device(config.device, launch)
-    cpus = plan_cpus(max_workers=config.num_workers, device_type=device.type, ranks_on_node=launch.local_world_size,
-                     cpus=config.cpus)
-    torch.set_num_threads(cpus.torch_threads)
-    if device.type == "cpu":
-        keep_freed_memory()  # a CPU forward pass would otherwise fault in every layer's output afresh
-    job = Job(launch, device, peer_timeout=config.peer_timeout)
+    job = Job(launch, device, peer_timeout=config.peer_timeout)  # checks that no two ranks share a GPU
     try:
+        # this rank's CPUs: srun's task share, else split among the ranks on this host that share its cores
+        cpus = plan_cpus(max_workers=config.num_workers, device_type=device.type, ranks_sharing=job.cpu_sharers,
+                         slurm_cpus_per_task=slurm_cpus_per_task(os.environ), cpus=config.cpus)
+        torch.set_num_threads(cpus.torch_threads)
+        if device.type == "cpu":
+            keep_freed_memory()  # a CPU forward pass would otherwise fault in every layer's output afresh
         return _run_rank(inputs, job, device, cpus, started)
     except BaseException as exc:
         cause = job.failure_behind(exc)
@@ -402,13 +422,20 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     config = inputs.config
     place = inputs.output_place()
     manifest = RunManifest(place)
-    if job.rank == 0:
-        identity, todo_order, state = prepare_output(inputs, manifest)
     model = load_autoencoder(inputs.model_config, inputs.ckpt_path, key_prefix=config.ckpt_prefix,
                              allow_unsafe_pickle=config.allow_unsafe_pickle)
     if config.is_discrete and not getattr(model.bottleneck, "is_discrete", False):
         raise ConfigError(f"--is-discrete: the model's bottleneck ({type(model.bottleneck).__name__}) "
                           "is continuous and has no tokens; drop --is-discrete")
+    window_size = inputs.window_options(model.sample_rate, model.in_channels).sample_size
+    encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
+                           latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
+                           channels_last=use_channels_last(config.channels_last, device),
+                           autotune=use_autotune(inputs.chunking))
+    # before the output is touched: a low-precision path that gives wrong latents stops the run here (exit 2)
+    precision_check = encoder.check_precision(window_size, limit=config.precision_check_limit)
+    if job.rank == 0:
+        identity, todo_order, state = prepare_output(inputs, manifest)
     details: dict = {}
     if job.rank == 0:
         details = {
@@ -438,13 +465,12 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
                           "nodes do not see the same files")
     todo = [inputs.units[i] for i in plan["todo"]]
     first_batch = int(plan["next_batch"].get(str(job.rank), 0))
-    encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
-                           latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
-                           compile=use_compile(config, device, todo),
-                           channels_last=use_channels_last(config.channels_last, device))
+    if use_compile(config, device, todo):
+        bound_compile_workers(max(1, int(cpus.cpus)))
+        encoder.use_compile(True)
     stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"], compiled=encoder.compiled,
-                     channels_last=encoder.channels_last, cpus=cpus.describe())
-    window_size = inputs.window_options(model.sample_rate, model.in_channels).sample_size
+                     channels_last=encoder.channels_last, cpus=cpus.describe(), autotune=encoder.autotune,
+                     precision_check=precision_check)
     stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder, window_size)
     if encoder.compiled:
         encoder.pad_to = stats.batch_size  # one graph for every batch, the short last one included
@@ -490,8 +516,11 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     # in_order=False: a worker decoding a long file does not hold up windows the others have ready
     # (each worker's own items still arrive in order, so a unit's end marker follows its windows)
     # windows are collated into pinned memory by the main loop (`_collate`), not pinned one by one here
-    loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False,
-                        prefetch_factor=_prefetch(inputs.chunking, batch_size) if num_workers else None)
+    options = reader.options
+    window_bytes = model.in_channels * options.sample_size * 4  # float32 windows
+    prefetch = prefetch_windows(inputs.chunking, batch_size, window_bytes, num_workers,
+                                shared_memory_free() // max(1, job.launch.local_world_size)) if num_workers else None
+    loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False, prefetch_factor=prefetch)
     folder = FolderWriter(manifest.place, job.rank, first_batch)
     marker = manifest.start_writing(job.rank, first_batch)
     counter = ProgressCounter(job.add_progress)
@@ -522,6 +551,17 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             except queue.Full:
                 job.raise_if_failed()
 
+    def staging_slot(items: list[WindowItem]):
+        """A pinned buffer for the next batch: waits while every one is in flight (the device has work)."""
+        shape = (len(items), *items[0].audio.shape)
+        while True:
+            slot = encoder.pinned_batch(shape, items[0].audio.dtype, timeout=1.0)
+            if slot is not None:
+                return slot
+            if writer.error is not None:
+                raise _writer_failure(writer.error)
+            job.raise_if_failed()
+
     batcher = LengthBatcher(batch_size, config.bucket_buffer)
     # windows of every length fragment the kept heap of a CPU run: give its free pages back now and then
     trim_heap = device.type == "cpu" and inputs.chunking == "full"
@@ -534,8 +574,9 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             if isinstance(part, ShardEnd):
                 put(("end", part))
                 continue
-            audio, masks, keys = _collate(part, pin=device.type == "cuda")
-            pending = encoder.submit(audio, masks, keys)
+            slot = staging_slot(part) if device.type == "cuda" else None
+            audio, masks, keys = _collate(part, out=slot.tensor if slot is not None else None)
+            pending = encoder.submit(audio, masks, keys, slot=slot)
             part = [item.without_audio() for item in part]   # the writer needs metadata only
             put(("batch", (batch_index, part, pending)))
             batch_index += 1
@@ -590,10 +631,25 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     stats.loop_seconds = time.time() - loop_started if loop_started is not None else 0.0
 
 
-def _prefetch(chunking: str, batch_size: int) -> int:
-    """Windows each decode worker keeps ready: a batch's worth, except with full windows, which can be
-    minutes long each and wait in the bucket buffer anyway."""
-    return 2 if chunking == "full" else max(2, batch_size)
+def prefetch_windows(chunking: str, batch_size: int, window_bytes: int, workers: int, shm_free: int) -> int:
+    """Windows each decode worker keeps ready: a batch's worth, but at most PREFETCH_BYTES per rank in
+    all and half of this rank's share of /dev/shm (windows travel from the workers through it: a
+    container's small /dev/shm would otherwise crash the workers with `--batch-size auto`), and at least 2
+    (one in hand, one coming). With full windows, which can be minutes long each, 2."""
+    if chunking == "full" or workers < 1:
+        return 2
+    budget = min(PREFETCH_BYTES, shm_free // 2)
+    return max(2, min(batch_size, budget // max(1, workers * window_bytes)))
+
+
+def shared_memory_free(path: str = SHM_PATH) -> int:
+    """Bytes free in /dev/shm (where DataLoader workers put the tensors they hand over); a large
+    number where it cannot be read (then it is not what limits us)."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return 1 << 62
+    return stat.f_bavail * stat.f_frsize
 
 
 def _writer_failure(error: BaseException) -> BaseException:
