@@ -68,9 +68,28 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+def keep_onednn_off_amx() -> bool:
+    """On a CPU with AMX (amx_bf16), oneDNN's bf16 convolutions in torch 2.14 compute some shapes wrong,
+    and wds-encode's precision check (rightly) stops a bf16 run there: measure the path that is right,
+    AVX-512 bf16, as the check's message advises. oneDNN reads the cap when torch loads it: before the
+    import. True when this set it."""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    if "amx_bf16" not in flags or "ONEDNN_MAX_CPU_ISA" in os.environ:
+        return False
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"  # the seed baseline's fresh interpreter inherits it
+    return True
+
+
+ONEDNN_CAPPED = keep_onednn_off_amx()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -919,6 +938,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "host": socket.gethostname(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})",
         "torch": torch.__version__, "python": platform.python_version(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "onednn_capped_off_amx": ONEDNN_CAPPED,
         "cpus_available": cpus, "cpu_plan": plan.describe(), "torch_threads_default": torch_threads_default,
         "model": args.model,
         "params": {**{k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)

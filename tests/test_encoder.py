@@ -120,22 +120,28 @@ def test_bf16_is_close_to_fp32_or_the_precision_check_refuses_it(model):
         assert rel < 0.05
 
 
-def corrupt_low_precision_convolutions(monkeypatch, dtype=torch.bfloat16):
-    """What oneDNN's AMX kernels do to bf16 convolutions on some CPUs: finite, wrong results."""
+def emulate_low_precision_convolutions(monkeypatch, broken, dtype=torch.bfloat16):
+    """Convolutions of `dtype` inputs computed in fp32 and rounded to `dtype`, so that this CPU's own
+    low-precision kernels, right or wrong (oneDNN on AMX), play no part; `broken` also reverses their
+    output in time: finite, wrong results, as broken kernels give."""
     for name in ("conv1d", "conv2d"):
         original = getattr(F, name)
 
-        def broken(x, weight, *args, _original=original, **kwargs):
-            out = _original(x, weight, *args, **kwargs)
-            return out.flip(-1) if x.dtype == dtype else out
-        monkeypatch.setattr(F, name, broken)
+        def conv(x, weight, bias=None, *args, _original=original, **kwargs):
+            if x.dtype != dtype:
+                return _original(x, weight, bias, *args, **kwargs)
+            out = _original(x.float(), weight.float(), None if bias is None else bias.float(), *args, **kwargs)
+            return (out.flip(-1) if broken else out).to(dtype)
+        monkeypatch.setattr(F, name, conv)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_precision_check_refuses_a_broken_low_precision_path(model, monkeypatch, channels_last):
     enc = BatchEncoder(model, device=torch.device("cpu"), precision="bf16", channels_last=channels_last)
-    healthy = enc.check_precision(N)
-    corrupt_low_precision_convolutions(monkeypatch)
+    emulate_low_precision_convolutions(monkeypatch, broken=False)
+    healthy = enc.check_precision(N)  # bf16 rounding alone passes
+    assert healthy["ok"] and healthy["relative_error"] < PRECISION_CHECK_LIMIT
+    emulate_low_precision_convolutions(monkeypatch, broken=True)
     with pytest.raises(PrecisionMismatch) as info:
         enc.check_precision(N)
     check = info.value.check
@@ -159,7 +165,7 @@ def test_the_precision_check_refuses_a_model_that_overflows_fp16(model):
 def test_the_precision_check_advises_the_onednn_cap_on_an_amx_cpu(model, monkeypatch):
     import wds_encode.encoder as encoder_module
     monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
-    corrupt_low_precision_convolutions(monkeypatch)
+    emulate_low_precision_convolutions(monkeypatch, broken=True)
     with pytest.raises(PrecisionMismatch, match="ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"):
         BatchEncoder(model, device=torch.device("cpu"), precision="bf16").check_precision(N)
 
@@ -214,10 +220,11 @@ def test_a_pinned_slot_is_given_back_when_its_batch_is_collected(model):
         slot.tensor.copy_(audio)
         pending.append(enc.submit(slot.tensor, masks, list("abc"), slot=slot))
     assert ring.in_use == 2 and ring.acquire(audio.shape, audio.dtype, timeout=0.05) is None
+    first_slot = pending[0].slot.index
     first = enc.collect(pending[0])
-    assert ring.in_use == 1
+    assert ring.in_use == 1 and pending[0].slot is None
     again = ring.acquire(audio.shape, audio.dtype, timeout=0)
-    assert again is not None and again.index == pending[0].slot.index if pending[0].slot else again is not None
+    assert again is not None and again.index == first_slot
     enc.collect(pending[1])
     assert ring.in_use == 1
     torch.testing.assert_close(first.latents, enc.encode(audio, masks, list("abc")).latents)

@@ -134,3 +134,25 @@ def test_decode_workers_keep_a_bounded_number_of_bytes_ready():
     assert prefetch_windows("split", 256, window, 4, shm_free=64 << 20) == 2
     assert prefetch_windows("full", 256, window, 4, shm_free=64 << 30) == 2
     assert shared_memory_free("/nonexistent/shm") > 1 << 60 and shared_memory_free("/dev/shm") >= 0
+
+
+def test_batches_reach_the_device_through_a_small_ring_of_reused_buffers(dataset, demo_model, tmp_path,
+                                                                        monkeypatch):
+    """The CUDA path of the loop (collate into a ring buffer, held until the writer collects the
+    batch), run on the CPU with the ring over plain memory: with 2 buffers for 6 batches the loop
+    waits for the writer to give buffers back, and every window still comes out once."""
+    from wds_encode.pinned import PinnedRing
+    rings = []
+    original = BatchEncoder.__init__
+
+    def with_ring(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.staging = PinnedRing(slots=2, pin=False)
+        rings.append(self.staging)
+    monkeypatch.setattr(BatchEncoder, "__init__", with_ring)
+    config, samples = dataset
+    stats = run(encode_config(demo_model, config, tmp_path / "out", batch_size=2))
+    assert stats.windows == len(samples) and stats.batches == 6 and stats.errors == 0
+    assert len(rings) == 1 and rings[0].in_use == 0  # every buffer given back
+    assert sorted(md["__key__"] for _, md in read_folder_layout(tmp_path / "out").values()) == \
+        sorted(s.key for s in samples)

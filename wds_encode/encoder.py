@@ -81,9 +81,9 @@ def cpu_flags(cpuinfo: str = CPUINFO) -> set[str]:
     return set()
 
 
-def probe_window(channels: int, samples: int) -> torch.Tensor:
+def probe_window(channels: int, samples: int, sample_rate: int = 44100) -> torch.Tensor:
     """[1, C, N] of music-like audio (a few partials over soft noise, about -12 dBFS), the same every time."""
-    t = torch.arange(samples, dtype=torch.float64) / 44100.0
+    t = torch.arange(samples, dtype=torch.float64) / sample_rate
     tone = sum(math.pow(0.6, k) * torch.sin(2 * math.pi * 220.0 * (k + 1) * t + k) for k in range(6))
     noise = torch.randn(channels, samples, generator=torch.Generator().manual_seed(1234))
     return (0.12 * tone.float() + 0.03 * noise)[None]
@@ -234,7 +234,7 @@ class BatchEncoder:
         ratio = max(1, int(getattr(self.model, "downsampling_ratio", 1)))
         longest = math.ceil(PRECISION_PROBE_SECONDS * self.model.sample_rate / ratio) * ratio
         samples = max(ratio, min(int(window_samples), longest))
-        audio = probe_window(self.model.in_channels, samples).to(self.device)
+        audio = probe_window(self.model.in_channels, samples, self.model.sample_rate).to(self.device)
         reference = self._eager[id(self.model)](audio).float()
         low = self._eager[id(self.low_model)](audio.to(self.dtype)).float()
         error = output_error(low, reference)

@@ -574,7 +574,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             if isinstance(part, ShardEnd):
                 put(("end", part))
                 continue
-            slot = staging_slot(part) if device.type == "cuda" else None
+            slot = staging_slot(part) if encoder.staging is not None else None  # pinned buffers: CUDA
             audio, masks, keys = _collate(part, out=slot.tensor if slot is not None else None)
             pending = encoder.submit(audio, masks, keys, slot=slot)
             part = [item.without_audio() for item in part]   # the writer needs metadata only
