@@ -382,11 +382,14 @@ def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_latents(model
     assert torch.equal(out.padding_masks, ref.padding_masks)
 
 
-def test_compile_workers_are_bounded_by_the_ranks_cpus(monkeypatch):
+def test_compile_workers_are_bounded_by_the_ranks_cpus():
     import torch._inductor.config as inductor_config
     from wds_encode.encoder import bound_compile_workers
-    monkeypatch.setattr(inductor_config, "compile_threads", 32)  # inductor's default on a large node
-    bound_compile_workers(6)
-    assert inductor_config.compile_threads == 6
-    bound_compile_workers(64)  # never raised above what inductor would start anyway
-    assert inductor_config.compile_threads == 6
+    before = inductor_config.compile_threads
+    # the config's own patch (monkeypatch's undo would delete the entry, and every later compile would fail)
+    with inductor_config.patch(compile_threads=32):  # inductor's default on a large node
+        bound_compile_workers(6)
+        assert inductor_config.compile_threads == 6
+        bound_compile_workers(64)  # never raised above what inductor would start anyway
+        assert inductor_config.compile_threads == 6
+    assert inductor_config.compile_threads == before

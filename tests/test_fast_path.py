@@ -188,7 +188,7 @@ def _compiled_vs_eager(model, audio: torch.Tensor):
     before = counters["stats"]["unique_graphs"]
     enc = BatchEncoder(model, device=CPU, precision="fp32", latent_mode="mean", compile=True)
     compiled = enc.encode(audio, masks, keys)
-    assert counters["stats"]["unique_graphs"] > before, "torch.compile built no graph"
+    assert counters["stats"]["unique_graphs"] > before, f"torch.compile built no graph: {enc.compile_error}"
     assert getattr(enc, "compile_error", None) is None and getattr(enc, "compiled", True)
     assert compiled.latents.shape == eager.latents.shape
     return compiled.latents, eager.latents

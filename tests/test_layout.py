@@ -64,7 +64,7 @@ def test_channels_last_compiled_equals_channels_first(name):
     _, plain = _encode(model, audio)
     encoder, fast = _encode(model, audio, channels_last=True, compile=True)
     torch._dynamo.reset()
-    assert encoder.compiled and encoder.compile_error is None
+    assert encoder.compiled and encoder.compile_error is None, encoder.compile_error
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
 
