@@ -147,3 +147,18 @@ def place(request, tmp_path):
     server = request.getfixturevalue("s3_in_process")
     server.make_bucket("out")
     return Storage().place("s3://out/run/")
+
+
+def assert_half_precision_close_or_refused(model_loader, dtype, relative_error: float, window_samples: int) -> None:
+    """A low-precision encode `relative_error` off fp32: rounding (under 0.05), or this CPU computes these
+    shapes wrong in `dtype` (oneDNN's AMX bf16 kernels in some torch builds), and then a run must refuse
+    to write such latents: the precision check at its start has to find the same disagreement."""
+    import torch
+
+    from wds_encode.encoder import BatchEncoder, PrecisionMismatch
+    if relative_error < 0.05:
+        return
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    encoder = BatchEncoder(model_loader(), device=torch.device("cpu"), precision=precision)
+    with pytest.raises(PrecisionMismatch):
+        encoder.check_precision(window_samples)
