@@ -69,17 +69,17 @@ from typing import Optional
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wds_encode.resources import cpu_flags  # noqa: E402  (imports no torch)
+
 
 def keep_onednn_off_amx() -> bool:
     """On a CPU with AMX (amx_bf16), oneDNN's bf16 convolutions in torch 2.14 compute some shapes wrong,
     and wds-encode's precision check (rightly) stops a bf16 run there: measure the path that is right,
     AVX-512 bf16, as the check's message advises. oneDNN reads the cap when torch loads it: before the
     import. True when this set it."""
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    if "amx_bf16" not in flags or "ONEDNN_MAX_CPU_ISA" in os.environ:
+    if "amx_bf16" not in cpu_flags() or "ONEDNN_MAX_CPU_ISA" in os.environ:
         return False
     os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"  # the seed baseline's fresh interpreter inherits it
     return True
@@ -90,8 +90,6 @@ ONEDNN_CAPPED = keep_onednn_off_amx()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wds_encode.config import EncodeConfig, load_dataset_config  # noqa: E402
 from wds_encode.distributed import rank_device  # noqa: E402

@@ -26,7 +26,6 @@ the others have read what they need from it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -44,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, EncodeConfig
+from .resources import cpu_affinity
 
 STORE_TIMEOUT = timedelta(minutes=5)      # one store operation, and connecting to the store
 JOIN_TIMEOUT_SECONDS = 900.0              # every rank must have joined by then (torchrun's rendezvous default)
@@ -313,13 +313,6 @@ def gpu_uuid(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return None
     return str(torch.cuda.get_device_properties(device).uuid)
-
-
-def cpu_affinity() -> list[int]:
-    """The cores this process may run on (the host's, where the platform cannot say)."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
 
 
 def shared_gpu_error(host: str, ranks: Iterable[dict]) -> Optional[str]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .config import ConfigError
 from .models.layout import channels_last_encoder
 from .pinned import PinnedRing, PinnedSlot
+from .resources import cpu_flags
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The precision check's bound on the error of the encoder's output for one probe window: the L2 norm of the
@@ -37,7 +38,6 @@ PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.
 # kernels and a time-reversed convolution output give 1 and more.
 PRECISION_CHECK_LIMIT = 0.25
 PRECISION_PROBE_SECONDS = 10.0   # the probe window: at most this long (a window of the run, if shorter)
-CPUINFO = "/proc/cpuinfo"
 
 # What allocation failures look like: PyTorch's own error, and cuDNN / cuBLAS failing to allocate a
 # workspace or a handle near a full device (cuDNN reports some of those as an internal error).
@@ -67,18 +67,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(marker in text for marker in ALLOCATION_FAILURE_MARKERS)
-
-
-def cpu_flags(cpuinfo: str = CPUINFO) -> set[str]:
-    """The CPU's feature flags (`amx_bf16`, `avx512_bf16`...), empty where /proc/cpuinfo cannot be read."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def probe_window(channels: int, samples: int, sample_rate: int = 44100) -> torch.Tensor:

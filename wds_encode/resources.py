@@ -27,6 +27,7 @@ from typing import Mapping, Optional
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"       # which cgroup this process is in, per hierarchy
 MEMINFO = "/proc/meminfo"
+CPUINFO = "/proc/cpuinfo"
 NO_LIMIT_BYTES = 1 << 62                # a cgroup v1 "unlimited" reads as ~2**63 (page-rounded)
 CUDA_MAX_TORCH_THREADS = 4              # a GPU rank's CPU threads only run glue (copies, small ops)
 _EPSILON = 1e-9                         # 2.9999999 CPUs (float division) still counts as 3
@@ -130,12 +131,30 @@ def cgroup_cpu_quota(*, cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = PROC_
     return min(found) if found else None
 
 
-def affinity_cpus() -> int:
-    """The cores this process may be scheduled on (taskset, cpuset, SLURM's binding); the host's count
-    where the platform cannot say."""
+def cpu_affinity() -> list[int]:
+    """The cores this process may be scheduled on (taskset, cpuset, SLURM's binding); every core of the
+    host where the platform cannot say."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def affinity_cpus() -> int:
+    """How many cores `cpu_affinity` gives, at least 1."""
+    return len(cpu_affinity()) or 1
+
+
+def cpu_flags(cpuinfo: str = CPUINFO) -> set[str]:
+    """The CPU's feature flags (`amx_bf16`, `avx512_bf16`...), empty where /proc/cpuinfo cannot be read.
+    (No torch import here: the benchmark reads them before torch loads oneDNN.)"""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def available_cpus(*, cgroup_root: str = CGROUP_ROOT, affinity: Optional[set[int]] = None,

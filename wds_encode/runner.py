@@ -516,8 +516,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     # in_order=False: a worker decoding a long file does not hold up windows the others have ready
     # (each worker's own items still arrive in order, so a unit's end marker follows its windows)
     # windows are collated into pinned memory by the main loop (`_collate`), not pinned one by one here
-    options = reader.options
-    window_bytes = model.in_channels * options.sample_size * 4  # float32 windows
+    window_bytes = model.in_channels * reader.options.sample_size * 4  # float32 windows
     prefetch = prefetch_windows(inputs.chunking, batch_size, window_bytes, num_workers,
                                 shared_memory_free() // max(1, job.launch.local_world_size)) if num_workers else None
     loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False, prefetch_factor=prefetch)
@@ -541,26 +540,31 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     writer = _WriterThread(config, manifest, folder, encoder, *latent_format(config, model), on_unit_done)
     writer.start()
 
-    def put(job_item) -> None:
+    def wait_on_writer(attempt):
+        """attempt() until it gives something (each try waits up to a second for the writer thread:
+        room in its queue, a pinned buffer it gave back); a failed writer or job stops the wait."""
         while True:
             if writer.error is not None:
                 raise _writer_failure(writer.error)
-            try:
-                writer.queue.put(job_item, timeout=1.0)
-                return
-            except queue.Full:
-                job.raise_if_failed()
+            result = attempt()
+            if result is not None:
+                return result
+            job.raise_if_failed()
+
+    def try_put(job_item) -> Optional[bool]:
+        try:
+            writer.queue.put(job_item, timeout=1.0)
+            return True
+        except queue.Full:
+            return None
+
+    def put(job_item) -> None:
+        wait_on_writer(lambda: try_put(job_item))
 
     def staging_slot(items: list[WindowItem]):
         """A pinned buffer for the next batch: waits while every one is in flight (the device has work)."""
         shape = (len(items), *items[0].audio.shape)
-        while True:
-            slot = encoder.pinned_batch(shape, items[0].audio.dtype, timeout=1.0)
-            if slot is not None:
-                return slot
-            if writer.error is not None:
-                raise _writer_failure(writer.error)
-            job.raise_if_failed()
+        return wait_on_writer(lambda: encoder.pinned_batch(shape, items[0].audio.dtype, timeout=1.0))
 
     batcher = LengthBatcher(batch_size, config.bucket_buffer)
     # windows of every length fragment the kept heap of a CPU run: give its free pages back now and then
