@@ -330,6 +330,61 @@ class WassersteinBottleneck(Bottleneck):
         return append_noise_channels(latents, self.noise_augment_dim)
 
 
+@register_bottleneck("soft_norm")
+class SoftNormBottleneck(Bottleneck):
+    """Stable Audio 3's `SoftNormBottleneck` (SAME): x * scaling_factor + bias, divided by the
+    `running_std` the training kept (`auto_scale`); decode multiplies it back. Its training loss and
+    noise options do nothing to encoding; `noise_regularize` adds SA3's small decode-time noise and
+    `noise_augment_dim` appends noise channels for the decoder, as upstream."""
+
+    OPTIONS = ("dim", "noise_augment_dim", "noise_regularize", "auto_scale", "freeze")
+
+    def __init__(self, dim: int = 32, noise_augment_dim: int = 0, noise_regularize: bool = False,
+                 auto_scale: bool = False):
+        super().__init__()
+        self.dim = dim
+        self.noise_augment_dim = noise_augment_dim
+        self.noise_regularize = noise_regularize
+        self.scaling_factor = nn.Parameter(torch.ones(1, dim, 1))
+        self.bias = nn.Parameter(torch.zeros(1, dim, 1))
+        self.noise_scaling_factor = nn.Parameter(torch.ones(1, noise_augment_dim, 1))
+        self.running_std = nn.Parameter(torch.ones(1), requires_grad=False) if auto_scale else None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], field: str) -> "SoftNormBottleneck":
+        opts = _no_options(cfg, field, cls.OPTIONS)
+        opt_bool(opts, "freeze", field)  # training-only
+        return cls(dim=opt_int(opts, "dim", field, 32), noise_augment_dim=opt_int(opts, "noise_augment_dim", field, 0,
+                                                                               minimum=0),
+                   noise_regularize=opt_bool(opts, "noise_regularize", field),
+                   auto_scale=opt_bool(opts, "auto_scale", field))
+
+    def latent_channels(self, pre_channels: int, mode: str = "sample") -> int:
+        if pre_channels != self.dim:
+            raise ModelConfigError(f"the soft_norm bottleneck's 'dim' ({self.dim}) differs from the encoder's "
+                                   f"'latent_dim' ({pre_channels})")
+        return pre_channels
+
+    def decoder_channels(self, latent_dim: int) -> int:
+        return latent_dim + self.noise_augment_dim
+
+    def encode(self, pre: torch.Tensor, mode: str = "sample",
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        _check_mode(mode)
+        x = pre * self.scaling_factor + self.bias
+        return x / self.running_std if self.running_std is not None else x
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = latents * self.running_std if self.running_std is not None else latents
+        if self.noise_regularize:
+            scale = self.running_std if self.running_std is not None else x.std(dim=-1, keepdim=True)
+            x = x + torch.randn_like(x) * scale * 1e-3
+        if self.noise_augment_dim:
+            noise = torch.randn(x.shape[0], self.noise_augment_dim, x.shape[-1], device=x.device, dtype=x.dtype)
+            x = torch.cat([x, self.noise_scaling_factor * noise], dim=1)
+        return x
+
+
 class IdentityBottleneck(Bottleneck):
     """No `bottleneck` in the config: upstream stores the encoder output unchanged."""
 

@@ -1,9 +1,11 @@
 """Model config JSON -> `AutoencoderModel`, and `load_autoencoder` (config + checkpoint).
 
-Accepts the two config shapes stable-audio-tools uses for a model that has an autoencoder:
-- `model_type: "autoencoder"`: the autoencoder is `model` itself;
+Accepts the two config shapes stable-audio-tools and Stable Audio 3 use for a model that has an
+autoencoder:
+- `model_type: "autoencoder"`: the autoencoder is `model` itself (`stabilityai/SAME-L`'s too);
 - a diffusion (or other) model whose `model.pretransform` is `{"type": "autoencoder",
-  "config": {...}}` (e.g. Stable Audio Open's `model_config.json`).
+  "config": {...}}` (e.g. Stable Audio Open's or Stable Audio 3's `model_config.json`; SA3 does not
+  read that `type`, so a SAME autoencoder there is recognised by its structure).
 Every error names the JSON field to fix, and cross-checks that upstream leaves to a runtime
 crash (channel counts, latent_dim vs bottleneck, downsampling_ratio vs strides) are done here.
 """
@@ -24,6 +26,7 @@ from .checkpoint import load_strict, read_checkpoint
 from .dac import build_dac_decoder, build_dac_encoder
 from .errors import ModelConfigError, UnsupportedModelError
 from .oobleck import build_oobleck_decoder, build_oobleck_encoder
+from .same import build_same_decoder, build_same_encoder, check_loaded as check_same_loaded, is_same_autoencoder
 from .seanet import build_seanet_decoder, build_seanet_encoder
 
 # type -> builder(config, field). Add new encoders/decoders here.
@@ -39,6 +42,7 @@ DECODERS: dict[str, Callable[[Mapping[str, Any], str], nn.Module]] = {
 }
 # Types stable-audio-tools knows, named in errors to tell "not supported yet" from a typo.
 KNOWN_UPSTREAM_CODECS = ("oobleck", "dac", "seanet", "local_attn", "taae")
+# SAME autoencoders (Stable Audio 3) are recognised by structure, not by `type`: see `same.py`.
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ def resolve_autoencoder_config(model_config: Mapping[str, Any]) -> AutoencoderSp
             "autoencoder")
     pretransform = _mapping(pretransform, "model.pretransform")
     kind = pretransform.get("type")
-    if kind != "autoencoder":
+    nested = pretransform.get("config")
+    if kind != "autoencoder" and not (isinstance(nested, Mapping) and is_same_autoencoder(nested)):
         raise UnsupportedModelError(
             f"model config: 'model.pretransform.type' is {kind!r}; only 'autoencoder' "
             "pretransforms can be used to encode")
@@ -136,7 +141,8 @@ def build_autoencoder(model_config: Mapping[str, Any], *, with_decoder: bool = F
     """Build an (untrained) `AutoencoderModel` from a model config; no checkpoint involved."""
     spec = resolve_autoencoder_config(model_config)
     ae, f = spec.ae_config, spec.field
-    if ae.get("pretransform") is not None:
+    same = is_same_autoencoder(ae)
+    if ae.get("pretransform") is not None and not same:
         raise UnsupportedModelError(f"model config: '{f}.pretransform' (a pretransform inside "
                                     "the autoencoder) is not supported")
     latent_dim = _positive_int(_require(ae, "latent_dim", f), f"{f}.latent_dim")
@@ -144,8 +150,13 @@ def build_autoencoder(model_config: Mapping[str, Any], *, with_decoder: bool = F
     io_channels = _positive_int(_require(ae, "io_channels", f), f"{f}.io_channels")
     in_channels = _positive_int(ae.get("in_channels", io_channels), f"{f}.in_channels")
 
-    encoder = _build_codec(_require(ae, "encoder", f), f"{f}.encoder", ENCODERS, "encoder")
-    bottleneck = build_bottleneck(ae.get("bottleneck"), f"{f}.bottleneck")
+    if same:   # SA3 builds SAMEEncoder + SoftNormBottleneck whatever the `type` fields say
+        encoder = build_same_encoder(ae, f)
+        bottleneck = build_bottleneck({**_mapping(_require(ae, "bottleneck", f), f"{f}.bottleneck"),
+                                       "type": "soft_norm"}, f"{f}.bottleneck")
+    else:
+        encoder = _build_codec(_require(ae, "encoder", f), f"{f}.encoder", ENCODERS, "encoder")
+        bottleneck = build_bottleneck(ae.get("bottleneck"), f"{f}.bottleneck")
 
     enc_in = getattr(encoder, "in_channels", in_channels)
     if enc_in != in_channels:
@@ -168,7 +179,8 @@ def build_autoencoder(model_config: Mapping[str, Any], *, with_decoder: bool = F
 
     decoder = None
     if with_decoder:
-        decoder = _build_codec(_require(ae, "decoder", f), f"{f}.decoder", DECODERS, "decoder")
+        decoder = (build_same_decoder(ae, f) if same else
+                   _build_codec(_require(ae, "decoder", f), f"{f}.decoder", DECODERS, "decoder"))
         expected = bottleneck.decoder_channels(latent_dim)  # + noise_augment_dim where configured
         dec_in = getattr(decoder, "latent_dim", expected)
         if dec_in != expected:
@@ -206,5 +218,6 @@ def load_autoencoder(model_config: Mapping[str, Any], ckpt_path: str | Path | No
         check_loaded = getattr(model.bottleneck, "check_loaded", None)
         if check_loaded is not None:
             check_loaded()
+        check_same_loaded(model)
     model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype)
