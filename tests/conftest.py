@@ -40,6 +40,20 @@ def golden(name: str) -> Path:
     return folder
 
 
+GOLDEN_SA3_DIR = Path(os.environ.get("WDS_GOLDEN_SA3_DIR")
+                      or Path(__file__).resolve().parents[2] / "shared" / "golden-sa3")
+GOLDEN_SA3_MODELS = ("same_tiny_shift", "same_tiny_window", "same_tiny_two_stage")
+
+
+def golden_sa3(name: str) -> Path:
+    """The folder of a tiny SAME model saved by Stable Audio 3's own code, with its inputs and outputs."""
+    folder = GOLDEN_SA3_DIR / name
+    if not (folder / "model_config.json").is_file():
+        pytest.fail(f"golden data not found at {folder}: the checkout needs ../shared/golden-sa3 beside it, "
+                    "or WDS_GOLDEN_SA3_DIR pointing at it")
+    return folder
+
+
 def golden_model(name: str) -> tuple[Path, Path]:
     """(model_config.json, model.safetensors) of a golden model."""
     folder = golden(name)

@@ -69,10 +69,21 @@ def test_padding_mask_interpolation():
     masks = torch.zeros(2, 640, dtype=torch.bool)
     masks[0, :640] = True
     masks[1, :100] = True
-    lat = latent_padding_mask(masks, 10)
+    lat = latent_padding_mask(masks, 10, 64)
     assert lat.dtype == torch.int32
     assert lat[0].tolist() == [1] * 10
-    assert lat[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]  # nearest: latent i looks at sample 64*i
+    assert lat[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]  # latent i looks at sample 64*i
+
+
+def test_padding_mask_marks_frames_past_the_window_as_padding():
+    """A model that pads on to whole chunks returns more frames than the window holds (SAME: 34 for 33):
+    the extra frames are padding, and the real ones are exactly ceil(valid / ratio)."""
+    masks = torch.zeros(2, 1056, dtype=torch.bool)
+    masks[0, :1036] = True
+    masks[1, :1056] = True
+    lat = latent_padding_mask(masks, 34, 32)
+    assert lat[0].tolist() == [1] * 33 + [0]       # ceil(1036 / 32) = 33 real frames
+    assert lat[1].tolist() == [1] * 33 + [0]       # 1056 samples are 33 frames; the 34th is chunk padding
 
 
 def test_low_precision_overflow_is_rerun_in_fp32(model):

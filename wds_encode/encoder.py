@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError
 from .models.layout import channels_last_encoder
@@ -53,9 +52,14 @@ def key_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def latent_padding_mask(masks: torch.Tensor, latent_length: int) -> torch.Tensor:
-    """[B, N] sample-rate masks -> [B, T] int masks at latent resolution (nearest, as the seed)."""
-    return F.interpolate(masks[:, None].float(), size=latent_length, mode="nearest")[:, 0].to(torch.int32)
+def latent_padding_mask(masks: torch.Tensor, latent_length: int, ratio: int) -> torch.Tensor:
+    """[B, N] sample-rate masks -> [B, T] int masks at latent resolution: frame t is real when its first
+    sample, t * ratio, is. Where T = N / ratio this is the seed's nearest resampling; a model that pads on
+    to whole chunks (SAME returns 34 frames for a window of 33) gets its extra frames marked padding."""
+    n = masks.shape[-1]
+    starts = torch.arange(latent_length, device=masks.device) * ratio
+    real = masks[:, starts.clamp(max=n - 1)].bool() & (starts < n)
+    return real.to(torch.int32)
 
 
 OOM_SPLIT_NOTE = "out of device memory even for this one window; lower --sample-size or use a larger device"
@@ -401,7 +405,7 @@ class BatchEncoder:
             splits += self._rerun_in_fp32(pending, rerun, latents, errors)
         length = latents.shape[-1] if latents is not None else 1
         n = pending.count or len(pending.keys)
-        masks = latent_padding_mask(pending.padding_masks[:n], length)
+        masks = latent_padding_mask(pending.padding_masks[:n], length, self.model.downsampling_ratio)
         return EncodedBatch(latents=latents[:n] if latents is not None else None, padding_masks=masks,
                             errors=errors[:n], fp32_retry=bool(rerun), splits=splits)
 
