@@ -37,6 +37,23 @@ def test_verify_passes_with_the_model_that_wrote_the_output(demo_output):
     assert "OK: 12 windows match this model" in result.stdout
 
 
+def test_verify_checks_full_length_windows_at_their_own_length(demo_output, tmp_path, demo_model):
+    """`--chunking full` writes each file at its own length (rounded up to the ratio): verify re-encodes
+    each at that length, not at --sample-size, and compares decoded audio of differing lengths."""
+    out = tmp_path / "full"
+    run = run_cli("run", "--model-config", demo_model[0], "--ckpt-path", demo_model[1], "--dataset-config",
+                  demo_output.parent / "dataset_config.json", "--output-path", out, "--chunking", "full",
+                  "--batch-size", "4", "--num-workers", "1", "--devices", "1", "--no-progress")
+    assert run.returncode == 0, run.stderr
+    lengths = {json.loads(p.read_text())["latent_length"] for p in out.glob("0/*.json")}
+    assert len(lengths) > 3                     # windows really differ in length
+    result = run_cli("verify", out, "-n", 8)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:9]]
+    assert all(float(r[4]) < 1e-4 for r in rows)
+    assert "OK: 8 windows match this model" in result.stdout
+
+
 def test_verify_flags_a_wrong_checkpoint(demo_output, tmp_path, demo_model):
     wrong = tmp_path / "untrained.safetensors"
     save_file(demo_state_dict(), str(wrong))  # same architecture, the untrained seeded weights
