@@ -3,7 +3,8 @@
 A sample's path through the package, one module per stage:
 sources (work units) -> distributed (which rank and worker claims a unit) -> reader (tar members
 -> windows, via audio) -> batching (windows of one length per batch) -> encoder (latents, and the
-precision check at start; models/ holds the networks, models/layout their channels-last CPU form;
+precision check at start; models/ holds the networks, stable-audio-tools' and Stable Audio 3's SAME,
+models/layout their channels-last CPU form;
 pinned the page-locked buffers batches reach a GPU through) -> writers (folder layout + latent
 shards) -> manifest (what is done). Back into training: loader reads either form as batches.
 Around them: storage reads and writes local paths and s3:// alike; resources sizes workers and

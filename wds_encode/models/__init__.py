@@ -1,4 +1,6 @@
-"""Autoencoders that turn audio into latents, compatible with stable-audio-tools checkpoints.
+"""Autoencoders that turn audio into latents: stable-audio-tools' families (oobleck, dac, seanet) and
+Stable Audio 3's SAME (same.py, with its transformer layers in transformer.py), loading their checkpoints
+unchanged.
 
 Public entry points:
 - `load_autoencoder(model_config, ckpt_path, device=..., dtype=...)` -> `AutoencoderModel`
