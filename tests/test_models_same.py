@@ -197,7 +197,7 @@ def test_banded_attention_equals_one_band_mask(n, window):
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(2, 3, n, 8, generator=g) for _ in range(3))
     expected = _band_reference(q, k, v, *window)
-    for block in (1, 16, 256):
+    for block in (1, 16, 64, 256):
         out = banded_attention(q, k, v, *window, block=block)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -26,7 +26,7 @@ from .errors import CheckpointError
 
 ROTARY_BASE = 10000.0
 SIN_GATE_FREQUENCY = 3.14159265359   # SA3's `Sin` gate: sin(pi * x), with this literal
-BAND_BLOCK = 256                     # queries per block of banded attention
+BAND_BLOCK = 64                      # queries per block of banded attention (a few times the band: less waste)
 
 
 class DynamicTanh(nn.Module):
