@@ -62,3 +62,19 @@ def test_loading_a_diffusion_checkpoint_reads_only_the_encoder(padded_checkpoint
     assert measured["latent_shape"] == [1, 16, 8]
     # the encoder is ~0.2 MB; reading the whole file would add >= 500 MB
     assert measured["peak_growth_mb"] < 60, measured
+
+
+def test_a_weight_norm_pair_that_folds_to_nan_is_refused_with_its_names(tmp_path):
+    """A direction row of zeros makes weight = v * g / |v| = 0/0: the load says so instead of every
+    latent coming out NaN."""
+    config_path, ckpt = demo_model_paths()
+    tensors = load_file(str(ckpt))
+    key = next(k for k in sorted(tensors) if k.startswith("encoder.") and k.endswith(".weight_v"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] = 0
+    broken = tmp_path / "zero_row.safetensors"
+    save_file(tensors, str(broken))
+    from wds_encode.models import CheckpointError, load_autoencoder
+    base = key[: -len(".weight_v")]
+    with pytest.raises(CheckpointError, match=rf"{base}\.weight gives non-finite values"):
+        load_autoencoder(json.loads(config_path.read_text()), broken)

@@ -197,7 +197,12 @@ def fold_weight_norm(tensors: Mapping[str, torch.Tensor], source: Path | str = "
         if g.numel() != v.shape[0]:
             raise CheckpointError(f"{source}: {gk} has shape {tuple(g.shape)}, expected "
                                   f"{v.shape[0]} values to match {vk} {tuple(v.shape)}")
-        out[base + ".weight"] = fold_weight_norm_pair(g, v)
+        weight = fold_weight_norm_pair(g, v)
+        if not bool(torch.isfinite(weight).all()):   # a direction row of zeros folds to 0/0
+            raise CheckpointError(f"{source}: folding {gk} and {vk} into {base}.weight gives non-finite values "
+                                  "(a row of the direction tensor is all zeros, or a tensor holds inf/nan); the "
+                                  "checkpoint is damaged or was not saved by a weight-normed layer")
+        out[base + ".weight"] = weight
     return out
 
 
