@@ -20,6 +20,8 @@ from wds_encode.audio import (
     conform_channels,
     decode_audio,
     iter_windows,
+    plan_chunks,
+    plan_windows,
     resample,
 )
 from wds_encode.synth import encode_audio_bytes, synth_waveform
@@ -250,6 +252,87 @@ def test_split_max_chunks_caps_windows():
                  max_chunks=3)
     assert [w.offset for w in ws] == [0, 4000, 8000]
     assert all(w.num_chunks == 3 and w.total_length == 48000 for w in ws)
+
+
+# --------------------------------------------------------------------------- overlapping chunks (--overlap)
+
+
+def test_chunks_start_every_hop_and_the_last_is_anchored_to_the_end_of_the_padded_file():
+    """SA3's encode_audio(chunked=True): chunk_size 83, overlap 31 (hop 52) over 250 frames -> starts 0, 52,
+    104, 156 and the anchored 167 (= 250 - 83); the file is 5 samples short of 250 frames."""
+    ratio, chunk, overlap = 32, 83, 31
+    total = 250 * ratio - 5
+    plan = plan_chunks(total, chunk * ratio, overlap, ratio)
+    assert [c.offset // ratio for c in plan] == [0, 52, 104, 156, 167]
+    assert all(c.offset % ratio == 0 and c.count == 5 and c.frames == 250 for c in plan)
+    assert [c.valid for c in plan] == [chunk * ratio] * 4 + [chunk * ratio - 5]   # the last one ends in the padding
+    assert sum(c.fresh for c in plan) == total
+    # where each chunk's frames go: half the overlap (15) trimmed on inner edges; with an odd overlap the
+    # later chunk has the frame both keep, and the anchored last chunk keeps everything after its left trim
+    assert [(c.dst_start, c.src_start, c.length) for c in plan] == [
+        (0, 0, 67), (67, 15, 52), (119, 15, 52), (171, 15, 11), (182, 15, 68)]
+    assert sum(c.length for c in plan) == 250
+    assert plan_windows(total, chunk * ratio, "full", length_multiple=ratio, overlap=overlap) == [
+        (c.offset, c.valid, chunk * ratio) for c in plan]   # every chunk one length: one bucket
+
+
+def test_chunks_that_end_exactly_at_the_end_need_no_anchored_extra():
+    ratio = 4
+    plan = plan_chunks(22 * ratio, 10 * ratio, 4, ratio)   # hop 6: 0, 6, 12 and 12 + 10 = 22
+    assert [c.offset // ratio for c in plan] == [0, 6, 12]
+    assert [(c.dst_start, c.length) for c in plan] == [(0, 8), (8, 6), (14, 8)]
+
+
+@pytest.mark.parametrize("frames, chunks", [(9, 0), (10, 1), (11, 2)])
+def test_a_file_shorter_than_one_chunk_is_not_chunked(frames, chunks):
+    """SA3 encodes audio shorter than one chunk in one pass (no plan: a plain full window); a file of exactly
+    one chunk is one chunk, which keeps all its frames."""
+    ratio = 8
+    plan = plan_chunks(frames * ratio - 3, 10 * ratio, 4, ratio)
+    assert len(plan) == chunks
+    if chunks == 1:
+        assert (plan[0].dst_start, plan[0].src_start, plan[0].length) == (0, 0, 10)
+    if chunks == 0:
+        assert plan_windows(frames * ratio - 3, 10 * ratio, "full", length_multiple=ratio, overlap=4) == [
+            (0, frames * ratio - 3, frames * ratio)]
+    assert plan_chunks(frames * ratio * 5, 10 * ratio, 0, ratio) == []   # overlap 0: independent windows
+
+
+def test_chunk_plan_refuses_what_sa3_cannot_do():
+    with pytest.raises(ValueError, match="smaller than the chunk"):
+        plan_chunks(1000, 80, 10, 8)
+    with pytest.raises(ValueError, match="whole number of latent frames"):
+        plan_chunks(1000, 81, 2, 8)
+    data = encode_audio_bytes(np.zeros((4000, 1), dtype=np.float32), 16000, "wav")
+    for kw, match in [({"chunking": "split"}, "chunking 'full' only"), ({"max_chunks": 2}, "exclude each other"),
+                      ({"overlap": 100}, "must be in")]:
+        options = {"chunking": "full", "overlap": 4, "length_multiple": 10, **kw}
+        with pytest.raises(ValueError, match=match):
+            iter_windows(data, ext="wav", sample_rate=16000, channels=1, sample_size=1000, **options)
+
+
+def test_chunks_of_a_long_file_are_its_audio_and_describe_one_window_of_the_whole_file():
+    _, data, _ = encoded("flac", seconds=1.5, rate=48000, channels=2)
+    ref = reference(data, "flac", 44100, 2)
+    total, ratio, size = ref.shape[1], 64, 64 * 100
+    ws = windows(data, "flac", sample_rate=44100, channels=2, sample_size=size, chunking="full",
+                 length_multiple=ratio, overlap=20)
+    plan = plan_chunks(total, size, 20, ratio)
+    assert len(ws) == len(plan) > 5 and [w.stitch for w in ws] == plan
+    padded = torch.nn.functional.pad(ref, (0, -total % ratio))
+    for w in ws:
+        assert w.sample_size == size and w.offset == w.stitch.offset and w.valid_length == w.stitch.valid
+        torch.testing.assert_close(w.audio, padded[:, w.offset:w.offset + size], atol=1e-5, rtol=0)
+        md = w.metadata()
+        assert json.loads(json.dumps(md)) == md
+        assert (md["offset"], md["valid_length"], md["total_length"], md["chunk_index"], md["num_chunks"]) == (
+            0, total, total, 0, 1)
+        assert (md["chunk_frames"], md["overlap"], md["encoded_chunks"]) == (100, 20, len(plan))
+        assert md["timestamps"] == [0.0, 1.0] and md["end_time"] == md["duration"] == total / 44100
+    # a short file in the same run: a plain full window, as without --overlap
+    [short] = windows(encoded("flac", seconds=0.1, rate=44100, channels=2)[1], "flac", sample_rate=44100,
+                      channels=2, sample_size=size, chunking="full", length_multiple=ratio, overlap=20)
+    assert short.stitch is None and "overlap" not in short.metadata() and short.sample_size < size
 
 
 @pytest.mark.parametrize("chunking", ["crop", "random_crop", "split"])

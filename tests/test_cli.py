@@ -294,9 +294,10 @@ def test_folder_layout_reads_like_stable_audio_tools_pre_encoded_dataset(mixed_r
     """The checks PreEncodedDataset (stable-audio-tools 0.0.19) makes on each file, restated."""
     _, out, _, _ = mixed_run
     latent_crop_length = 16
-    for npy in sorted(out.glob("**/*.npy")):
-        if "shards" in npy.parts:
-            continue
+    # get_latent_filenames: OUT/filelist.txt when present (since 0.0.17; wds-encode writes it), else a scan
+    listed = [out / line.strip() for line in (out / "filelist.txt").read_text().splitlines()]
+    assert sorted(listed) == sorted(out.glob("[0-9]*/*.npy")) and (out / "silence.npy").is_file()
+    for npy in listed:
         latents = np.load(str(npy))
         info = json.loads(open(str(npy).replace(".npy", ".json")).read())
         last_ix = len(info["padding_mask"]) - 1 - info["padding_mask"][::-1].index(1)

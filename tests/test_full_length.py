@@ -173,7 +173,8 @@ TINY_MODEL = {"model_type": "autoencoder", "sample_size": 65536, "sample_rate": 
                   "bottleneck": {"type": "vae"}, "latent_dim": 2, "downsampling_ratio": 64, "io_channels": 2}}
 
 
-def _run_measuring_peak_rss(folder: Path, long_seconds: int) -> tuple[float, dict]:
+def _run_measuring_peak_rss(folder: Path, long_seconds: int, extra_args: tuple[str, ...] = ()
+                            ) -> tuple[float, dict]:
     """wds-encode --chunking full in a fresh process on one shard: a `long_seconds` 8 kHz mono FLAC (the
     model resamples it to 44.1 kHz stereo) among 6 short WAVs. Returns (peak RSS in MB, windows)."""
     t = np.arange(long_seconds * 8000, dtype=np.float64)
@@ -204,7 +205,7 @@ def _run_measuring_peak_rss(folder: Path, long_seconds: int) -> tuple[float, dic
         [sys.executable, "-c", probe, "--model-config", str(model / "model.json"), "--ckpt-path",
          str(model / "model.safetensors"), "--dataset-config", str(dataset), "--output-path", str(folder / "out"),
          "--chunking", "full", "--max-seconds", "60", "--batch-size", "2", "--bucket-buffer", "4",
-         "--num-workers", "0", "--no-progress"], capture_output=True, text=True, timeout=900)
+         "--num-workers", "0", "--no-progress", *extra_args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return float(result.stdout.rsplit("PEAK_MB", 1)[1]), read_folder_layout(folder / "out")
 

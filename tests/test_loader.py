@@ -301,7 +301,9 @@ def test_training_configs_find_exactly_the_written_files(sampled):
     for config in (folder, shards):
         assert isinstance(config["latent_crop_length"], int) and config["random_crop"] is True
     records = [json.loads(p.read_text()) for p in (sampled / "manifest").glob("*.json")]
-    npys = sorted(sampled.rglob("*.npy"))           # what the pre_encoded reader globs under `path`
+    # what the pre_encoded reader lists under `path`: its filelist.txt (stable-audio-tools >= 0.0.17), else a glob
+    npys = sorted(sampled / line.strip() for line in (sampled / "filelist.txt").read_text().splitlines())
+    assert npys == sorted(sampled.glob("[0-9]*/*.npy"))  # every window, not silence.npy beside them
     assert len(npys) == sum(r["windows"] for r in records)
     for npy in npys:
         md = json.loads(npy.with_suffix(".json").read_text())

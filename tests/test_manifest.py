@@ -68,8 +68,10 @@ def test_overwrite_removes_earlier_outputs_only(place, ckpt):
     manifest.write_details({"run_identity": ident})
     manifest.write_record({"shard": "ds/a", "problems": [{"level": "error"}]})
     manifest.write_error_log()
+    manifest.write_filelist()
     _put(place, "0/0000000000000.npy", "0/0000000000000.json", "0/0000000010000.npy.partial", "0/notes.txt",
-         "shards/ds/a-000.tar", "mine.txt")
+         "shards/ds/a-000.tar", "mine.txt", "silence.npy")
+    assert {"filelist.txt", "silence.npy"} <= set(place.list())
     assert RunManifest(place).prepare(ident, overwrite=True).done == set()
     assert sorted(place.list()) == ["0/notes.txt", "mine.txt"]
 
@@ -112,3 +114,20 @@ def test_details_never_hold_credentials(place):
                                                              "num_tokens": 5}]}})
     text = place.read("details.json").decode()
     assert "s3cr3t" not in text and "http://***@127.0.0.1:9000" in text and '"num_tokens": 5' in text
+
+
+def test_filelist_lists_exactly_the_windows_the_records_list(place):
+    manifest = RunManifest(place)
+    assert manifest.write_filelist() == 0 and place.read("filelist.txt") == b""  # nothing committed yet
+    manifest.write_record({"shard": "ds/b", "rank": 1, "folder_ids": ["0010000020001", "0010000020000"]})
+    manifest.write_record({"shard": "ds/a", "rank": 0, "folder_ids": ["0000000070000"]})
+    manifest.write_record({"shard": "ds/c", "rank": 12, "folder_ids": []})     # a unit without windows
+    manifest.write_record({"shard": "ds/d", "rank": 0})                         # no folder layout
+    _put(place, "1/0010000090000.npy", "1/0010000090000.json")  # written, never recorded: not listed
+    assert manifest.write_filelist() == 3
+    assert place.read("filelist.txt").decode().splitlines(keepends=True) == [
+        "0/0000000070000.npy\n", "1/0010000020000.npy\n", "1/0010000020001.npy\n"]
+    manifest.write_record({"shard": "ds/e", "rank": 0, "folder_ids": ["0000000080000"]})
+    assert manifest.write_filelist(manifest.records()[:1]) == 1  # rewritten whole from the records given
+    assert place.read("filelist.txt") == b"0/0000000070000.npy\n"
+    assert not [rel for rel in place.list() if rel.endswith(".partial")]

@@ -78,6 +78,10 @@ def check_two_rank_job(details: dict, out: Path) -> None:
     assert len(records) == 7 and {r["rank"] for r in records} == {0, 1}
     assert all(r["worker"] in (0, 1) for r in records)  # which (rank, worker) claimed each unit
     assert sorted(int(p.name) for p in out.iterdir() if p.name.isdigit()) == [0, 1]  # per-rank folders
+    # rank 0 wrote the filelist once every rank had finished: both ranks' windows, exactly
+    assert (out / "filelist.txt").read_text().splitlines() == sorted(
+        f"{r['rank']}/{i}.npy" for r in records for i in r["folder_ids"])
+    assert (out / "silence.npy").is_file()
 
 
 def test_torchrun_two_ranks_two_workers_each(unequal, demo_model, tmp_path):

@@ -157,3 +157,78 @@ def test_claimed_units_are_read_exactly_once_across_loaders_and_workers(tmp_path
 def test_sanitize_key(key, safe, warns):
     out, warning = sanitize_key(key)
     assert out == safe and (warning is not None) == warns
+
+
+# ---------------------------------------------------------------------------------------- captions
+
+def caption_tar(path):
+    """Samples with every kind of caption: a KEY.txt beside KEY.json, alone, broken, empty, orphaned."""
+    flac = encode_audio_bytes(tone(), 16000, "flac")
+    return write_tar(path, [
+        ("both.flac", flac), ("both.json", json.dumps({"text": "from json", "prompt": "json prompt"}).encode()),
+        ("both.txt", "  a caption, in UTF-8: Été à Köln \n\n".encode()),
+        ("txt.flac", flac), ("txt.txt", "\ufeffjust the file\r\n".encode()),  # a BOM and CRLF, as editors write
+        ("json.flac", flac), ("json.json", b'{"text": "only json"}'),
+        ("latin1.flac", flac), ("latin1.txt", "caf\xe9".encode("latin-1")),
+        ("empty.flac", flac), ("empty.txt", b" \n"),
+        ("orphan.txt", b"a caption whose audio is missing"),
+        ("after.flac", flac),
+    ])
+
+
+def test_txt_members_become_the_prompt_and_win_over_json(tmp_path):
+    items, end = read_all(caption_tar(tmp_path / "caps.tar"))
+    by_key = {i.key: i.metadata for i in items}
+    assert sorted(by_key) == ["after", "both", "empty", "json", "txt"]
+    assert by_key["both"]["prompt"] == "a caption, in UTF-8: Été à Köln"  # stripped, the .txt wins
+    assert by_key["both"]["text"] == "from json"                        # KEY.json's fields stay as they are
+    assert by_key["txt"]["prompt"] == "just the file"
+    assert by_key["json"]["prompt"] == "only json"                      # as before: text -> prompt
+    assert by_key["empty"]["prompt"] == ""
+    assert "prompt" not in by_key["after"]
+    json.dumps(by_key["both"], ensure_ascii=False)  # JSON-native
+    problems = {(r["key"], r["level"]): r for r in end.errors}
+    assert set(problems) == {("latin1", "error"), ("empty", "warning"), ("orphan", "error")}
+    bad = problems[("latin1", "error")]
+    assert bad["shard"] == "ds/caps" and "caption latin1.txt is not valid UTF-8" in bad["reason"]
+    assert "empty.txt is empty" in problems[("empty", "warning")]["reason"]
+    assert "no audio member" in problems[("orphan", "error")]["reason"]  # only where there is no audio
+    assert end.samples == 6 and end.windows == 5 and not end.failed
+
+
+def test_txt_members_of_a_tar_on_s3(tmp_path, s3_in_process):
+    s3_in_process.make_bucket("caps")
+    s3_in_process.put("caps", "in/caps.tar", caption_tar(tmp_path / "caps.tar").read_bytes())
+    shard = Shard(url="s3://caps/in/caps.tar", dataset_id="ds", name="caps")
+    out = list(Reader([shard], OPTS).read_shard(shard))
+    items, end = out[:-1], out[-1]
+    assert {i.key: i.metadata.get("prompt") for i in items} == {
+        "both": "a caption, in UTF-8: Été à Köln", "txt": "just the file", "json": "only json", "empty": "",
+        "after": None}
+    assert any(r["key"] == "latin1" and "not valid UTF-8" in r["reason"] for r in end.errors)
+
+
+def test_sidecar_captions_of_an_audio_folder(tmp_path):
+    from wds_encode.config import DatasetConfig
+    from wds_encode.sources import list_shards
+    flac = encode_audio_bytes(tone(), 16000, "flac")
+    root = tmp_path / "audio"
+    for rel in ("a/song.flac", "a/other.flac", "b/song.wav", "b/song.v2.flac", "c/broken.flac", "d/gone.flac"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(flac)
+    (root / "a/song.txt").write_text("  song in a \n")
+    (root / "b/song.txt").write_text("song in b")       # beside song.wav; song.v2.flac's would be song.v2.txt
+    (root / "c/broken.txt").write_bytes(b"\xff\xfe\x00bad")
+    (root / "d/gone.txt").write_text("listed, then deleted before the read")
+    config = DatasetConfig(dataset_type="audio_dir", datasets=[{"id": "dir", "path": str(root)}])
+    [unit] = list_shards(config, files_per_unit=10)
+    (root / "d/gone.txt").unlink()
+    out = list(Reader([unit], OPTS).read_shard(unit))
+    items, end = out[:-1], out[-1]
+    prompts = {i.metadata["relpath"]: i.metadata.get("prompt") for i in items}
+    assert prompts == {"a/song.flac": "song in a", "a/other.flac": None, "b/song.wav": "song in b",
+                       "b/song.v2.flac": None}
+    reasons = {r["key"]: r["reason"] for r in end.errors}
+    assert set(reasons) == {"c/broken", "d/gone"} and all(r["level"] == "error" for r in end.errors)
+    assert f"caption {root / 'c/broken.txt'} is not valid UTF-8" in reasons["c/broken"]
+    assert "cannot read caption" in reasons["d/gone"] and end.samples == 6

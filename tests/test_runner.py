@@ -11,7 +11,8 @@ from conftest import read_folder_layout, write_dataset_config
 from wds_encode.cli import format_summary
 from wds_encode.config import EncodeConfig
 from wds_encode.encoder import BatchEncoder
-from wds_encode.runner import PREFETCH_BYTES, prefetch_windows, run, shared_memory_free
+from wds_encode.runner import (PREFETCH_BYTES, SILENCE_KEY, prefetch_windows, run, shared_memory_free,
+                               silence_samples, write_silence)
 
 SAMPLE_SIZE = 8192
 
@@ -49,7 +50,8 @@ def test_out_of_memory_batches_of_four_are_split_and_every_window_is_written(dat
                                                                              monkeypatch):
     config, samples = dataset
     sizes = []
-    inject_oom(monkeypatch, lambda keys: sizes.append(len(keys)) or len(keys) > 1)
+    windows = lambda keys: keys != [SILENCE_KEY]  # noqa: E731  (not silence.npy's one forward pass)
+    inject_oom(monkeypatch, lambda keys: windows(keys) and (sizes.append(len(keys)) or len(keys) > 1))
     stats = run(encode_config(demo_model, config, tmp_path / "out", batch_size=4))
     assert stats.windows == len(samples) == 12 and stats.errors == 0
     # the first batch of 4 is halved twice (4 -> 2 -> 1); the size that fit is remembered, so every later
@@ -156,3 +158,71 @@ def test_batches_reach_the_device_through_a_small_ring_of_reused_buffers(dataset
     assert len(rings) == 1 and rings[0].in_use == 0  # every buffer given back
     assert sorted(md["__key__"] for _, md in read_folder_layout(tmp_path / "out").values()) == \
         sorted(s.key for s in samples)
+
+
+def test_silence_length_is_the_sample_size_and_in_full_mode_at_most_the_longest_window():
+    from types import SimpleNamespace
+
+    def inputs(chunking, sample_size):
+        return SimpleNamespace(config=SimpleNamespace(sample_size=sample_size), chunking=chunking,
+                               downsampling_ratio=64)
+    for chunking in ("crop", "random_crop", "split"):
+        assert silence_samples(inputs(chunking, 8192), window_size=8192) == 8192  # as SA3's --sample_size
+    assert silence_samples(inputs("full", 5000), window_size=64 * 1000) == 5056    # up to the ratio
+    assert silence_samples(inputs("full", 1320960), window_size=4352) == 4352     # the --max-seconds window
+
+
+@pytest.fixture(scope="module")
+def demo_autoencoder(demo_model):
+    from wds_encode.config import load_model_config
+    from wds_encode.models import load_autoencoder
+    return load_autoencoder(load_model_config(demo_model[0]), demo_model[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silence_npy_is_silence_encoded_as_the_run_encodes_and_a_rerun_keeps_it(place, demo_autoencoder,
+                                                                                dtype):
+    import io
+
+    import numpy as np
+
+    from wds_encode.encoder import key_seed
+    from wds_encode.writers import npy_bytes
+    model = demo_autoencoder
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    zeros = torch.zeros(1, model.in_channels, 4096)
+
+    def silence():
+        return np.load(io.BytesIO(place.read("silence.npy")), allow_pickle=False)
+    assert write_silence(place, BatchEncoder(model, device=torch.device("cpu"), seed=7), 4096, dtype) is None
+    found = silence()
+    assert found.shape == (1, model.latent_dim, 4096 // model.downsampling_ratio) and found.dtype == np_dtype
+    # the run's VAE sampling: noise seeded by (run seed, "silence"), as a window's by (seed, its key)
+    pre = model.encode_pre_bottleneck(zeros)
+    noise = torch.randn(model.bottleneck.noise_shape(pre),
+                        generator=torch.Generator().manual_seed(key_seed(7, "silence")))
+    expected = model.bottleneck.encode(pre, mode="sample", noise=noise).to(dtype).numpy()
+    np.testing.assert_allclose(found.astype(np.float32), expected.astype(np.float32), atol=1e-6, rtol=0)
+    assert np.abs(found - model.encode(zeros, mode="mean").to(dtype).numpy()).max() > 1e-3  # really sampled
+
+    marker = np.full((1, model.latent_dim, 3), 5, np_dtype)  # of that form: an earlier run's, kept
+    place.write("silence.npy", npy_bytes(marker))
+    assert write_silence(place, BatchEncoder(model, device=torch.device("cpu"), seed=7), 4096, dtype) is None
+    assert np.array_equal(silence(), marker)
+    for other in (b"not an npy file", npy_bytes(marker[0]), npy_bytes(marker.astype(np.float64))):
+        place.write("silence.npy", other)  # not a [1, C, T] array of the output's dtype: encoded again
+        mean = BatchEncoder(model, device=torch.device("cpu"), latent_mode="mean")
+        assert write_silence(place, mean, 4096, dtype) is None
+        np.testing.assert_allclose(silence().astype(np.float32),
+                                   model.encode(zeros, mode="mean").to(dtype).numpy().astype(np.float32),
+                                   atol=1e-6)
+    place.close()
+
+
+def test_silence_that_cannot_be_encoded_is_not_written(tmp_path, demo_autoencoder, monkeypatch):
+    from wds_encode.storage import LocalPlace
+    encoder = BatchEncoder(demo_autoencoder, device=torch.device("cpu"))
+    inject_oom(monkeypatch, lambda keys: True)
+    place = LocalPlace(str(tmp_path / "out"))
+    assert "out of device memory even for this one window" in write_silence(place, encoder, 4096, torch.float32)
+    assert place.read("silence.npy") is None

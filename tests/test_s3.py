@@ -74,8 +74,9 @@ def mirror(s3, bucket: str, prefix: str, dest: Path) -> dict[str, bytes]:
 
 
 def owned_objects(out: Path) -> set[str]:
-    """What a finished run owns: details, errors log, one record per unit and what the records list."""
-    owned = {"details.json"}
+    """What a finished run owns: details, errors log, silence latents, filelist, one record per unit and
+    what the records list."""
+    owned = {"details.json", "silence.npy", "filelist.txt"}
     if (out / "errors.jsonl").exists():
         owned.add("errors.jsonl")
     for path in (out / "manifest").glob("*.json"):
@@ -93,6 +94,9 @@ def check_bucket_output(s3, out_url: str, tmp_path: Path, samples) -> tuple[dict
     objects = mirror(s3, bucket, prefix, local)
     details = assert_exactly_once(local, samples)
     assert set(objects) == owned_objects(local)
+    records = [json.loads(p.read_text()) for p in (local / "manifest").glob("*.json")]
+    assert (local / "filelist.txt").read_text().splitlines() == sorted(
+        f"{r['rank']}/{i}.npy" for r in records for i in r["folder_ids"])  # exactly the committed windows
     assert s3.multipart_uploads(bucket) == []
     return details, objects
 

@@ -3,7 +3,7 @@
 import pytest
 
 from wds_encode.config import ConfigError, DatasetConfig
-from wds_encode.sources import claim_order, list_shards, safe_name
+from wds_encode.sources import claim_order, list_shards, safe_name, sidecar_caption
 from wds_encode.storage import S3Options, Storage
 
 
@@ -79,6 +79,21 @@ def test_audio_dir_units(tmp_path):
     assert all(not u.is_tar and u.custom_metadata_module == "/m.py" for u in units)
     with pytest.raises(ConfigError, match="does not exist"):
         list_shards(DatasetConfig(dataset_type="audio_dir", datasets=[{"id": "x", "path": str(tmp_path / "no")}]))
+    assert all(u.captions == () for u in units)  # readme.txt is no audio file's caption
+
+
+def test_audio_dir_units_carry_the_sidecar_captions_of_their_files(tmp_path):
+    for rel in ("a/one.flac", "a/one.txt", "a/two.wav", "a/two.TXT", "b/three.mp3", "b/three.txt",
+                "b/three.flac.txt", "b/four.ogg", "b/four.json", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    config = DatasetConfig(dataset_type="audio_dir", datasets=[{"id": "dir", "path": str(tmp_path)}])
+    units = list_shards(config, files_per_unit=2)
+    assert [(u.files, u.captions) for u in units] == [
+        (("a/one.flac", "a/two.wav"), ("a/one.txt",)),       # same stem, lower-case .txt, same folder
+        (("b/four.ogg", "b/three.mp3"), ("b/three.txt",)),  # each unit lists its own files' captions only
+    ]
+    assert sidecar_caption("x/song.v2.flac") == "x/song.v2.txt"
 
 
 @pytest.mark.parametrize("rel, name", [("a/b/c.tar", "a__b__c"), ("../x.tar", "x"), ("we ird.tar", "we_ird")])

@@ -18,7 +18,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import soundfile as sf
@@ -60,6 +60,57 @@ class _LengthChanged(Exception):
     """Internal: the decoder found fewer frames than the header declared; re-plan the windows."""
 
 
+@dataclass(frozen=True)
+class Stitch:
+    """Where one chunk of a chunk-encoded file (`--chunking full --overlap N`) goes in the file's single
+    latent sequence: `file[..., dst_start:dst_start + length] = chunk[..., src_start:src_start + length]`.
+
+    The chunks are those of Stable Audio 3's `AudioAutoencoder.encode_audio(chunked=True)` (see
+    `plan_chunks`); each chunk keeps the frames SA3's in-order writes leave to it, so the chunks may be
+    placed in any order and give SA3's result.
+    """
+
+    index: int           # 0-based chunk of the file
+    count: int           # chunks of the file
+    offset: int          # first sample of the chunk in the file (a multiple of `ratio`)
+    valid: int           # real samples in the chunk (the last one may end in the ratio padding)
+    fresh: int           # samples of the file this chunk is the first to cover (they add up to the file's length)
+    frames: int          # latent frames of the whole file: ceil(total / ratio)
+    dst_start: int       # first frame of the file this chunk fills...
+    src_start: int       # ...from this frame of the chunk's own latents...
+    length: int          # ...for this many frames (>= 1)
+    chunk_frames: int    # latent frames per chunk
+    overlap: int         # latent frames neighbouring chunks share
+    ratio: int           # samples per latent frame
+
+
+def _describe(*, channels: int, sample_rate: int, source_sample_rate: int, source_channels: int, offset: int,
+              valid: int, total: int, size: int, chunk_index: int, num_chunks: int) -> dict:
+    """JSON-native description of a window, with stable-audio-tools' timing conditioning fields."""
+    sr = sample_rate
+    # Same normalisation as PadCrop_Normalized_T: positions are fractions of
+    # (upper_bound + sample_size), i.e. max(total, sample_size).
+    upper_bound = max(0, total - size)
+    denom = upper_bound + size
+    return {
+        "audio_channels": int(channels),
+        "sample_rate": int(sr),
+        "source_sample_rate": int(source_sample_rate),
+        "source_channels": int(source_channels),
+        "duration": total / sr,
+        "start_time": offset / sr,
+        "end_time": (offset + valid) / sr,
+        "seconds_start": int(offset // sr),
+        "seconds_total": int(-(-total // sr)),
+        "timestamps": [offset / denom, min(offset + size, denom) / denom],
+        "chunk_index": int(chunk_index),
+        "num_chunks": int(num_chunks),
+        "valid_length": int(valid),
+        "total_length": int(total),
+        "offset": int(offset),
+    }
+
+
 @dataclass(frozen=True, eq=False)
 class Window:
     """One model-input window cut from a file, plus where it came from."""
@@ -73,6 +124,7 @@ class Window:
     sample_rate: int  # target rate
     source_sample_rate: int
     source_channels: int
+    stitch: Optional[Stitch] = None  # a chunk of a chunk-encoded file (--overlap): where its latents go
 
     @property
     def sample_size(self) -> int:
@@ -84,30 +136,20 @@ class Window:
         return torch.arange(self.sample_size) < self.valid_length
 
     def metadata(self) -> dict:
-        """JSON-native description, with stable-audio-tools' timing conditioning fields."""
-        sr = self.sample_rate
-        size = self.sample_size
-        # Same normalisation as PadCrop_Normalized_T: positions are fractions of
-        # (upper_bound + sample_size), i.e. max(total, sample_size).
-        upper_bound = max(0, self.total_length - size)
-        denom = upper_bound + size
-        return {
-            "audio_channels": int(self.audio.shape[0]),
-            "sample_rate": int(sr),
-            "source_sample_rate": int(self.source_sample_rate),
-            "source_channels": int(self.source_channels),
-            "duration": self.total_length / sr,
-            "start_time": self.offset / sr,
-            "end_time": (self.offset + self.valid_length) / sr,
-            "seconds_start": int(self.offset // sr),
-            "seconds_total": int(-(-self.total_length // sr)),
-            "timestamps": [self.offset / denom, min(self.offset + size, denom) / denom],
-            "chunk_index": int(self.chunk_index),
-            "num_chunks": int(self.num_chunks),
-            "valid_length": int(self.valid_length),
-            "total_length": int(self.total_length),
-            "offset": int(self.offset),
-        }
+        """JSON-native description of the output window this window becomes, with stable-audio-tools'
+        timing conditioning fields. A chunk of a chunk-encoded file is part of one output window that
+        covers the whole file (offset 0, the file's length, chunk 0 of 1), which also records how it was
+        encoded: `chunk_frames`, `overlap` and `encoded_chunks`."""
+        fields = dict(channels=int(self.audio.shape[0]), sample_rate=self.sample_rate,
+                      source_sample_rate=self.source_sample_rate, source_channels=self.source_channels,
+                      total=self.total_length)
+        st = self.stitch
+        if st is None:
+            return _describe(**fields, offset=self.offset, valid=self.valid_length, size=self.sample_size,
+                             chunk_index=self.chunk_index, num_chunks=self.num_chunks)
+        return {**_describe(**fields, offset=0, valid=self.total_length, size=st.frames * st.ratio,
+                            chunk_index=0, num_chunks=1),
+                "chunk_frames": st.chunk_frames, "overlap": st.overlap, "encoded_chunks": st.count}
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -182,15 +224,64 @@ def _window_offsets(total: int, sample_size: int, chunking: str, key: str, seed:
     return [i * sample_size for i in range(count)]
 
 
+def plan_chunks(total: int, chunk_samples: int, overlap: int, ratio: int) -> list[Stitch]:
+    """The chunks of Stable Audio 3's `AudioAutoencoder.encode_audio(x, chunked=True, chunk_size, overlap)`
+    for a file of `total` samples, x being the file zero-padded to a multiple of `ratio` (as SA3's
+    `preprocess_audio_for_encoder` pads it); [] when x is shorter than one chunk (SA3 encodes it in one
+    pass) or `overlap` is 0.
+
+    Chunks of `chunk_samples` (chunk_size = chunk_samples / ratio frames) start every chunk_size - overlap
+    frames; the last one is anchored to the end of x, so every chunk has the same length and lies inside
+    x. SA3 writes the chunks in order into one sequence of len(x) / ratio frames, each chunk without the
+    first overlap // 2 frames (but the first chunk) and without the last overlap // 2 (but the last
+    chunk), a later chunk over an earlier one where they still meet (an odd overlap, the anchored last
+    chunk); each `Stitch` says which frames of its chunk survive that, and where they go.
+    """
+    if overlap <= 0:
+        return []
+    if ratio < 1 or chunk_samples < ratio or chunk_samples % ratio:
+        raise ValueError(f"chunk of {chunk_samples} samples is not a whole number of latent frames of {ratio}")
+    chunk = chunk_samples // ratio
+    if overlap >= chunk:
+        raise ValueError(f"overlap {overlap} must be smaller than the chunk, {chunk} latent frames")
+    frames = -(-total // ratio)
+    if frames < chunk:
+        return []
+    half = overlap // 2
+    starts = list(range(0, frames - chunk + 1, chunk - overlap))
+    if starts[-1] != frames - chunk:
+        starts.append(frames - chunk)
+    count = len(starts)
+    first = [s + (half if i else 0) for i, s in enumerate(starts)]           # SA3's out_start + left
+    stop = [s + (chunk - half if i < count - 1 else chunk) for i, s in enumerate(starts)]  # out_start + right
+    plan, covered = [], 0
+    for i, s in enumerate(starts):
+        end = min(stop[i], first[i + 1]) if i < count - 1 else stop[i]   # the next chunk overwrites the rest
+        offset = s * ratio
+        reach = min(offset + chunk_samples, total)
+        plan.append(Stitch(index=i, count=count, offset=offset, valid=reach - offset, fresh=reach - covered,
+                           frames=frames, dst_start=first[i], src_start=first[i] - s, length=end - first[i],
+                           chunk_frames=chunk, overlap=overlap, ratio=ratio))
+        covered = reach
+    return plan
+
+
 def plan_windows(total: int, sample_size: int, chunking: str, *, key: str = "", seed: int = 0,
-                 max_chunks: int | None = None, length_multiple: int = 1) -> list[tuple[int, int, int]]:
+                 max_chunks: int | None = None, length_multiple: int = 1,
+                 overlap: int = 0) -> list[tuple[int, int, int]]:
     """(offset, valid samples, window size) of each window of a file of `total` samples.
 
     crop / random_crop / split windows are `sample_size` long, zero-padded after the audio. `full`
     windows hold the whole file (a file longer than `sample_size` is split into windows of that
     length) at its own length, rounded up to `length_multiple` (the model's downsampling ratio):
-    the only padding is that rounding.
+    the only padding is that rounding. `full` with `overlap` (latent frames): a file at least
+    `sample_size` long (after that rounding) is cut into the overlapping chunks of `plan_chunks`
+    instead, all `sample_size` long, whose latents make one sequence.
     """
+    if chunking == "full" and overlap:
+        chunks = plan_chunks(total, sample_size, overlap, length_multiple)
+        if chunks:
+            return [(c.offset, c.valid, sample_size) for c in chunks]
     plan = []
     for offset in _window_offsets(total, sample_size, "split" if chunking == "full" else chunking, key, seed,
                                   max_chunks):
@@ -501,7 +592,7 @@ def _render(reader, offset: int, valid: int, channels: int, target_rate: int) ->
 
 
 def _validate(sample_rate: int, channels: int, sample_size: int, chunking: str,
-              max_chunks: int | None, length_multiple: int) -> None:
+              max_chunks: int | None, length_multiple: int, overlap: int = 0) -> None:
     if chunking not in CHUNKING_MODES:
         raise ValueError(f"chunking must be one of {CHUNKING_MODES}, got {chunking!r}")
     if sample_rate < 1 or channels < 1 or sample_size < 1 or length_multiple < 1:
@@ -510,21 +601,31 @@ def _validate(sample_rate: int, channels: int, sample_size: int, chunking: str,
         raise ValueError(f"sample_size {sample_size} is not a multiple of length_multiple {length_multiple}")
     if max_chunks is not None and max_chunks < 1:
         raise ValueError(f"max_chunks must be >= 1 or None, got {max_chunks}")
+    if overlap:
+        if chunking != "full":
+            raise ValueError(f"overlap works with chunking 'full' only, got {chunking!r}")
+        if overlap < 0 or overlap >= sample_size // length_multiple:
+            raise ValueError(f"overlap {overlap} must be in [0, {sample_size // length_multiple}) latent frames "
+                             "(the chunk)")
+        if max_chunks is not None:
+            raise ValueError("max_chunks and overlap exclude each other (a chunk-encoded file is one window)")
 
 
 def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, sample_size: int,
                  chunking: str = "crop", key: str = "", seed: int = 0,
-                 max_chunks: int | None = None, length_multiple: int = 1) -> Iterator[Window]:
+                 max_chunks: int | None = None, length_multiple: int = 1, overlap: int = 0) -> Iterator[Window]:
     """Decode ``data`` lazily into model windows.
 
     ``crop``: one window from the start; ``random_crop``: one window at an
     offset derived from (seed, key), stable across runs; ``split``: back-to-back
     windows covering the file, the last zero-padded; ``full``: the file at its own
     length rounded up to ``length_multiple`` (split into ``sample_size`` windows if
-    longer; see `plan_windows`). Opening errors raise here; per-window errors
-    (e.g. non-finite samples) raise while iterating.
+    longer; see `plan_windows`); ``full`` with ``overlap`` (latent frames): a file of at
+    least ``sample_size`` samples comes as the overlapping chunks of `plan_chunks`, each
+    window's `stitch` saying where its latents go. Opening errors raise here; per-window
+    errors (e.g. non-finite samples) raise while iterating.
     """
-    _validate(sample_rate, channels, sample_size, chunking, max_chunks, length_multiple)
+    _validate(sample_rate, channels, sample_size, chunking, max_chunks, length_multiple, overlap)
     ext = _norm_ext(ext)
     # A plain crop reads from frame 0 without seeking; don't seek an MP3 just to check its length.
     reader = _open_reader(data, ext, check_end=chunking != "crop")
@@ -533,11 +634,13 @@ def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, samp
         reader.close()
         raise AudioDecodeError(f"cannot make {channels} channels from {have}-channel .{ext} audio")
     return _generate(reader, ext=ext, sample_rate=sample_rate, channels=channels, sample_size=sample_size,
-                     chunking=chunking, key=key, seed=seed, max_chunks=max_chunks, length_multiple=length_multiple)
+                     chunking=chunking, key=key, seed=seed, max_chunks=max_chunks, length_multiple=length_multiple,
+                     overlap=overlap)
 
 
 def _generate(reader, *, ext: str, sample_rate: int, channels: int, sample_size: int, chunking: str,
-              key: str, seed: int, max_chunks: int | None, length_multiple: int) -> Iterator[Window]:
+              key: str, seed: int, max_chunks: int | None, length_multiple: int,
+              overlap: int = 0) -> Iterator[Window]:
     with reader:
         yielded = False
         while True:  # re-plans (before the first yield) if the header over-stated the length
@@ -545,7 +648,8 @@ def _generate(reader, *, ext: str, sample_rate: int, channels: int, sample_size:
             if total <= 0:
                 raise AudioDecodeError(f"no audio frames in .{ext} data")
             plan = plan_windows(total, sample_size, chunking, key=key, seed=seed, max_chunks=max_chunks,
-                                length_multiple=length_multiple)
+                                length_multiple=length_multiple, overlap=overlap)
+            stitches = plan_chunks(total, sample_size, overlap, length_multiple) if chunking == "full" else []
             try:
                 for index, (offset, valid, size) in enumerate(plan):
                     audio = _render(reader, offset, valid, channels, sample_rate)
@@ -558,7 +662,8 @@ def _generate(reader, *, ext: str, sample_rate: int, channels: int, sample_size:
                     yield Window(audio=audio.contiguous(), offset=offset, valid_length=valid,
                                  total_length=total, chunk_index=index, num_chunks=len(plan),
                                  sample_rate=sample_rate, source_sample_rate=reader.sample_rate,
-                                 source_channels=reader.channels)
+                                 source_channels=reader.channels,
+                                 stitch=stitches[index] if stitches else None)
                 return
             except _LengthChanged:
                 if yielded:

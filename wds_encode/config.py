@@ -110,6 +110,11 @@ class EncodeConfig(BaseModel):
     max_seconds: float = Field(300.0, gt=0, le=MAX_SAMPLE_SIZE / 8000,
                                description="With full: the longest window; a longer file is split into windows "
                                            "of this length (its last one at its own length)")
+    overlap: int = Field(0, ge=0, le=MAX_SAMPLE_SIZE,
+                         description="With full: latent frames shared by the --max-seconds chunks of a longer file, "
+                                     "which then comes out as one latent sequence without seams (Stable Audio 3's "
+                                     "chunked encode_audio; at least the encoder's receptive field); 0: independent "
+                                     "windows")
     bucket_buffer: int = Field(64, ge=1, le=100_000,
                                description="With full: windows held back to fill batches of one length (memory: "
                                            "up to this many windows of --max-seconds each)")
@@ -206,6 +211,17 @@ class EncodeConfig(BaseModel):
             raise ValueError("missing --output-path")
         if self.model_half and self.precision not in (None, "fp16"):
             raise ValueError(f"--model-half conflicts with --precision {self.precision}")
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_needs_full(self) -> "EncodeConfig":
+        if self.overlap and self.chunking != "full":
+            raise ValueError(f"--overlap {self.overlap} works with --chunking full only (got --chunking "
+                             f"{self.chunking}): it joins the --max-seconds chunks of a long file into one latent "
+                             "sequence; drop --overlap or use --chunking full")
+        if self.overlap and self.max_chunks is not None:
+            raise ValueError(f"--overlap {self.overlap} and --max-chunks {self.max_chunks} exclude each other: with "
+                             "--overlap a long file is one output window of its whole length; drop --max-chunks")
         return self
 
     @property

@@ -1,4 +1,5 @@
-"""Run identity, details.json, per-unit completion records, and the clean-up of interrupted runs.
+"""Run identity, details.json, per-unit completion records, and the clean-up of interrupted runs;
+errors.jsonl and filelist.txt, rewritten from the records.
 
 A unit counts as done only when its record exists under `OUT/manifest/`: it is written last,
 atomically, after the unit's outputs, and it lists them. While a rank writes, it keeps a marker
@@ -30,6 +31,8 @@ DETAILS = "details.json"
 RECORDS_DIR = "manifest"
 WRITING_DIR = "manifest/writing"
 ERRORS_LOG = "errors.jsonl"
+FILELIST = "filelist.txt"    # the committed windows of the folder layout, as PreEncodedDataset reads them
+SILENCE = "silence.npy"      # the latents of silence, with which SA3's PreEncodedDataset pads short latents
 
 
 class ManifestError(RuntimeError):
@@ -55,7 +58,9 @@ def run_identity(model_config: dict, ckpt_path: str | Path, options: dict, rando
         "checkpoint_sha256": file_sha256(ckpt_path),
         "options": {**{k: options[k] for k in IDENTITY_OPTIONS}, "random_crop": random_crop,
                     # only where it changes what is written, so outputs of other modes keep their identity
-                    **({"max_seconds": options["max_seconds"]} if options.get("chunking") == "full" else {})},
+                    **({"max_seconds": options["max_seconds"]} if options.get("chunking") == "full" else {}),
+                    # --overlap joins a long file's chunks into one window; 0 (the default) keeps old identities
+                    **({"overlap": options["overlap"]} if options.get("overlap") else {})},
     }
     ident["hash"] = json_sha256(ident)
     return ident
@@ -188,7 +193,7 @@ class RunManifest:
         ours = [rel for rel in found
                 if folder_file_id(rel) is not None or rel.startswith((f"{SHARDS_DIR}/", f"{RECORDS_DIR}/",
                                                                       f"{PROBE_DIR}/"))
-                or rel in (ERRORS_LOG, DETAILS)]
+                or rel in (ERRORS_LOG, DETAILS, FILELIST, SILENCE)]
         return self.place.delete(ours) + self.place.remove_unfinished()
 
     # ------------------------------------------------------------------ errors.jsonl
@@ -200,6 +205,17 @@ class RunManifest:
         if lines or self.place.read(ERRORS_LOG) is not None:
             self.place.write(ERRORS_LOG, "".join(lines).encode("utf-8"))
         return len(lines)
+
+    # ------------------------------------------------------------------ filelist.txt
+    def write_filelist(self, records: Optional[list[dict]] = None) -> int:
+        """Rewrite filelist.txt from the records: one `RANK/ID.npy` per committed window, relative to the
+        output, sorted; Stable Audio 3's and stable-audio-tools' PreEncodedDataset then read exactly these
+        windows, never an interrupted run's uncommitted files. Atomic (`Place.write`); returns lines."""
+        records = self.records() if records is None else records
+        paths = sorted(folder_files(int(record["rank"]), latent_id)[1]
+                       for record in records for latent_id in record.get("folder_ids") or ())
+        self.place.write(FILELIST, "".join(f"{path}\n" for path in paths).encode("utf-8"))
+        return len(paths)
 
 
 def _note_batch(next_batch: dict[int, int], latent_id: str) -> None:

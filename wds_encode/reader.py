@@ -2,8 +2,9 @@
 
 Each worker claims work units one at a time from the job (`distributed.UnitClaims`: a counter in
 the job's store, so every unit goes to exactly one worker of one rank), streams tar members
-(webdataset's tar iterator over `storage.open_read`: a local file or an S3 object), groups them by key, decodes each sample into windows
-(`audio.iter_windows`) and yields `WindowItem`s. After the last window of a unit it yields a
+(webdataset's tar iterator over `storage.open_read`: a local file or an S3 object), groups them by
+key, decodes each sample into windows (`audio.iter_windows`; a `KEY.txt` member or a sidecar `.txt`
+caption becomes `prompt`) and yields `WindowItem`s. After the last window of a unit it yields a
 `ShardEnd` carrying the unit's counts and error records, so the main process knows when a unit's
 outputs are complete. Nothing here raises on bad data: every problem becomes an error record.
 """
@@ -23,8 +24,8 @@ import torch
 import webdataset.tariterators as wds_tar
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .audio import AUDIO_EXTENSIONS, AudioDecodeError, iter_windows
-from .sources import Shard
+from .audio import AUDIO_EXTENSIONS, AudioDecodeError, Stitch, iter_windows
+from .sources import CAPTION_SUFFIX, Shard, sidecar_caption
 from .storage import Storage
 
 # A sample's windows are held until all of them decoded, so a file that fails half-way yields none;
@@ -44,6 +45,7 @@ class ReaderOptions:
     max_chunks: Optional[int] = None
     seed: int = 0
     length_multiple: int = 1        # full: windows are rounded up to this (the downsampling ratio)
+    overlap: int = 0                # full: latent frames chunks of a long file share (0: independent windows)
 
 
 @dataclass
@@ -56,10 +58,32 @@ class WindowItem:
     shard_id: str
     metadata: dict
     input_bytes: int = 0         # bytes of input this window accounts for (the sample's, on its first window)
+    stitch: Optional[Stitch] = None  # a chunk of a chunk-encoded file (--overlap); `metadata` is the file's
 
     def without_audio(self) -> "WindowItem":
         """The same window with its samples let go: what is left after the batch went to the encoder."""
         return replace(self, audio=None, padding_mask=None)
+
+    @property
+    def real_samples(self) -> int:
+        """Real (not padding) samples in this window's audio: the chunk's own for a chunk."""
+        return self.stitch.valid if self.stitch is not None else int(self.metadata["valid_length"])
+
+    @property
+    def audio_samples(self) -> int:
+        """Samples of the file this window accounts for (a file's windows or chunks add up to its length)."""
+        return self.stitch.fresh if self.stitch is not None else int(self.metadata["valid_length"])
+
+    @property
+    def noise_key(self) -> str:
+        """What seeds this window's VAE noise (`noise_key`)."""
+        return noise_key(self.shard_id, self.key, None if self.stitch is None else self.stitch.index)
+
+
+def noise_key(shard_id: str, key: str, chunk: Optional[int] = None) -> str:
+    """What seeds a window's VAE noise: its unit and output key, and for a chunk of a chunk-encoded file
+    (--overlap) the chunk's index too (each chunk draws its own noise, as SA3's chunks do)."""
+    return f"{shard_id}/{key}" if chunk is None else f"{shard_id}/{key}@{chunk}"
 
 
 @dataclass
@@ -92,6 +116,7 @@ class RawSample:
     warnings: list[str] = field(default_factory=list)   # encoded, but reported
     extra: dict = field(default_factory=dict)
     size: int = 0                # bytes of its members (progress accounting)
+    caption: Optional[str] = None  # a `KEY.txt` member or sidecar file: the window's `prompt`
 
 
 def sanitize_key(key: str) -> tuple[str, Optional[str]]:
@@ -123,6 +148,27 @@ def _parse_json(data: bytes) -> dict:
     return value
 
 
+def decode_caption(data: bytes, name: str) -> str:
+    """A caption file's text (UTF-8, a leading byte-order mark dropped), stripped of surrounding
+    whitespace; ValueError naming the member or file when it is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"caption {name} is not valid UTF-8 text ({exc})") from None
+
+
+def _read_caption(sample: RawSample, data: bytes, name: str) -> None:
+    """Set the sample's caption, or record why it cannot have one (the sample is then not encoded, as
+    for unreadable JSON metadata: a window must not silently lose its caption)."""
+    try:
+        sample.caption = decode_caption(data, name)
+    except ValueError as exc:
+        sample.errors.append(str(exc))
+        return
+    if not sample.caption:
+        sample.warnings.append(f"caption {name} is empty: the window's prompt is ''")
+
+
 def _group_tar_members(shard: Shard, members: list[tuple[str, bytes]]) -> RawSample:
     key = wds_tar.base_plus_ext(members[0][0])[0]
     sample = RawSample(key=key, path=shard.url, audio_name=None, audio_bytes=None, metadata={},
@@ -140,6 +186,8 @@ def _group_tar_members(shard: Shard, members: list[tuple[str, bytes]]) -> RawSam
                 sample.metadata = _parse_json(data)
             except (ValueError, UnicodeDecodeError) as exc:
                 sample.errors.append(f"invalid JSON metadata in {name}: {exc}")
+        elif suffix.lower() == CAPTION_SUFFIX:  # KEY.txt: the caption, as SA3's pre_encode_dataset.py reads it
+            _read_caption(sample, data, name)
     return sample
 
 
@@ -233,6 +281,7 @@ class Reader(IterableDataset):
 
     def _raw_samples(self, shard: Shard, on_error: Callable[[str, str], None]) -> Iterator[RawSample]:
         if not shard.is_tar:
+            captions = set(shard.captions)  # sidecars found by the listing (sources.sidecar_caption)
             for rel in shard.files:
                 path = os.path.join(shard.url, rel)
                 key = os.path.splitext(rel)[0]
@@ -242,8 +291,17 @@ class Reader(IterableDataset):
                 except OSError as exc:
                     on_error(key, f"cannot read {path}: {exc}")
                     continue
-                yield RawSample(key=key, path=path, audio_name=rel, audio_bytes=data, metadata={},
-                                extra={"relpath": rel}, size=len(data))
+                sample = RawSample(key=key, path=path, audio_name=rel, audio_bytes=data, metadata={},
+                                   extra={"relpath": rel}, size=len(data))
+                caption = sidecar_caption(rel)
+                if caption in captions:
+                    caption_path = os.path.join(shard.url, caption)
+                    try:
+                        with open(caption_path, "rb") as f:
+                            _read_caption(sample, f.read(), caption_path)
+                    except OSError as exc:
+                        sample.errors.append(f"cannot read caption {caption_path}: {exc}")
+                yield sample
             return
         with self.storage.open_read(shard.url, shard.s3) as f:
             yield from iter_tar_samples(shard, f, on_error)
@@ -274,12 +332,22 @@ class Reader(IterableDataset):
         opts = self.options
         held: list[Optional[WindowItem]] = []   # a sample's windows, yielded once all decoded...
         held_bytes, passed = 0, 0               # ...unless they outgrow HOLD_BYTES (a long file)
+        first_chunk: Optional[WindowItem] = None  # --overlap: the file's first chunk (None: rejected)
         try:
             for window in iter_windows(raw.audio_bytes, ext=ext, sample_rate=opts.sample_rate,
                                        channels=opts.channels, sample_size=opts.sample_size,
                                        chunking=opts.chunking, key=raw.key, seed=opts.seed,
-                                       max_chunks=opts.max_chunks, length_multiple=opts.length_multiple):
-                held.append(self._item(shard, raw, key, window))
+                                       max_chunks=opts.max_chunks, length_multiple=opts.length_multiple,
+                                       overlap=opts.overlap):
+                if window.stitch is not None and window.stitch.index > 0:
+                    # the chunks of one output window: its metadata (and a custom module's verdict) once
+                    if first_chunk is None:
+                        break  # rejected by the custom metadata module: the rest need no decoding
+                    held.append(replace(first_chunk, audio=window.audio, padding_mask=window.padding_mask,
+                                        metadata=dict(first_chunk.metadata), stitch=window.stitch))
+                else:
+                    held.append(self._item(shard, raw, key, window))
+                    first_chunk = held[-1]
                 held_bytes += window.audio.numel() * window.audio.element_size()
                 if held_bytes > HOLD_BYTES:
                     passed += len(held)
@@ -287,7 +355,9 @@ class Reader(IterableDataset):
                     held, held_bytes = [], 0
         except Exception as exc:  # never let one sample stop the run
             reason = str(exc) if isinstance(exc, AudioDecodeError) else f"{type(exc).__name__}: {exc}"
-            if passed:
+            if passed and first_chunk is not None and first_chunk.stitch is not None:
+                reason += f" (after its first {passed} chunks were encoded: nothing is written for it)"
+            elif passed:
                 reason += f" (after its first {passed} windows were passed on: the sample is incomplete)"
             report(f"{raw.audio_name}: {reason}")
             return
@@ -298,17 +368,20 @@ class Reader(IterableDataset):
             if item is None:
                 end.rejected += 1
                 continue
-            end.windows += 1
-            end.audio_seconds += item.metadata["valid_length"] / self.options.sample_rate
+            if item.stitch is None or item.stitch.index == item.stitch.count - 1:  # a file's chunks: one window
+                end.windows += 1
+                end.audio_seconds += item.metadata["valid_length"] / self.options.sample_rate
             yield item
 
     def _item(self, shard: Shard, raw: RawSample, key: str, window) -> Optional[WindowItem]:
         md: dict[str, Any] = dict(raw.metadata)
         if "text" in md and "prompt" not in md:
             md["prompt"] = md["text"]
+        if raw.caption is not None:  # the caption file wins over KEY.json's prompt / text
+            md["prompt"] = raw.caption
         md.update(window.metadata())
         md.update(raw.extra)
-        out_key = key if window.num_chunks == 1 else f"{key}_{window.chunk_index:04d}"
+        out_key = key if window.num_chunks == 1 or window.stitch is not None else f"{key}_{window.chunk_index:04d}"
         md.update({"path": raw.path, "__key__": raw.key, "key": out_key,
                    "dataset_id": shard.dataset_id, "source_shard": shard.shard_id})
         if shard.custom_metadata_module:
@@ -319,7 +392,7 @@ class Reader(IterableDataset):
                 md.update({k: _json_native(v) for k, v in custom.items() if not k.startswith("__")})
         json.dumps(md)  # fail here, on this sample, rather than in the writer
         return WindowItem(audio=window.audio, padding_mask=window.padding_mask, key=out_key,
-                          shard_id=shard.shard_id, metadata=md)
+                          shard_id=shard.shard_id, metadata=md, stitch=window.stitch)
 
     def _custom_metadata(self, module_path: str) -> Callable:
         fn = self._metadata_fns.get(module_path)

@@ -12,9 +12,11 @@ one summary.
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
 from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
 from .encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
-from .manifest import OutputState, RunManifest, json_sha256, run_identity, versions
+from .manifest import SILENCE, OutputState, RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
 from .heap import give_back_freed_memory, keep_freed_memory
@@ -38,7 +40,7 @@ from .batching import LengthBatcher
 from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
 from .sources import Shard, claim_order, list_shards
 from .storage import Place, S3Options, Storage, StorageError, redact_url
-from .writers import FolderWriter, LatentShardWriter
+from .writers import FolderWriter, LatentShardWriter, npy_bytes
 
 WRITE_QUEUE_DEPTH = 8
 TRIM_EVERY_BATCHES = 8   # --chunking full on a CPU: batches between heap trims (measured: RSS flat, no slowdown)
@@ -46,6 +48,7 @@ COMPILE_MIN_INPUT_BYTES = 1 << 30   # --compile's default on CUDA: a job this la
 AUTO_BATCH_CAP = 256
 PREFETCH_BYTES = 1 << 30   # windows decode workers keep ready, per rank in all (on top of the batch being built)
 SHM_PATH = "/dev/shm"
+SILENCE_KEY = "silence"  # seeds the VAE noise of silence.npy (window keys are "dataset/unit/key": no clash)
 
 
 @dataclass
@@ -107,6 +110,16 @@ class _Pending:
     shard_writer: Optional[LatentShardWriter] = None
     written: int = 0
     errors: list[dict] = field(default_factory=list)
+    stitching: dict[str, "_Stitching"] = field(default_factory=dict)  # --overlap: files with chunks to come
+
+
+@dataclass
+class _Stitching:
+    """One file's latent sequence (--overlap) while its chunks come in."""
+
+    latents: Optional[np.ndarray] = None  # [C, frames] (tokens [Q, frames]); None before a chunk came, after a failure
+    received: int = 0                     # chunks placed (or failed) so far
+    error: Optional[str] = None           # the first chunk failure: the file is an error record
 
 
 def resolve_model_source(config: EncodeConfig) -> tuple[dict, Path]:
@@ -121,7 +134,10 @@ def resolve_model_source(config: EncodeConfig) -> tuple[dict, Path]:
 
 
 class _WriterThread(threading.Thread):
-    """Writes batches and commits units, in queue order. A failure stops the run (disk full...)."""
+    """Writes batches and commits units, in queue order. A failure stops the run (disk full...).
+
+    With --overlap the chunks of a long file may come in several batches: their latents are joined
+    (`_stitch`) and the file is written as one window when its last chunk comes, before its unit's end."""
 
     def __init__(self, config: EncodeConfig, manifest: RunManifest, folder: FolderWriter, encoder: BatchEncoder,
                  output_dtype: torch.dtype, latent_metadata: dict, on_unit_done):
@@ -171,34 +187,74 @@ class _WriterThread(threading.Thread):
         audio = 0.0
         for i, item in enumerate(items):
             pend = self._unit(item.shard_id)
+            if item.stitch is not None:  # a chunk of a file written as one sequence (--overlap)
+                whole = self._stitch(pend, item, arrays[i] if encoded.errors[i] is None else None, encoded.errors[i])
+                if whole is not None:
+                    audio += item.metadata["valid_length"] / self.sample_rate
+                    self._write_window(pend, batch_index, i, item, whole, [1] * int(whole.shape[-1]))
+                continue
             if encoded.errors[i] is not None:
                 pend.errors.append(error_record(item.shard_id, item.metadata["path"], item.metadata["__key__"],
                                                 encoded.errors[i]))
                 continue
             audio += item.metadata["valid_length"] / self.sample_rate
-            array = np.ascontiguousarray(arrays[i])
-            md = dict(item.metadata)
-            md["padding_mask"] = masks[i]
-            md["latent_shape"] = list(array.shape)
-            md["latent_length"] = int(array.shape[-1])
-            md.update(self.latent_metadata)
-            latent_id = self.folder.latent_id(batch_index, i)
-            md["latent_id"] = latent_id
-            pend.folder_files.extend(self.folder.stage(latent_id, array, md))
-            if self.config.shards:
-                if pend.shard_writer is None:
-                    dataset_id, name = item.shard_id.split("/", 1)
-                    pend.shard_writer = LatentShardWriter(
-                        self.folder.place, dataset_id, name,
-                        maxcount=self.config.shard_maxcount, maxsize=self.config.shard_maxsize)
-                pend.shard_writer.write(item.key, array, md)
-            pend.written += 1
+            self._write_window(pend, batch_index, i, item, np.ascontiguousarray(arrays[i]), masks[i])
         self.progress.append((time.time(), (self.progress[-1][1] if self.progress else 0.0) + audio))
+
+    def _write_window(self, pend: _Pending, batch_index: int, i: int, item: WindowItem, array: np.ndarray,
+                      mask: list[int]) -> None:
+        """Stage one output window (its latents `array` and `mask`) in both output forms."""
+        md = dict(item.metadata)
+        md["padding_mask"] = mask
+        md["latent_shape"] = list(array.shape)
+        md["latent_length"] = int(array.shape[-1])
+        md.update(self.latent_metadata)
+        latent_id = self.folder.latent_id(batch_index, i)
+        md["latent_id"] = latent_id
+        pend.folder_files.extend(self.folder.stage(latent_id, array, md))
+        if self.config.shards:
+            if pend.shard_writer is None:
+                dataset_id, name = item.shard_id.split("/", 1)
+                pend.shard_writer = LatentShardWriter(
+                    self.folder.place, dataset_id, name,
+                    maxcount=self.config.shard_maxcount, maxsize=self.config.shard_maxsize)
+            pend.shard_writer.write(item.key, array, md)
+        pend.written += 1
+
+    def _stitch(self, pend: _Pending, item: WindowItem, latents: Optional[np.ndarray], error: Optional[str]
+                ) -> Optional[np.ndarray]:
+        """Put one chunk's latents (or its failure) in place in its file's sequence; the whole sequence once
+        every chunk of the file has come (chunks of a file may come in any batches, in any order), else None.
+        A chunk that failed (non-finite, out of memory) makes the whole file one error record."""
+        st = item.stitch
+        assert st is not None
+        acc = pend.stitching.setdefault(item.key, _Stitching())
+        acc.received += 1
+        if acc.error is None:
+            if error is None and latents.shape[-1] < st.src_start + st.length:
+                error = (f"chunk {st.index} gave {latents.shape[-1]} latent frames, fewer than its "
+                         f"{st.chunk_frames} (frames {st.src_start}..{st.src_start + st.length} are used)")
+            if error is not None:
+                acc.error, acc.latents = error, None
+                pend.errors.append(error_record(item.shard_id, item.metadata["path"], item.metadata["__key__"],
+                                                f"{error} (chunk {st.index + 1} of {st.count} of a file encoded "
+                                                "in overlapping chunks: nothing is written for it)"))
+            else:
+                if acc.latents is None:
+                    acc.latents = np.zeros((*latents.shape[:-1], st.frames), dtype=latents.dtype)
+                acc.latents[..., st.dst_start:st.dst_start + st.length] = \
+                    latents[..., st.src_start:st.src_start + st.length]
+        if acc.received < st.count:
+            return None
+        del pend.stitching[item.key]
+        return acc.latents  # None when a chunk failed
 
     def _commit(self, end: ShardEnd) -> None:
         """Make a unit's outputs visible, then record it done. A crash before the record leaves
         objects no record lists; the next run removes them (`RunManifest.prepare`)."""
         pend = self.pending.pop(end.shard.shard_id, _Pending())
+        # every chunk of the unit came before its end (LengthBatcher holds the end back): a file still in
+        # `pend.stitching` stopped decoding part-way, which the reader reported; nothing of it is written
         tars = pend.shard_writer.commit() if pend.shard_writer is not None else []
         self.folder.commit(pend.folder_files)
         errors = end.errors + pend.errors
@@ -244,6 +300,39 @@ def latent_format(config: EncodeConfig, model) -> tuple[torch.dtype, dict]:
     return (torch.float16 if config.latent_dtype == "float16" else torch.float32), metadata
 
 
+def silence_samples(inputs: RunInputs, window_size: int) -> int:
+    """Samples of silence that silence.npy encodes: --sample-size, as SA3's pre_encode_dataset.py; with
+    --chunking full rounded up to the downsampling ratio and at most the run's longest window (the
+    --max-seconds one), so it never takes more memory than the run's own windows."""
+    size = inputs.config.sample_size
+    if inputs.chunking == "full":
+        ratio = inputs.downsampling_ratio
+        size = min(-(-size // ratio) * ratio, window_size)
+    return size
+
+
+def write_silence(place: Place, encoder: BatchEncoder, samples: int, dtype: torch.dtype) -> Optional[str]:
+    """OUT/silence.npy: the latents [1, C, T] of `samples` zeros, in the output's dtype, encoded as the run
+    encodes its windows (the same encoder: precision, fp32 re-run, latent mode, VAE noise seeded by
+    SILENCE_KEY), unless the output already holds one of that form (an earlier run of this output: the
+    run identity is the same). Returns why it could not be encoded (non-finite, out of memory), or None."""
+    expected = torch.empty((), dtype=dtype).numpy().dtype
+    existing = place.read(SILENCE)
+    if existing is not None:
+        try:
+            found = np.load(io.BytesIO(existing), allow_pickle=False)
+            if found.ndim == 3 and found.shape[0] == 1 and found.dtype == expected:
+                return None
+        except ValueError:
+            pass  # not a readable array: written again
+    audio = torch.zeros(1, encoder.model.in_channels, samples)
+    encoded = encoder.encode(audio, torch.ones(1, samples, dtype=torch.bool), [SILENCE_KEY])
+    if encoded.errors[0] is not None:
+        return encoded.errors[0]
+    place.write(SILENCE, npy_bytes(np.ascontiguousarray(encoded.latents.to(dtype).numpy())))
+    return None
+
+
 def _collate(items: list[WindowItem], out: Optional[torch.Tensor] = None
              ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Stack windows into a batch: into `out` (a pinned buffer for a CUDA device, so its copy does not
@@ -252,7 +341,7 @@ def _collate(items: list[WindowItem], out: Optional[torch.Tensor] = None
     audio = out if out is not None else torch.empty((len(items), *first.shape), dtype=first.dtype)
     torch.stack([it.audio for it in items], out=audio)
     masks = torch.stack([it.padding_mask for it in items])
-    keys = [f"{it.shard_id}/{it.key}" for it in items]
+    keys = [it.noise_key for it in items]
     return audio, masks, keys
 
 
@@ -279,7 +368,7 @@ class RunInputs:
             size = max(multiple, int(config.max_seconds * sample_rate) // multiple * multiple)
         return ReaderOptions(sample_rate=sample_rate, channels=channels, sample_size=size,
                              chunking=self.chunking, max_chunks=config.max_chunks, seed=config.seed,
-                             length_multiple=multiple)
+                             length_multiple=multiple, overlap=config.overlap if self.chunking == "full" else 0)
 
     def output_place(self) -> Place:
         return self.storage.place(self.config.output_path)
@@ -312,6 +401,12 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
         if int(config.max_seconds * rate) < ratio:
             raise ConfigError(f"--max-seconds {config.max_seconds:g} is shorter than one latent frame "
                               f"({ratio} samples at {rate} Hz)")
+        chunk = int(config.max_seconds * rate) // ratio   # the window of RunInputs.window_options, in frames
+        if config.overlap >= chunk:
+            raise ConfigError(f"--overlap {config.overlap} must be smaller than the --max-seconds "
+                              f"{config.max_seconds:g} chunk, {chunk} latent frames of {ratio} samples at {rate} Hz "
+                              f"(lower --overlap, or raise --max-seconds to at least "
+                              f"{((config.overlap + 1) * ratio + 0.5) / rate:.8g})")
     elif config.sample_size % ratio:
         raise ConfigError(f"--sample-size {config.sample_size} is not a multiple of the model's "
                           f"downsampling_ratio {ratio}; latents would not line up "
@@ -336,6 +431,8 @@ def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list
     options = {**config.model_dump(), "effective_precision": config.effective_precision}
     identity = run_identity(inputs.model_config, inputs.ckpt_path, options, inputs.dataset_config.random_crop)
     state = manifest.prepare(identity, config.overwrite)
+    if not state.done:  # nothing committed yet (a first run, --overwrite): an interrupted run lists no window
+        manifest.write_filelist([])
     index = {id(u): i for i, u in enumerate(inputs.units)}
     todo = claim_order([u for u in inputs.units if u.shard_id not in state.done],
                        shuffle=config.shuffle, seed=config.seed)
@@ -474,6 +571,11 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder, window_size)
     if encoder.compiled:
         encoder.pad_to = stats.batch_size  # one graph for every batch, the short last one included
+    if job.rank == 0:  # once per output, encoded as the windows are; a rerun keeps the one it finds
+        problem = write_silence(place, encoder, silence_samples(inputs, window_size),
+                                latent_format(config, model)[0])
+        if problem is not None:
+            print(f"wds-encode: warning: {SILENCE} not written: {problem}", file=sys.stderr)
     monitor = None
     if job.rank == 0 and config.progress:
         totals = ProgressTotals(bytes=sum(u.size for u in todo), units=stats.units_total,
@@ -491,8 +593,10 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
             monitor.stop(final=finished)
     merged = merge_stats(per_rank, units_total=len(inputs.units), units_skipped=plan["skipped"],
                          elapsed=time.time() - started)
-    if job.rank == 0:
-        manifest.write_error_log()
+    if job.rank == 0:  # every rank has finished: the records list exactly the committed units
+        records = manifest.records()
+        manifest.write_error_log(records)
+        manifest.write_filelist(records)
         details["finished_at"] = time.time()
         details["stats"] = merged.as_dict()
         details["ranks"] = [{k: r[k] for k in ("rank", "host", "device", "units_done", "windows", "samples",
@@ -585,11 +689,12 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             put(("batch", (batch_index, part, pending)))
             batch_index += 1
             stats.batches += 1
-            real = sum(it.metadata["valid_length"] for it in part)
+            real = sum(it.real_samples for it in part)   # chunks (--overlap) encode some audio twice
             stats.real_samples += real
             stats.padding_samples += audio.shape[0] * audio.shape[-1] - real
-            counter.add(windows=len(part), bytes=sum(it.input_bytes for it in part),
-                        audio_ms=round(1000 * real / model.sample_rate))
+            counter.add(windows=sum(it.stitch is None or it.stitch.index == it.stitch.count - 1 for it in part),
+                        bytes=sum(it.input_bytes for it in part),
+                        audio_ms=round(1000 * sum(it.audio_samples for it in part) / model.sample_rate))
             if trim_heap and stats.batches % TRIM_EVERY_BATCHES == 0:
                 give_back_freed_memory()
             if config.limit_batches is not None and stats.batches >= config.limit_batches:

@@ -1,10 +1,10 @@
 """Dataset config -> an ordered list of work units (`Shard`), the unit of claiming and of resume.
 
 A work unit is either one input tar shard, or (for `audio_dir` datasets) a fixed group of audio
-files. Its `shard_id` (`dataset_id/name`) is stable across runs, so outputs and manifest records
-can be named after it. Units carry their size on disk: the job claims the largest first (a short
-tail) and measures progress in bytes. Tar shards may live on S3 (`s3://bucket/prefix/`, brace
-patterns, globs), listed through `storage`.
+files, with the `.txt` captions found beside them. Its `shard_id` (`dataset_id/name`) is stable
+across runs, so outputs and manifest records can be named after it. Units carry their size on disk:
+the job claims the largest first (a short tail) and measures progress in bytes. Tar shards may live
+on S3 (`s3://bucket/prefix/`, brace patterns, globs), listed through `storage`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Shard:
     custom_metadata_module: str | None = None
     size: int = 0                  # bytes on disk (the tar, or the unit's files)
     s3: Optional[S3Options] = None  # how to reach an s3:// unit (the dataset's profile, endpoint, region)
+    captions: tuple[str, ...] = ()  # audio_dir: the sidecar captions (`sidecar_caption`) of `files` that exist
 
     @property
     def shard_id(self) -> str:
@@ -43,6 +44,15 @@ class Shard:
     @property
     def is_tar(self) -> bool:
         return not self.files
+
+
+CAPTION_SUFFIX = "txt"
+
+
+def sidecar_caption(relative: str) -> str:
+    """Where an audio file's caption sits: beside it, same stem, `.txt` (`a/song.flac` -> `a/song.txt`),
+    as Stable Audio 3's pre_encode_dataset.py looks for it."""
+    return os.path.splitext(relative)[0] + "." + CAPTION_SUFFIX
 
 
 def safe_name(relative: str) -> str:
@@ -121,19 +131,22 @@ def _audio_dir_units(entry: DatasetEntry, files_per_unit: int, module: str | Non
     if not os.path.isdir(root):
         raise ConfigError(f"dataset {entry.id!r}: audio folder {root!r} does not exist")
     root = os.path.abspath(root)
-    sizes = {
-        os.path.relpath(str(p), root): p.stat().st_size
-        for p in Path(root).rglob("*")
-        if p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS and p.is_file()
-    }
+    sizes, texts = {}, set()
+    for p in Path(root).rglob("*"):
+        if p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS and p.is_file():
+            sizes[os.path.relpath(str(p), root)] = p.stat().st_size
+        elif p.suffix == "." + CAPTION_SUFFIX and p.is_file():
+            texts.add(os.path.relpath(str(p), root))
     files = sorted(sizes)
     if not files:
         raise ConfigError(f"dataset {entry.id!r}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
     units = []
     for start in range(0, len(files), files_per_unit):
         group = tuple(files[start:start + files_per_unit])
+        captions = tuple(sorted({sidecar_caption(f) for f in group} & texts))
         units.append(Shard(url=root, dataset_id=entry.id, name=f"files-{start // files_per_unit:06d}",
-                           files=group, custom_metadata_module=module, size=sum(sizes[f] for f in group)))
+                           files=group, custom_metadata_module=module, size=sum(sizes[f] for f in group),
+                           captions=captions))
     return units
 
 

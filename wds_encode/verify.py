@@ -27,9 +27,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .audio import conform_channels, decode_audio, resample
+from .audio import conform_channels, decode_audio, plan_chunks, resample
 from .encoder import BatchEncoder, PRECISION_DTYPES
 from .manifest import RunManifest, file_sha256
+from .reader import noise_key
 from .storage import Place, S3Options, Storage
 from .writers import folder_file_id
 
@@ -126,6 +127,26 @@ def _latents_for_decoder(model, stored: np.ndarray, md: dict) -> torch.Tensor:
     return latents
 
 
+def _reencode(encoder: BatchEncoder, window: torch.Tensor, mask: torch.Tensor, md: dict) -> torch.Tensor:
+    """The window's latents as the run computed them: in one pass, or for a file encoded in overlapping
+    chunks (`chunk_frames`, `overlap` in its metadata; --overlap) chunk by chunk, each with its own noise,
+    joined as the run joined them."""
+    if not md.get("overlap"):
+        return encoder.encode(window.unsqueeze(0), mask, [noise_key(md["source_shard"], md["key"])]).latents[0]
+    ratio = encoder.model.downsampling_ratio
+    size = int(md["chunk_frames"]) * ratio
+    joined = None
+    for chunk in plan_chunks(int(md["valid_length"]), size, int(md["overlap"]), ratio):
+        piece = window[:, chunk.offset:chunk.offset + size].unsqueeze(0)
+        real = (torch.arange(size) < chunk.valid).unsqueeze(0)
+        latents = encoder.encode(piece, real, [noise_key(md["source_shard"], md["key"], chunk.index)]).latents[0]
+        if joined is None:
+            joined = latents.new_zeros((*latents.shape[:-1], chunk.frames))
+        joined[..., chunk.dst_start:chunk.dst_start + chunk.length] = \
+            latents[..., chunk.src_start:chunk.src_start + chunk.length]
+    return joined
+
+
 def verify_output(place: Place, model, *, details: dict, n: int = 8, seed: int = 0,
                   device: torch.device = torch.device("cpu"), storage: Optional[Storage] = None) -> list[WindowCheck]:
     """Check N windows of `place` against their sources with `model` (loaded with its decoder if any)."""
@@ -156,7 +177,7 @@ def verify_output(place: Place, model, *, details: dict, n: int = 8, seed: int =
             window = window[:, :size]
         mask = torch.zeros(1, window.shape[-1], dtype=torch.bool)
         mask[0, :length] = True
-        again = encoder.encode(window.unsqueeze(0), mask, [f"{md['source_shard']}/{md['key']}"]).latents[0]
+        again = _reencode(encoder, window, mask, md)
         if again.shape != stored.shape:
             check.reencode_error = math.inf
             check.problem = f"latent shape {list(stored.shape)} but this model gives {list(again.shape)}"
