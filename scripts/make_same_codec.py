@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wds_encode.models import build_autoencoder, load_autoencoder  # noqa: E402
 from wds_encode.models.checkpoint import unfold_weight_norm  # noqa: E402
-from wds_encode.synth import KINDS, synth_waveform  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_demo_model import make_pool, stft_loss  # noqa: E402  (the demo VAE's training pool and loss)
 
 PATCH = 8
 STRIDE = 2
@@ -199,32 +200,6 @@ def construct_init(model, pool: torch.Tensor) -> None:
         dec.mapping.weight.zero_()
         dec.mapping.weight[:, :half, 0] = basis
         dec.mapping.bias.zero_()
-
-
-def make_pool(n: int, seconds: float, rate: int, seed: int) -> torch.Tensor:
-    """[n, 2, N] clips of every synthetic kind, mono ones duplicated to stereo."""
-    rng = np.random.default_rng(seed)
-    clips = []
-    for i in range(n):
-        kind = KINDS[i % len(KINDS)]
-        wave = synth_waveform(kind, seconds, rate, 1 + i % 2, rng)
-        if wave.shape[1] == 1:
-            wave = np.repeat(wave, 2, axis=1)
-        clips.append(torch.from_numpy(wave.T.copy()) * float(rng.uniform(0.3, 1.0)))
-    length = min(c.shape[1] for c in clips)
-    return torch.stack([c[:, :length] for c in clips])
-
-
-def stft_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    loss = x.new_zeros(())
-    sizes = (256, 512, 1024, 2048)
-    for n_fft in sizes:
-        window = torch.hann_window(n_fft, device=x.device)
-        X = torch.stft(x.flatten(0, 1), n_fft, n_fft // 4, window=window, return_complex=True).abs()
-        Y = torch.stft(y.flatten(0, 1), n_fft, n_fft // 4, window=window, return_complex=True).abs()
-        loss = loss + (torch.log(X + 1e-5) - torch.log(Y + 1e-5)).abs().mean()
-        loss = loss + (X - Y).norm() / Y.norm().clamp_min(1e-5)
-    return loss / len(sizes)
 
 
 def round_trip(model, x: torch.Tensor) -> torch.Tensor:

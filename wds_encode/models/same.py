@@ -365,28 +365,31 @@ def _layout(opts: Mapping[str, Any], field: str) -> tuple[list[int], list[int]]:
     return c_mults, strides
 
 
+def _side(ae: Mapping[str, Any], field: str, side: str) -> tuple[int, int, dict[str, Any], list[int], list[int], int]:
+    """What the encoder (or decoder) of a SAME config is built from, checked against the patching:
+    (audio channels, patch size, options, c_mults, strides, patched channels)."""
+    audio_channels, patch = _patching(ae, field)
+    key = "in_channels" if side == "encoder" else "out_channels"
+    opts = _codec_options(ae[side], f"{field}.{side}", _ENCODER_KEYS if side == "encoder" else _DECODER_KEYS, key)
+    c_mults, strides = _layout(opts, f"{field}.{side}")
+    patched = opts.get(key, 2)
+    if patched != audio_channels * patch:
+        raise ModelConfigError(f"'{field}.{side}.config.{key}' = {patched} but the patched pretransform "
+                               f"{'gives' if side == 'encoder' else 'takes'} {audio_channels} x {patch} = "
+                               f"{audio_channels * patch} channels")
+    return audio_channels, patch, opts, c_mults, strides, patched
+
+
 def build_same_encoder(ae: Mapping[str, Any], field: str) -> SAMEEncoder:
     """The encoder of a SAME autoencoder config (`ae` = the autoencoder's `model` object)."""
-    audio_channels, patch = _patching(ae, field)
-    opts = _codec_options(ae["encoder"], f"{field}.encoder", _ENCODER_KEYS, "in_channels")
-    c_mults, strides = _layout(opts, f"{field}.encoder")
-    in_channels = opts.get("in_channels", 2)
-    if in_channels != audio_channels * patch:
-        raise ModelConfigError(f"'{field}.encoder.config.in_channels' = {in_channels} but the patched "
-                               f"pretransform gives {audio_channels} x {patch} = {audio_channels * patch} channels")
+    audio_channels, patch, opts, c_mults, strides, in_channels = _side(ae, field, "encoder")
     shared = _block_options(opts, f"{field}.encoder.config", len(c_mults))
     return SAMEEncoder(audio_channels, patch, in_channels, opts.get("channels", 128), opts.get("latent_dim", 32),
                        c_mults, strides, shared, f"{field}.encoder.config")
 
 
 def build_same_decoder(ae: Mapping[str, Any], field: str) -> SAMEDecoder:
-    audio_channels, patch = _patching(ae, field)
-    opts = _codec_options(ae["decoder"], f"{field}.decoder", _DECODER_KEYS, "out_channels")
-    c_mults, strides = _layout(opts, f"{field}.decoder")
-    out_channels = opts.get("out_channels", 2)
-    if out_channels != audio_channels * patch:
-        raise ModelConfigError(f"'{field}.decoder.config.out_channels' = {out_channels} but the patched "
-                               f"pretransform takes {audio_channels} x {patch} = {audio_channels * patch} channels")
+    audio_channels, patch, opts, c_mults, strides, out_channels = _side(ae, field, "decoder")
     sinusoidal = opts.get("sinusoidal_blocks", [0] * len(c_mults))
     if (not isinstance(sinusoidal, list) or len(sinusoidal) != len(c_mults)
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sinusoidal)):
