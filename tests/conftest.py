@@ -31,13 +31,17 @@ SEANET_SMALL = {"model_type": "autoencoder", "sample_size": 3200, "sample_rate":
                     "bottleneck": {"type": "tanh"}, "latent_dim": 8, "downsampling_ratio": 160, "io_channels": 1}}
 
 
+def _golden_folder(root: Path, name: str, variable: str) -> Path:
+    folder = root / name
+    if not (folder / "model_config.json").is_file():
+        pytest.fail(f"golden data not found at {folder}: the checkout needs ../shared/{root.name} beside it, "
+                    f"or {variable} pointing at it")
+    return folder
+
+
 def golden(name: str) -> Path:
     """The folder of a model saved by stable-audio-tools itself, with its inputs and outputs."""
-    folder = GOLDEN_DIR / name
-    if not (folder / "model_config.json").is_file():
-        pytest.fail(f"golden data not found at {folder}: the checkout needs ../shared/golden beside it, "
-                    "or WDS_GOLDEN_DIR pointing at it")
-    return folder
+    return _golden_folder(GOLDEN_DIR, name, "WDS_GOLDEN_DIR")
 
 
 GOLDEN_SA3_DIR = Path(os.environ.get("WDS_GOLDEN_SA3_DIR")
@@ -47,11 +51,7 @@ GOLDEN_SA3_MODELS = ("same_tiny_shift", "same_tiny_window", "same_tiny_two_stage
 
 def golden_sa3(name: str) -> Path:
     """The folder of a tiny SAME model saved by Stable Audio 3's own code, with its inputs and outputs."""
-    folder = GOLDEN_SA3_DIR / name
-    if not (folder / "model_config.json").is_file():
-        pytest.fail(f"golden data not found at {folder}: the checkout needs ../shared/golden-sa3 beside it, "
-                    "or WDS_GOLDEN_SA3_DIR pointing at it")
-    return folder
+    return _golden_folder(GOLDEN_SA3_DIR, name, "WDS_GOLDEN_SA3_DIR")
 
 
 def golden_model(name: str) -> tuple[Path, Path]:
