@@ -17,6 +17,7 @@ mkdir -p "$W/logs"
 LOG=$W/smoke.log
 : > "$LOG"
 CHECKS=$W/smoke_checks.py   # the Python half of this script, written below
+export WDS_SMOKE_REPO=${WDS_SMOKE_REPO:-$(realpath "$(dirname "$0")/..")}   # configs/ and ../shared/ beside it
 FAILS=0
 
 say() { printf '%s\n' "$*" | tee -a "$LOG"; }
@@ -59,6 +60,7 @@ cat > "$CHECKS" <<'PYTHON'
 directly. `python smoke_checks.py FUNCTION ARGS...`; each verdict is one `[PASS|FAIL] name: figure`
 line. The exit status is non-zero only when a check crashed before it could say why."""
 
+import copy
 import json
 import numbers
 import os
@@ -673,6 +675,62 @@ def channels_last(cu):
     say("INFO", "channels-last-cuda", f"SAO VAE bf16 eager, 8 x 10 s: channels-first {results[False][0]:.0f} ms, "
         f"channels-last {results[True][0]:.0f} ms per batch")
     verdict("channels-last-cuda", diff < 2e-2, f"rel diff channels-last vs channels-first {diff:.1e} (limit 2e-2)")
+
+
+def golden_sa3_dir():
+    """SA3's reference data beside the checkout (or WDS_GOLDEN_SA3_DIR), else None."""
+    repo = Path(os.environ.get("WDS_SMOKE_REPO", "."))
+    for folder in (os.environ.get("WDS_GOLDEN_SA3_DIR"), repo.parent / "shared" / "golden-sa3",
+                   repo / "shared" / "golden-sa3"):
+        if folder and (Path(folder) / "index.json").is_file():
+            return Path(folder)
+    return None
+
+
+@cuda_check("same-golden-fp32-cuda", "same-l-bf16-vs-fp32-cuda", "same-l-bf16-speed")
+def same_models(cu):
+    # Stable Audio 3's SAME: the golden tiny models in fp32 on CUDA against SA3's own latents (SDPA's CUDA
+    # kernels, banded sliding-window attention); then SAME-L at full size with seeded weights, one 47 s
+    # window in bf16 against fp32 on the same GPU, and its speed in bf16 at batch 8
+    import torch.nn.functional as F
+    from wds_encode.models import build_autoencoder
+    golden = golden_sa3_dir()
+    if golden is None:
+        say("FAIL", "same-golden-fp32-cuda", "no golden-sa3 folder (../shared/golden-sa3 or WDS_GOLDEN_SA3_DIR)")
+    else:
+        worst = 0.0
+        for name in ("same_tiny_shift", "same_tiny_window", "same_tiny_two_stage"):
+            folder = golden / name
+            model = load_autoencoder(json.loads((folder / "model_config.json").read_text()),
+                                     folder / "model.safetensors", device=cu.device)
+            x = torch.from_numpy(np.load(folder / "input.npy"))
+            x = F.pad(x, (0, (-x.shape[-1]) % model.downsampling_ratio)).to(cu.device)
+            worst = max(worst, float((model.encode(x, mode="mean").cpu()
+                                      - torch.from_numpy(np.load(folder / "latents.npy"))).abs().max()))
+        verdict("same-golden-fp32-cuda", worst < 2e-4, f"3 golden SAME models: max |error| {worst:.1e} (limit 2e-4)")
+    config = json.loads((Path(os.environ.get("WDS_SMOKE_REPO", ".")) / "configs" / "same_l_shape.json").read_text())
+    torch.manual_seed(0)
+    model = build_autoencoder(config).eval().requires_grad_(False)
+    window = int(os.environ.get("WDS_SMOKE_SAME_FRAMES", 512)) * 4096   # 512 frames: 47.6 s
+    audio, masks, keys = batch(2, window, seed=3)
+    ref = cu.encoder(copy.deepcopy(model), "fp32", latent_mode="mean").encode(audio, masks, keys).latents
+    out = cu.encoder(copy.deepcopy(model), "bf16", latent_mode="mean").encode(audio, masks, keys)
+    err = rel(out.latents, ref)
+    verdict("same-l-bf16-vs-fp32-cuda", err < 5e-2 and not any(out.errors),
+            f"SAME-L shape, 2 x {window / 44100:.1f} s: rel err {err:.1e} (limit 5e-2), fp32 re-run {out.fp32_retry}")
+    enc = cu.encoder(copy.deepcopy(model), "bf16", latent_mode="mean")
+    audio, masks, keys = batch(8, window, seed=4)
+    enc.encode(audio, masks, keys)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(3):
+        enc.encode(audio, masks, keys)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / 3
+    rtf = 8 * window / 44100 / seconds
+    flops = model.encoder.flops(window) * 8 / seconds
+    verdict("same-l-bf16-speed", rtf > 1, f"SAME-L bf16, batch 8 x {window / 44100:.1f} s: {rtf:.0f}x real time, "
+            f"{flops / 1e12:.0f} TFLOP/s of model FLOPs (eager, H200 dense bf16 peak ~989)")
 
 
 def encoder_cuda(workdir):

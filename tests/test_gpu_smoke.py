@@ -29,6 +29,7 @@ GPU_STEPS = [
     "check-precision-fp16-cuda", "compile-on-vs-off", "fp32-rerun-in-writer-thread", "batch-size-probe",
     "autotune-flag", "oom-split-cuda", "oom-split-remembered-cuda", "oom-one-window-cuda", "in-flight-10",
     "in-flight-staging-ring", "pad-to", "writer-cpu-while-waiting", "channels-last-cuda",
+    "same-golden-fp32-cuda", "same-l-bf16-vs-fp32-cuda", "same-l-bf16-speed",
     # ranks and GPUs
     "gpu-devices-2", "gpu-torchrun-2", "gpu-torchrun-2-on-one-gpu", "gpu-devices-2-on-one-gpu",
 ]
