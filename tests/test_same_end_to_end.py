@@ -97,6 +97,7 @@ def test_the_odd_file_gets_sa3s_34_frames_and_a_mask_of_33_real_ones(full_runs):
         (latent, md), = [v for v in read_folder_layout(out).values() if v[1]["__key__"] == "odd"]
         assert md["valid_length"] == ODD_SAMPLES and latent.shape == (8, 34)
         assert md["latent_length"] == 34 and md["padding_mask"] == [1] * 33 + [0]
+        assert md["valid_latent_length"] == 33
 
 
 def test_both_output_forms_hold_the_captions_silence_and_filelist(full_runs, caption_tars, shift_autoencoder):

@@ -208,6 +208,7 @@ class _WriterThread(threading.Thread):
         md["padding_mask"] = mask
         md["latent_shape"] = list(array.shape)
         md["latent_length"] = int(array.shape[-1])
+        md["valid_latent_length"] = int(sum(mask))   # real frames; fewer where the model pads (SAME's chunks)
         md.update(self.latent_metadata)
         latent_id = self.folder.latent_id(batch_index, i)
         md["latent_id"] = latent_id
