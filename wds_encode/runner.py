@@ -32,6 +32,7 @@ from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, ra
 from .encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
 from .manifest import SILENCE, OutputState, RunManifest, json_sha256, run_identity, versions
 from .models import load_autoencoder, resolve_autoencoder_config
+from .models.layout import swappable_convs
 from .models.pretrained import resolve_pretrained
 from .heap import give_back_freed_memory, keep_freed_memory
 from .resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
@@ -408,6 +409,10 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
                               f"{config.max_seconds:g} chunk, {chunk} latent frames of {ratio} samples at {rate} Hz "
                               f"(lower --overlap, or raise --max-seconds to at least "
                               f"{((config.overlap + 1) * ratio + 0.5) / rate:.8g})")
+    elif config.sample_size % ratio and "sample_size" not in config.model_fields_set:
+        # the default window (stable-audio-tools' 1320960) does not fit every model (SAME: 4096 per frame):
+        # the largest window below it that does
+        config = config.model_copy(update={"sample_size": config.sample_size // ratio * ratio})
     elif config.sample_size % ratio:
         raise ConfigError(f"--sample-size {config.sample_size} is not a multiple of the model's "
                           f"downsampling_ratio {ratio}; latents would not line up "
@@ -475,9 +480,12 @@ def use_autotune(chunking: str) -> bool:
     return chunking != "full"
 
 
-def use_channels_last(option: Optional[bool], device: torch.device) -> bool:
-    """--channels-last / --no-channels-last, else on for a CPU device (measured faster there; not on CUDA)."""
-    return option if option is not None else device.type == "cpu"
+def use_channels_last(option: Optional[bool], device: torch.device, encoder: Optional[torch.nn.Module] = None) -> bool:
+    """--channels-last / --no-channels-last, else on for a CPU device (measured faster there; not on CUDA)
+    when the encoder has convolutions the layout changes (a SAME transformer has none: only a copy)."""
+    if option is not None:
+        return option
+    return device.type == "cpu" and (encoder is None or swappable_convs(encoder) > 0)
 
 
 def resolve_batch_size(config: EncodeConfig, encoder: BatchEncoder, window_size: int) -> tuple[int, dict]:
@@ -528,7 +536,7 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     window_size = inputs.window_options(model.sample_rate, model.in_channels).sample_size
     encoder = BatchEncoder(model, device=device, precision=config.effective_precision,
                            latent_mode=config.latent_mode, is_discrete=config.is_discrete, seed=config.seed,
-                           channels_last=use_channels_last(config.channels_last, device),
+                           channels_last=use_channels_last(config.channels_last, device, model.encoder),
                            autotune=use_autotune(inputs.chunking))
     # before the output is touched: a low-precision path that gives wrong latents stops the run here (exit 2)
     precision_check = encoder.check_precision(window_size, limit=config.precision_check_limit)

@@ -63,6 +63,12 @@ def _swap_convs(module: nn.Module) -> int:
     return swapped
 
 
+def swappable_convs(encoder: nn.Module) -> int:
+    """How many of the encoder's convolutions the channels-last copy would run time-major."""
+    return sum(1 for m in encoder.modules()
+               if type(m) is nn.Conv1d and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+
 def channels_last_encoder(encoder: nn.Module) -> nn.Module:
     """A channels-last copy of `encoder` (the original is left as it is; parameters are copied).
 
