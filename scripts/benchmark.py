@@ -2,8 +2,9 @@
 """Throughput of wds-encode on this machine, in one run on the same generated shards.
 
 Generates WebDataset shards of real audio (FLAC, stereo, 44.1 and 48 kHz, one file length), builds an
-encoder with seeded weights (the Stable Audio Open VAE at full size, or the small bundled demo model),
-then measures, in audio seconds per wall second (x real time):
+encoder with seeded weights (the Stable Audio Open VAE at full size, Stable Audio 3's SAME-S or SAME-L
+autoencoder at full size from configs/same_*_shape.json, `--tiny` for the same structure at width 48,
+or the small bundled demo model), then measures, in audio seconds per wall second (x real time):
 
   encoder   the encoder alone (`BatchEncoder`) on batches already on the device, per precision, in three
             modes: eager (the model as written, channels first), channels-last (`--channels-last`) and
@@ -25,6 +26,13 @@ then measures, in audio seconds per wall second (x real time):
             in a fresh interpreter, as the seed does: torch's default threads and cuDNN settings, and
             glibc's default allocator (wds-encode's own parts keep freed memory on a CPU, `heap.py`).
 
+For an encoder that counts its FLOPs (SAME: `SAMEEncoder.flops`, every linear layer and the attention over
+the keys each query sees), the JSON's `model_shape` has the FLOPs per window and per audio second, and
+every encoder-alone and end-to-end row its achieved GFLOP/s and, on a GPU, the model FLOPs utilisation:
+achieved FLOP/s over the chip's dense peak in that precision (GPU_PEAK_TFLOPS by the device name, for
+H100 / H200 / A100; fp32 against the CUDA-core peak, as wds-encode keeps TF32 off; `--peak-tflops`
+overrides). On a CPU it reports GFLOP/s only, and the cores the encoder got (`cores_used`).
+
 The parts run in the order data, encoder, e2e, baseline (each on the same shards), chunking. It prints the
 figures and the ratios (end to end / encoder alone, end to end / baseline, fast modes / eager), peak
 RSS, what other processes used of the CPUs meanwhile (a shared machine), and writes them with the
@@ -39,6 +47,15 @@ command line and every parameter to a JSON file (benchmarks/*.json were made thi
     python scripts/benchmark.py --model sao --files 96 --shards 16 --seconds 30 --batch-size 8 \\
         --num-workers 12 --precisions bf16,fp32 --compile on --encoder-seconds 5 --data-seconds 3 \\
         --baseline-seconds 15 --skip chunking --json-out benchmarks/h200_sao_vae.json   # one GPU, ~6 min
+    python scripts/benchmark.py --model same_s --files 4 --shards 2 --sample-size 442368 \\
+        --precisions bf16,fp32 --encoder-seconds 20 --min-steady-seconds 20 --channels-last off \\
+        --skip data,baseline,chunking,channels-last --json-out benchmarks/cpu_same_s.json
+    python scripts/benchmark.py --model same_l --files 4 --shards 2 --sample-size 442368 \\
+        --precisions bf16,fp32 --encoder-seconds 20 --min-steady-seconds 20 --channels-last off \\
+        --skip data,baseline,chunking,channels-last,compiled --json-out benchmarks/cpu_same_l.json
+    python scripts/benchmark.py --model same_l --files 64 --shards 16 --batch-size 16 \\
+        --num-workers 12 --precisions bf16 --compile on --encoder-seconds 10 --min-steady-seconds 30 \\
+        --skip data,baseline,chunking,channels-last --json-out benchmarks/h200_same_l.json  # H200: not run yet
 """
 
 from __future__ import annotations
@@ -93,8 +110,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noq
 
 from wds_encode.config import EncodeConfig, load_dataset_config  # noqa: E402
 from wds_encode.distributed import rank_device  # noqa: E402
-from wds_encode.encoder import BatchEncoder  # noqa: E402
-from wds_encode.models import demo_model_paths, load_autoencoder  # noqa: E402
+from wds_encode.encoder import BatchEncoder, PrecisionMismatch  # noqa: E402
+from wds_encode.models import build_autoencoder, demo_model_paths, load_autoencoder  # noqa: E402
 from wds_encode.models.demo_model import demo_state_dict  # noqa: E402
 from wds_encode.models.reference_configs import STABLE_AUDIO_OPEN_VAE as SAO_VAE  # noqa: E402
 from wds_encode.reader import Reader, ReaderOptions, ShardEnd, WindowItem  # noqa: E402
@@ -112,6 +129,26 @@ SEED_BATCH_SIZE = 1          # pre_encode.py's default --batch-size
 SEED_NUM_WORKERS = 4         # pre_encode.py's default --num-workers
 GPU_SAMPLE_INTERVAL = 0.5    # seconds between nvidia-smi samples
 AUDIO_SUFFIXES = ("flac", "wav", "mp3", "ogg", "opus")
+DEFAULT_SAMPLE_SIZE = 1320960  # wds-encode's default --sample-size
+REPO = Path(__file__).resolve().parents[1]
+# Stable Audio 3's SAME autoencoders at full size (structure of stabilityai/SAME-S and SAME-L; seeded weights)
+SAME_SHAPES = {"same_s": REPO / "configs" / "same_s_shape.json",
+               "same_l": REPO / "configs" / "same_l_shape.json"}
+# SAME's default window: 162 x 8192 samples (30.1 s at 44.1 kHz), a multiple of the downsampling ratio
+# (4096) and of SAME-S's attention chunk (32 tokens of 256 samples), so no window is padded
+SAME_SAMPLE_SIZE = 1327104
+TINY_SAME = {"channels": 8, "dim_heads": 16, "depth": 2, "latent_dim": 16}   # --tiny: width 6 x 8 = 48
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, by the name torch reports
+# (torch.cuda.get_device_name), most specific first. "fp32" is the CUDA-core peak: wds-encode's fp32
+# turns TF32 off (exact fp32 latents), so that is the peak an fp32 run can reach; "tf32" for reference.
+GPU_PEAK_TFLOPS = (
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),     # SXM ("H100 80GB HBM3")
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),     # SXM4 and PCIe
+)
 
 
 # --------------------------------------------------------------------------- machine and process
@@ -323,13 +360,88 @@ def make_shards(folder: Path, files: int, shards: int, seconds: float) -> dict:
             "reused": reused}
 
 
-def model_files(name: str, folder: Path) -> tuple[Path, Path, dict]:
-    """(config path, checkpoint, config) of the bundled demo model, or of the SAO VAE with seeded weights."""
+def same_config(name: str, tiny: bool = False) -> dict:
+    """The model config of SAME-S / SAME-L at full size (`configs/same_*_shape.json`), or, `tiny`, the
+    same structure (patches of 256 samples, one stride-16 stage, chunked attention with the mid-point
+    shift / a sliding window, differential attention, DyT) at width 48, 2 layers and 16 latent channels,
+    for tests."""
+    config = json.loads(SAME_SHAPES[name].read_text())
+    if tiny:
+        for part in ("encoder", "decoder"):
+            cfg = config["model"][part]["config"]
+            cfg.update(channels=TINY_SAME["channels"], dim_heads=TINY_SAME["dim_heads"],
+                       transformer_depths=[TINY_SAME["depth"]], latent_dim=TINY_SAME["latent_dim"])
+            if "sinusoidal_blocks" in cfg:
+                cfg["sinusoidal_blocks"] = [1]
+        config["model"]["latent_dim"] = TINY_SAME["latent_dim"]
+        config["model"]["bottleneck"]["config"]["dim"] = TINY_SAME["latent_dim"]
+    return config
+
+
+def same_state_dict(config: dict, seed: int = 0) -> dict:
+    """Seeded random encoder + bottleneck weights for a SAME config, in SA3's key layout (convolutions as
+    plain `weight`, which wds-encode loads as it loads folded weight norm). Scaled so that activations
+    stay O(1) through every layer (linear weights ~ N(0, 1/fan_in), residual outputs further / sqrt(2 depth),
+    DyT near identity-like gains, learned new tokens ~ N(0, 1)): the latents depend on the input and stay
+    finite in bf16 and fp16, as a trained model's do. The rotary frequencies are the standard ones.
+
+    Tuned so that the latents depend on the input as a trained model's do (otherwise the learned new
+    tokens, identical for every frame, dominate them and wds-encode's precision check, which measures
+    errors against the latents' variation in time, fails on rounding): the input mapping amplifies audio
+    (about -20 dBFS) to O(1) tokens, the new tokens start small, and the query/key norms are sharp so
+    that the two softmaxes of differential attention do not cancel (as the golden models' are)."""
+    model = build_autoencoder(config)
+    gen = torch.Generator().manual_seed(seed)
+    depth = max(block.depth for block in model.encoder.blocks())
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in sorted(model.state_dict().items()):
+        shape = tuple(ref.shape)
+        if key.endswith(".inv_freq") or key.endswith("noise_scaling_factor"):
+            out[key] = ref.clone()
+        elif key.endswith(".weight") and ref.dim() >= 2:
+            fan_in = math.prod(shape[1:])
+            scale = 1.0 / math.sqrt(fan_in)
+            if key.endswith("self_attn.to_out.weight") or key.endswith("ff.ff.2.weight"):
+                scale /= math.sqrt(2 * depth)
+            elif ".mapping." in key:
+                scale *= 10.0   # audio of std ~0.1 -> tokens of std ~1
+            out[key] = scale * torch.randn(shape, generator=gen)
+        elif key.endswith(".alpha"):
+            sharp = "q_norm" in key or "k_norm" in key
+            out[key] = (3.0 if sharp else 1.0) + 0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith(".gamma"):
+            sharp = "q_norm" in key or "k_norm" in key
+            out[key] = (2.0 if sharp else 1.0) + 0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith("scaling_factor"):
+            out[key] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith(".beta") or key.endswith(".bias"):
+            out[key] = 0.01 * torch.randn(shape, generator=gen)
+        elif key.endswith("new_tokens"):
+            out[key] = 0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith("running_std"):
+            out[key] = torch.ones(shape)
+        else:
+            raise AssertionError(f"unexpected SAME tensor {key} {shape}")
+    return out
+
+
+def model_files(name: str, folder: Path, tiny: bool = False) -> tuple[Path, Path, dict]:
+    """(config path, checkpoint, config) of the bundled demo model, of the SAO VAE, or of SAME-S / SAME-L
+    (full size, or `tiny`) with seeded weights; reused from `folder` when it holds the same config."""
     if name == "demo":
         config_path, ckpt = demo_model_paths()
         return config_path, ckpt, json.loads(config_path.read_text())
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
+    if name in SAME_SHAPES:
+        config = same_config(name, tiny)
+        stem = f"{name}{'_tiny' if tiny else ''}"
+        config_path, ckpt = folder / f"{stem}_config.json", folder / f"{stem}.safetensors"
+        if not (ckpt.is_file() and config_path.is_file() and json.loads(config_path.read_text()) == config):
+            ckpt.unlink(missing_ok=True)
+            save_file(same_state_dict(config), str(ckpt))
+            config_path.write_text(json.dumps(config, indent=1))
+        return config_path, ckpt, config
     config_path, ckpt = folder / "sao_vae_config.json", folder / "sao_vae.safetensors"
     if not (ckpt.is_file() and config_path.is_file() and json.loads(config_path.read_text()) == SAO_VAE):
         state = {k: v for k, v in demo_state_dict(SAO_VAE).items() if not k.startswith("decoder.")}
@@ -346,6 +458,82 @@ def write_dataset_config(path: Path, shards_dir: Path, repeats: int = 1) -> Path
     return path
 
 
+# --------------------------------------------------------------------------- FLOPs, model FLOPs utilisation
+
+def parse_peak_override(text: Optional[str]) -> dict:
+    """--peak-tflops: one number for every precision ("989"), or per precision ("bf16=989,fp32=67")."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return {"*": float(text)}
+    out = {}
+    for item in text.split(","):
+        precision, _, value = item.partition("=")
+        out[precision.strip()] = float(value)
+    return out
+
+
+def gpu_peak_tflops(device_name: str, precision: str,
+                    override: Optional[dict] = None) -> tuple[Optional[float], str]:
+    """(dense peak TFLOP/s of this GPU in `precision`, where the figure comes from); (None, why) when
+    unknown: the --peak-tflops override first, then GPU_PEAK_TFLOPS by the device name."""
+    override = override or {}
+    if precision in override or "*" in override:
+        return override.get(precision, override.get("*")), "--peak-tflops"
+    for pattern, peaks in GPU_PEAK_TFLOPS:
+        if pattern.lower() in device_name.lower():
+            return peaks.get(precision), f"data sheet, dense: {pattern}"
+    return None, f"no peak known for {device_name!r}: give --peak-tflops"
+
+
+def flops_figures(flops_per_window: Optional[float], windows_per_second: float,
+                  peak_tflops: Optional[float]) -> dict:
+    """Achieved FLOP/s of a measured rate of windows, and its share of the peak (MFU) when one is known."""
+    if not flops_per_window:
+        return {"flops_per_window": None, "achieved_gflops": None, "mfu": None}
+    achieved = flops_per_window * windows_per_second
+    return {"flops_per_window": flops_per_window, "achieved_gflops": achieved / 1e9,
+            "mfu": achieved / (peak_tflops * 1e12) if peak_tflops else None}
+
+
+def model_shape(model, sample_size: int) -> dict:
+    """What the benchmark ran: the encoder's structure and parameter count, and, for an encoder that
+    counts its FLOPs (SAME: `SAMEEncoder.flops`), the FLOPs of one window and per audio second."""
+    encoder = model.encoder
+    shape = {"encoder": type(encoder).__name__,
+             "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
+             "sample_rate": model.sample_rate, "audio_channels": model.in_channels,
+             "latent_dim": model.latent_dim, "downsampling_ratio": model.downsampling_ratio}
+    blocks = encoder.blocks() if hasattr(encoder, "blocks") else []
+    if blocks:
+        shape["blocks"] = [{"in_channels": b.in_channels, "width": b.dim, "stride": b.stride,
+                            "depth": b.depth,
+                            "heads": b.transformers[0].self_attn.num_heads if b.depth else 0,
+                            "dim_heads": b.transformers[0].self_attn.dim_heads if b.depth else 0,
+                            "ff_inner": b.transformers[0].ff.ff[2].in_features if b.depth else 0,
+                            "attention": (f"sliding window {list(b.window)} tokens" if b.window is not None
+                                          else f"chunks of {b.effective_chunk} tokens"
+                                          + (", mid-point shift" if b.chunk_midpoint_shift else "")),
+                            "sequence_tokens_per_window":
+                                b.sequence_length(-(-sample_size // encoder.patch_size))}
+                           for b in blocks]
+        shape["patch_size"] = encoder.patch_size
+    flops = getattr(encoder, "flops", None)
+    if flops is not None:
+        window_seconds = sample_size / model.sample_rate
+        long = math.ceil(3600 * model.sample_rate / model.downsampling_ratio) * model.downsampling_ratio  # 1 h
+        shape.update(flops_per_window=flops(sample_size),
+                     latent_frames_per_window=encoder.output_length(sample_size),
+                     flops_per_audio_second=flops(sample_size) / window_seconds,
+                     # of an hour-long window: without the padding to whole chunks a short one may need
+                     flops_per_audio_second_long=flops(long) / (long / model.sample_rate),
+                     flops_counted_by=f"{type(encoder).__name__}.flops: 2 x multiply-adds of every linear "
+                                      "layer and of attention over the keys each query sees")
+    else:
+        shape["flops_per_window"] = None
+    return shape
+
+
 # --------------------------------------------------------------------------- (1) encoder alone
 
 def encoder_mode_options(mode: str, device: torch.device) -> tuple[bool, bool]:
@@ -356,15 +544,26 @@ def encoder_mode_options(mode: str, device: torch.device) -> tuple[bool, bool]:
 
 
 def measure_encoder(model_config: dict, ckpt: Path, *, device: torch.device, precision: str, mode: str,
-                    batch_size: int, sample_size: int, min_seconds: float, min_batches: int = 3) -> dict:
+                    batch_size: int, sample_size: int, min_seconds: float, min_batches: int = 3,
+                    peak_tflops: Optional[float] = None, precision_check: bool = False) -> dict:
     """The encoder alone on one device-resident batch, submitted again and again two deep (submit the
     next, then collect the last: the device always has queued work). Warm-up (two batches; with
-    compile, the first one compiles) is timed apart."""
+    compile, the first one compiles) is timed apart. For an encoder that counts its FLOPs (SAME), the
+    achieved GFLOP/s and, with a peak, the model FLOPs utilisation. `precision_check`: first run
+    wds-encode's check of a low precision against fp32 (as a run does at start) and record it."""
     compile, channels_last = encoder_mode_options(mode, device)
     model = load_autoencoder(model_config, ckpt)
     sample_rate = model.sample_rate
+    flops = getattr(model.encoder, "flops", None)
+    flops_per_window = flops(sample_size) if flops is not None else None
     encoder = BatchEncoder(model, device=device, precision=precision, latent_mode="sample", seed=0,
                            compile=compile, channels_last=channels_last)
+    check = None
+    if precision_check and precision != "fp32":
+        try:
+            check = encoder.check_precision(sample_size)
+        except PrecisionMismatch as exc:
+            check = {**exc.check, "message": str(exc)}
     audio = (0.1 * torch.randn(batch_size, model.in_channels, sample_size,
                                generator=torch.Generator().manual_seed(0))).to(device)
     masks = torch.ones(batch_size, sample_size, dtype=torch.bool)
@@ -377,6 +576,7 @@ def measure_encoder(model_config: dict, ckpt: Path, *, device: torch.device, pre
     synchronize(device)
     warmup = time.perf_counter() - started
     batches, pending = 0, None
+    cpu_started = cpu_seconds()[0]
     started = time.perf_counter()
     done_at = [started]  # when each batch's latents were back on the host
     while True:
@@ -393,6 +593,8 @@ def measure_encoder(model_config: dict, ckpt: Path, *, device: torch.device, pre
     synchronize(device)
     done_at.append(time.perf_counter())
     seconds = done_at[-1] - started
+    # CPU time of this process over the timed batches: on a shared CPU, how many cores the encoder got
+    cpu_used = cpu_seconds()[0] - cpu_started
     windows = batches * batch_size
     audio_seconds = windows * sample_size / sample_rate
     batch_audio = batch_size * sample_size / sample_rate
@@ -403,6 +605,10 @@ def measure_encoder(model_config: dict, ckpt: Path, *, device: torch.device, pre
            "warmup_seconds": warmup, "first_batch_seconds": first,
            "windows_per_second": windows / seconds, "realtime": audio_seconds / seconds,
            "median_batch_seconds": median_batch, "realtime_of_median_batch": batch_audio / median_batch,
+           **flops_figures(flops_per_window, windows / seconds, peak_tflops), "peak_tflops": peak_tflops,
+           "precision_check": check, "cpu_seconds": cpu_used, "cores_used": cpu_used / seconds,
+           # audio seconds per CPU second of this process (threads that wait spin, so a lower bound)
+           "realtime_per_cpu_second": audio_seconds / cpu_used if cpu_used > 0 else None,
            "fp32_retries": encoder.retries, "torch_threads": torch.get_num_threads()}
     del encoder, model, audio
     if compile:
@@ -478,8 +684,10 @@ def measure_data_path(dataset_config: Path, *, sample_rate: int, channels: int, 
 
 def measure_end_to_end(config_path: Path, ckpt: Path, *, shards_dir: Path, workdir: Path, precision: str,
                        args: argparse.Namespace, device: torch.device, expected_realtime: Optional[float],
-                       dataset_audio: float, window_seconds: float) -> dict:
-    """`wds_encode.runner.run` on the shards (repeated as needed), steady-state throughput."""
+                       dataset_audio: float, window_seconds: float, flops_per_window: Optional[float] = None,
+                       peak_tflops: Optional[float] = None) -> dict:
+    """`wds_encode.runner.run` on the shards (repeated as needed), steady-state throughput (and, for an
+    encoder that counts its FLOPs, the achieved GFLOP/s and MFU of the steady state)."""
     compile_option = {"auto": None, "on": True, "off": False}[args.compile]
     layout_option = {"auto": None, "on": True, "off": False}[args.channels_last]
     # enough audio for the steady state at the encoder's measured speed (+25%), and at least 3 batches
@@ -533,7 +741,10 @@ def measure_end_to_end(config_path: Path, ckpt: Path, *, shards_dir: Path, workd
            "steady_ok": stats.steady_seconds >= args.min_steady_seconds,
            # a smaller last batch is a new shape: compiled, it compiles again, inside the steady state
            "last_batch_partial": stats.windows % max(1, stats.batch_size) != 0,
-           "fp32_retries": stats.fp32_retries, "machine": machine}
+           "fp32_retries": stats.fp32_retries, "precision_check": stats.precision_check or None,
+           **flops_figures(flops_per_window, realtime / window_seconds, peak_tflops),
+           "peak_tflops": peak_tflops,
+           "machine": machine}
     if sampler is not None:
         row["gpu_utilisation"] = {"run": sampler.summary(),
                                   "steady": sampler.summary(steady_start, steady_end),
@@ -785,11 +996,25 @@ def _others(row: dict) -> str:
     return "" if cores is None else f"; others {cores:.2f} cores"
 
 
+def _compute(row: dict) -> str:
+    """`, 123.4 GFLOP/s (41.2% MFU)` for a row of an encoder that counts its FLOPs; "" otherwise."""
+    if not row.get("achieved_gflops"):
+        return ""
+    mfu = f" ({100 * row['mfu']:.1f}% of {row['peak_tflops']:g} TFLOP/s)" if row.get("mfu") is not None else ""
+    return f", {row['achieved_gflops']:.4g} GFLOP/s{mfu}"
+
+
 def report(results: dict) -> str:
     """The human-readable summary, and table rows for the README's throughput section."""
     lines = [f"{results['device']} | {results['model']} | sample size {results['params']['sample_size']} | "
              f"batch size {results['params']['batch_size']} | {results['cpus_available']:g} CPUs | "
              f"load {results['load_average_start']} -> {results['load_average_end']}"]
+    shape = results.get("model_shape") or {}
+    if shape.get("flops_per_window"):
+        lines.append(f"model: {shape['encoder']} {shape['encoder_parameters'] / 1e6:.1f} M parameters, "
+                     f"{shape['flops_per_window'] / 1e9:.4g} GFLOP per window, "
+                     f"{shape['flops_per_audio_second'] / 1e9:.4g} GFLOP per audio second "
+                     f"({shape['flops_per_audio_second_long'] / 1e9:.4g} in an hour-long window)")
     data = results.get("data_path")
     if data:
         lines.append(f"data path: {data['realtime']:.0f}x real time with {data['workers']} worker(s), "
@@ -798,15 +1023,18 @@ def report(results: dict) -> str:
                      f"{_others(data)}")
     for row in results.get("encoder_alone") or []:
         lines.append(f"encoder alone {row['precision']} {row['mode']}: {row['realtime']:.2f}x real time, "
-                     f"{row['windows_per_second']:.3f} windows/s (warm-up {row['warmup_seconds']:.1f} s"
+                     f"{row['windows_per_second']:.3f} windows/s{_compute(row)} "
+                     f"(warm-up {row['warmup_seconds']:.1f} s"
                      + ("; compile FAILED, ran eagerly" if row["mode"] == "compiled" and not row["compiled"] else "")
+                     + (f"; {row['cores_used']:.2f} cores used" if row.get("cores_used") is not None else "")
                      + f"{_others(row)})")
     for row in results.get("end_to_end") or []:
         gpu = row["gpu_utilisation"].get("steady", {})
         util = f", GPU {gpu['utilization_mean']:.0f}% busy" if "utilization_mean" in gpu else ""
         ran = ", ".join(["channels-last"] * row["channels_last"] + ["compiled"] * row["compiled"]) or "eager"
         lines.append(f"end to end {row['precision']} ({ran}): "
-                     f"{row['realtime']:.2f}x real time in steady state ({row['steady_seconds']:.1f} s, "
+                     f"{row['realtime']:.2f}x real time in steady state{_compute(row)} "
+                     f"({row['steady_seconds']:.1f} s, "
                      f"{row['windows']} windows), warm-up {row['warmup_seconds']:.1f} s{util}{_others(row)}")
     for row in results.get("baseline") or []:
         lines.append(f"seed baseline {row['precision']}: {row['realtime']:.2f}x real time "
@@ -849,15 +1077,23 @@ def report(results: dict) -> str:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["sao", "demo"], default="sao",
+    parser.add_argument("--model", choices=["sao", "demo", *SAME_SHAPES], default="sao",
                         help="sao: the Stable Audio Open VAE at full size (seeded weights); "
-                             "demo: the bundled model")
+                             "demo: the bundled model; same_s / same_l: Stable Audio 3's SAME-S / SAME-L "
+                             "autoencoders at full size (configs/same_*_shape.json, seeded weights)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="same_s / same_l: the same structure at width 48, 2 layers (for tests)")
+    parser.add_argument("--peak-tflops", default=None,
+                        help="the GPU's dense peak for the model FLOPs utilisation: one number in TFLOP/s, or "
+                             "per precision (bf16=989,fp32=67); default: a table of H100 / H200 / A100 peaks "
+                             "by the device name")
     parser.add_argument("--files", type=int, default=96, help="audio files to generate")
     parser.add_argument("--shards", type=int, default=8, help="tar shards to spread them over")
     parser.add_argument("--seconds", type=float, default=None,
                         help="length of every file (default: one window, rounded up to a second)")
-    parser.add_argument("--sample-size", type=int, default=1320960,
-                        help="window length (wds-encode's default)")
+    parser.add_argument("--sample-size", type=int, default=None,
+                        help=f"window length in samples (default: wds-encode's, {DEFAULT_SAMPLE_SIZE}; "
+                             f"for SAME models {SAME_SAMPLE_SIZE}, 30.1 s, a multiple of their ratio 4096)")
     parser.add_argument("--batch-size", type=int, default=1, help="wds-encode's batch size (its default: 1)")
     parser.add_argument("--num-workers", type=int, default=4,
                         help="wds-encode's --num-workers (default 4; an upper bound, it plans fewer on "
@@ -901,6 +1137,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error(f"--skip: unknown part(s) {sorted(unknown)}; the parts are {', '.join(PARTS)}")
     if args.files < 1 or args.shards < 1:
         parser.error("--files and --shards must be >= 1")
+    if args.tiny and args.model not in SAME_SHAPES:
+        parser.error(f"--tiny is for the SAME models ({', '.join(SAME_SHAPES)})")
+    if args.sample_size is None:
+        args.sample_size = SAME_SAMPLE_SIZE if args.model in SAME_SHAPES else DEFAULT_SAMPLE_SIZE
+    try:
+        args.peak_override = parse_peak_override(args.peak_tflops)
+    except ValueError:
+        parser.error(f"--peak-tflops: expected a number or precision=number pairs, got {args.peak_tflops!r}")
     return args
 
 
@@ -917,7 +1161,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     plan = plan_cpus(max_workers=args.num_workers, device_type=device.type)
     load_start = load_average()
 
-    config_path, ckpt, model_config = model_files(args.model, work / "model")
+    config_path, ckpt, model_config = model_files(args.model, work / "model", tiny=args.tiny)
     sample_rate = int(model_config["sample_rate"])
     channels = int(model_config.get("audio_channels", 2))
     window_seconds = args.sample_size / sample_rate
@@ -949,6 +1193,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "peak_rss_mb_setup": peak_rss_mb(),
         "peak_rss_mb_after": {},
     }
+    results["model_config"] = str(config_path)
+    results["model_shape"] = shape = model_shape(build_autoencoder(model_config), args.sample_size)
+    flops_per_window = shape["flops_per_window"]
+    # the dense peak per precision, for the model FLOPs utilisation (a GPU's; none on a CPU)
+    peaks = {}
+    for precision in precisions:
+        if device.type == "cuda":
+            value, source = gpu_peak_tflops(results["device"], precision, args.peak_override)
+        elif precision in args.peak_override or "*" in args.peak_override:
+            value, source = gpu_peak_tflops("", precision, args.peak_override)
+        else:
+            value, source = None, "CPU: achieved GFLOP/s only (no peak table for CPUs; --peak-tflops sets one)"
+        peaks[precision] = {"tflops": value, "source": source}
+    results["peak_tflops"] = peaks
+    gc.collect()
     # as wds-encode does on a CPU (runner.run), before any part: the data path's workers inherit it
     results["heap_kept"] = keep_freed_memory() if device.type == "cpu" else False
     peak_reset = reset_peak_rss()  # from here on, the peaks are the parts' (when the kernel allows it)
@@ -973,10 +1232,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 meter = MachineMeter()
                 rows.append(measure_encoder(model_config, ckpt, device=device, precision=precision,
                                             mode=mode, batch_size=args.batch_size,
-                                            sample_size=args.sample_size, min_seconds=args.encoder_seconds))
+                                            sample_size=args.sample_size, min_seconds=args.encoder_seconds,
+                                            peak_tflops=peaks[precision]["tflops"],
+                                            precision_check=not rows or rows[-1]["precision"] != precision))
                 rows[-1]["machine"] = meter.stop()
-                print(f"encoder alone {precision} {rows[-1]['mode']}: {rows[-1]['realtime']:.2f}x real time "
-                      f"(warm-up {rows[-1]['warmup_seconds']:.1f} s)", flush=True)
+                print(f"encoder alone {precision} {rows[-1]['mode']}: {rows[-1]['realtime']:.2f}x real time"
+                      f"{_compute(rows[-1])} (warm-up {rows[-1]['warmup_seconds']:.1f} s)", flush=True)
         results["encoder_alone"] = rows
         part_done("encoder")
 
@@ -989,7 +1250,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                            precision=precision, args=args, device=device,
                                            expected_realtime=max(measured) if measured else None,
                                            dataset_audio=dataset["window_audio_seconds"],
-                                           window_seconds=window_seconds))
+                                           window_seconds=window_seconds, flops_per_window=flops_per_window,
+                                           peak_tflops=peaks[precision]["tflops"]))
             print(f"end to end {precision}: {rows[-1]['realtime']:.2f}x real time in steady state "
                   f"({rows[-1]['steady_seconds']:.1f} s; warm-up {rows[-1]['warmup_seconds']:.1f} s)",
                   flush=True)

@@ -1,7 +1,9 @@
 """scripts/benchmark.py: one run on a tiny dataset writes every part (encoder alone eager, channels-last
 and compiled, data path, end to end in steady state, the seed's approach) with positive throughputs and the ratios
 computed from them; --skip leaves parts out and says so; the nvidia-smi sampler parses what
-nvidia-smi prints, asks for the right GPU, and says why it is skipped when nvidia-smi is absent."""
+nvidia-smi prints, asks for the right GPU, and says why it is skipped when nvidia-smi is absent. The SAME
+modes (--model same_s / same_l, --tiny) record the shape, FLOPs equal to `SAMEEncoder.flops`, achieved
+GFLOP/s and, with a peak, the model FLOPs utilisation; the full-size shape configs give SA3's FLOPs."""
 
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ def load_benchmark():
     return module
 
 
-def run_benchmark(tmp_path: Path, *args: str) -> dict:
+def run_benchmark(tmp_path: Path, *args: str, base: tuple[str, ...] | list[str] = TINY) -> dict:
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, *args, "--workdir", str(tmp_path / "work"),
+    proc = subprocess.run([sys.executable, str(SCRIPT), *base, *args, "--workdir", str(tmp_path / "work"),
                            "--json-out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
@@ -179,3 +181,100 @@ def test_gpu_sampler_parses_nvidia_smi_for_the_right_gpu_and_says_why_when_absen
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert bench.nvidia_smi_id(torch.device("cuda:1")) == "1"
     assert bench.nvidia_smi_id(torch.device("cuda")) == "0"
+
+
+SAME_TINY = ["--tiny", "--files", "2", "--shards", "1", "--seconds", "0.5", "--sample-size", "16384",
+             "--min-steady-seconds", "0", "--encoder-seconds", "0.1",
+             "--skip", "data,baseline,chunking,channels-last,compiled"]
+
+
+@pytest.mark.parametrize("model, precision, peak", [("same_l", "bf16", None), ("same_s", "fp32", "0.5")])
+def test_same_modes_record_shape_flops_and_utilisation(tmp_path, model, precision, peak):
+    """SAME at a tiny width, encoder alone and end to end on the CPU: FLOPs per window are those of
+    `SAMEEncoder.flops` for the shape run, achieved GFLOP/s follow from the measured rate, and MFU is
+    given only with a peak (on a CPU: from --peak-tflops). No timing assertions."""
+    from wds_encode.models import build_autoencoder
+
+    extra = ["--precisions", precision] + (["--peak-tflops", peak] if peak else [])
+    result = run_benchmark(tmp_path, "--model", model, *extra, base=SAME_TINY)
+    bench = load_benchmark()
+    encoder = build_autoencoder(bench.same_config(model, tiny=True)).encoder
+    flops = encoder.flops(16384)
+    assert flops > 0
+    assert result["model"] == model and result["params"]["tiny"] is True
+    assert result["params"]["sample_size"] == 16384
+    shape = result["model_shape"]
+    assert shape["encoder"] == "SAMEEncoder" and shape["downsampling_ratio"] == 4096
+    assert shape["flops_per_window"] == flops
+    assert _close(shape["flops_per_audio_second"], flops / (16384 / 44100))
+    assert shape["flops_per_audio_second_long"] > 0
+    assert shape["latent_frames_per_window"] == encoder.output_length(16384) == 4
+    block = shape["blocks"][0]
+    assert block["width"] == 48 and block["depth"] == 2 and block["stride"] == 16 and block["heads"] == 3
+    assert ("sliding window" if model == "same_l" else "mid-point shift") in block["attention"]
+    expected_peak = float(peak) if peak else None
+    assert result["peak_tflops"][precision]["tflops"] == expected_peak
+
+    rows = result["encoder_alone"] + result["end_to_end"]
+    assert [r["precision"] for r in rows] == [precision, precision]
+    assert result["encoder_alone"][0]["mode"] == "eager"
+    for row in rows:
+        assert row["realtime"] > 0 and row["windows_per_second"] > 0
+        assert row["flops_per_window"] == flops
+        assert _close(row["achieved_gflops"], flops * row["windows_per_second"] / 1e9)
+        if peak:
+            assert _close(row["mfu"], row["achieved_gflops"] / (1e3 * expected_peak))
+        else:
+            assert row["mfu"] is None
+    alone = result["encoder_alone"][0]
+    assert alone["cpu_seconds"] > 0 and alone["cores_used"] > 0 and alone["realtime_per_cpu_second"] > 0
+    e2e = result["end_to_end"][0]
+    assert e2e["errors"] == 0 and e2e["windows"] >= 2
+    if precision == "bf16":   # the seeded weights pass wds-encode's precision check, alone and end to end
+        for check in (result["encoder_alone"][0]["precision_check"], e2e["precision_check"]):
+            assert check["ok"] is True and check["relative_error"] < 0.1
+    config = json.loads(Path(result["model_config"]).read_text())
+    assert config == bench.same_config(model, tiny=True)
+
+
+def test_full_size_same_shapes_load_and_count_sa3_flops():
+    """configs/same_*_shape.json build (on the meta device: shapes only) with SA3's structure; SAME-L's
+    encoder does about 156 GFLOP per audio second."""
+    from wds_encode.models import build_autoencoder
+
+    bench = load_benchmark()
+    per_second = {}
+    for name, width, depth, params in (("same_s", 768, 6, 53.7e6), ("same_l", 1536, 12, 426.1e6)):
+        config = json.loads(bench.SAME_SHAPES[name].read_text())
+        assert config["model_type"] == "autoencoder" and config["sample_rate"] == 44100
+        with torch.device("meta"):
+            model = build_autoencoder(config, with_decoder=True)
+        assert model.downsampling_ratio == 4096 and model.latent_dim == 256
+        (block,) = model.encoder.blocks()
+        assert (block.dim, block.depth, block.stride) == (width, depth, 16)
+        assert abs(sum(p.numel() for p in model.encoder.parameters()) - params) < 0.1e6
+        shape = bench.model_shape(model, bench.SAME_SAMPLE_SIZE)
+        per_second[name] = shape["flops_per_audio_second_long"]
+        assert shape["flops_per_window"] == model.encoder.flops(bench.SAME_SAMPLE_SIZE)
+    assert 150e9 < per_second["same_l"] < 160e9
+    assert 18e9 < per_second["same_s"] < 22e9
+
+
+def test_gpu_peaks_by_device_name_and_override():
+    bench = load_benchmark()
+    assert bench.gpu_peak_tflops("NVIDIA H200", "bf16")[0] == 989.4
+    assert bench.gpu_peak_tflops("NVIDIA H200 NVL", "bf16")[0] == 835.5
+    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp16")[0] == 989.4
+    assert bench.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.5
+    assert bench.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "tf32")[0] == 156.0
+    assert bench.gpu_peak_tflops("NVIDIA A100 80GB PCIe", "fp32")[0] == 19.5
+    value, why = bench.gpu_peak_tflops("NVIDIA GeForce RTX 4090", "bf16")
+    assert value is None and "--peak-tflops" in why
+    override = bench.parse_peak_override("bf16=900,fp32=60")
+    assert bench.gpu_peak_tflops("NVIDIA H200", "bf16", override) == (900.0, "--peak-tflops")
+    assert bench.gpu_peak_tflops("NVIDIA H200", "fp16", override)[0] == 989.4   # not overridden
+    assert bench.gpu_peak_tflops("x", "fp16", bench.parse_peak_override("123"))[0] == 123.0
+    figures = bench.flops_figures(2e12, 100.0, 989.4)
+    assert _close(figures["achieved_gflops"], 2e5) and _close(figures["mfu"], 2e14 / 989.4e12)
+    assert bench.flops_figures(None, 100.0, 989.4) == {"flops_per_window": None, "achieved_gflops": None,
+                                                       "mfu": None}
