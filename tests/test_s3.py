@@ -380,3 +380,64 @@ def test_torchrun_two_ranks_s3_in_s3_out(s3, five_shards, demo_model, tmp_path):
     records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/")]
     assert len(records) == 5 and {r["rank"] for r in records} == {0, 1}
     assert {k.split("/")[0] for k in objects if k[0].isdigit()} == {"0", "1"}
+
+
+def _lists_uploads(method, path, headers):
+    """ListMultipartUploads: GET /bucket?uploads (not a part listing, which has an uploadId)."""
+    import urllib.parse
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query, keep_blank_values=True)
+    return method == "GET" and "uploads" in query and "uploadId" not in query
+
+
+def test_a_store_that_cannot_list_uploads_gets_a_warning_and_exactly_once(s3, fault_proxy, five_shards,
+                                                                           demo_model, tmp_path):
+    """s3rver answers NotImplemented to ListMultipartUploads: after a SIGKILL mid-upload the rerun could not
+    abort the open upload, and stopped. An open upload is invisible to readers, so the rerun warns once,
+    naming the lifecycle rule that cleans such uploads up, and finishes exactly once."""
+    paths, samples = five_shards
+    source = upload_inputs(s3, paths)
+    s3.make_bucket("latents")
+    out = "s3://latents/no-listing/"
+    args = encode_args(demo_model, s3_dataset_config(tmp_path, source), out, "--num-workers", 2, "--batch-size", 2)
+    env = s3_env(fault_proxy.endpoint)
+    fault_proxy.reject(_lists_uploads, status=501, code="NotImplemented")
+    held = fault_proxy.stall(KILL_POINTS["while-uploading"]())
+    process = subprocess.Popen([WDS_ENCODE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        assert held.wait(120), "the run never reached an upload"
+        time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    fault_proxy.release()
+    left_open = s3.multipart_uploads("latents")
+    assert left_open, "the kill left an upload open"
+
+    result = wds_encode(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert fault_proxy.counts["rejected"] >= 1                     # the rerun did ask, and was refused
+    warnings = [line for line in result.stderr.splitlines() if "cannot list multipart uploads" in line]
+    assert len(warnings) == 1 and "NotImplemented" in warnings[0]
+    assert "AbortIncompleteMultipartUpload" in warnings[0]
+    local = tmp_path / "mirror"
+    objects = mirror(s3, "latents", "no-listing/", local)
+    assert_exactly_once(local, samples)
+    assert set(objects) == owned_objects(local)                    # readers see no trace of the open upload
+    assert set(left_open) <= set(s3.multipart_uploads("latents"))  # not aborted: the store could not list it
+    assert status_of(out, env)["state"] == "complete"
+
+
+def test_other_listing_errors_still_stop_the_clean_up(s3_in_process, fault_proxy):
+    """Only 'not implemented' is skipped: an AccessDenied on the same call is an error, as before."""
+    from wds_encode.storage import S3Options, Storage, StorageError
+    s3_in_process.make_bucket("latents")
+    storage = Storage(S3Options(endpoint_url=fault_proxy.endpoint))
+    place = storage.place("s3://latents/denied/")
+    fault_proxy.reject(_lists_uploads, status=403, code="AccessDenied")
+    with pytest.raises(StorageError, match=r"cannot list multipart uploads: .*AccessDenied"):
+        place.remove_unfinished()
+    fault_proxy.reject(_lists_uploads, status=501, code="NotImplemented")
+    assert place.remove_unfinished() == 0

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +38,11 @@ READ_BACKOFF_SECONDS = 0.2    # doubled per failed try, with jitter
 READ_BUFFER = 1 << 20
 READ_CHUNK = 256 << 10        # bytes asked of the socket at a time: what a break can lose and re-read
 PART_SIZE = 8 << 20           # multipart part size (S3's minimum is 5 MiB)
+# What a store answers for an API it does not have (s3rver: NotImplemented for ListMultipartUploads)
+UNSUPPORTED_CODES = ("NotImplemented", "NotSupported", "MethodNotAllowed", "UnsupportedOperation", "501", "405")
+LIFECYCLE_RULE = ('{"Rules": [{"ID": "abort-incomplete-uploads", "Status": "Enabled", "Filter": {}, '
+                  '"AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]} '
+                  "(aws s3api put-bucket-lifecycle-configuration --bucket BUCKET --lifecycle-configuration ...)")
 UPLOAD_THREADS = 8
 UPLOAD_BYTES_IN_FLIGHT = 256 << 20
 DELETE_BATCH = 1000           # S3 DeleteObjects takes at most 1000 keys
@@ -584,6 +590,7 @@ class S3Place(Place):
         self._budget = _BytesBudget(UPLOAD_BYTES_IN_FLIGHT)
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._warned_unsupported = False
 
     @property
     def client(self):
@@ -692,14 +699,37 @@ class S3Place(Place):
         return found
 
     def remove_unfinished(self) -> int:
-        """Abort the multipart uploads an interrupted run left open (they are billed until aborted)."""
-        uploads = self.uploads_in_progress()
+        """Abort the multipart uploads an interrupted run left open (they are billed until aborted).
+
+        An open upload is invisible to every reader, so exactly-once does not depend on this clean-up: on
+        a store that does not implement listing or aborting uploads (s3rver, some S3-compatible stores) it
+        is skipped with one warning naming the lifecycle rule that does it instead."""
+        try:
+            uploads = self.uploads_in_progress()
+        except StorageError as exc:
+            if exc.code not in UNSUPPORTED_CODES:
+                raise
+            self._warn_unsupported("list multipart uploads", exc)
+            return 0
+        aborted = 0
         for key, upload_id in uploads:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                aborted += 1
             except Exception as exc:
-                raise s3_error(f"{S3_SCHEME}{self.bucket}/{key}", exc, "cannot abort upload") from None
-        return len(uploads)
+                error = s3_error(f"{S3_SCHEME}{self.bucket}/{key}", exc, "cannot abort upload")
+                if error.code not in UNSUPPORTED_CODES:
+                    raise error from None
+                self._warn_unsupported("abort multipart uploads", error)
+        return aborted
+
+    def _warn_unsupported(self, what: str, error: StorageError) -> None:
+        if self._warned_unsupported:
+            return
+        self._warned_unsupported = True
+        print(f"wds-encode: warning: {redact_url(self.url)}: this store cannot {what} ({error.code}), so uploads "
+              "an interrupted run left open stay (unseen by readers, but billed where the store bills them); "
+              f"let the bucket clean them up with a lifecycle rule: {LIFECYCLE_RULE}", file=sys.stderr)
 
     def close(self) -> None:
         with self._lock:
