@@ -10,6 +10,7 @@ model loads), 130 interrupted.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -132,6 +133,7 @@ def run_encode(config: EncodeConfig) -> int:
     from .compat import check_installed
     from .manifest import ManifestError
     from .models import CheckpointError, ModelConfigError
+    from .preemption import Preempted
     from .runner import plan_inputs, run
     from .storage import StorageError, StorageFull, redact_url
 
@@ -162,9 +164,22 @@ def run_encode(config: EncodeConfig) -> int:
         click.echo(f"wds-encode: {_rank_tag(launch)}stopped: {exc}; committed units are kept, fix this and rerun "
                    "the same command to finish", err=True)
         return EXIT_BAD_SAMPLES
+    except Preempted as exc:
+        click.echo(f"wds-encode: {_rank_tag(launch)}{exc}; committed units are kept, rerun the same command to "
+                   "finish", err=True)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         click.echo("wds-encode: interrupted; committed units are kept, rerun to finish", err=True)
         return EXIT_INTERRUPTED
+    if stats.stopped_by:   # a stop signal: what was in flight is committed, the rest is for the rerun
+        code = 128 + int(getattr(signal, stats.stopped_by, signal.SIGTERM))
+        if launch.rank == 0:
+            left = stats.units_total - stats.units_skipped - stats.units_done
+            click.echo(format_summary(stats))
+            click.echo(f"wds-encode: stopped by {stats.stopped_by}: {stats.units_done} units committed by this run "
+                       f"({stats.units_skipped + stats.units_done} of {stats.units_total} done), {left} left; "
+                       "rerun the same command to finish", err=True)
+        return code
     if launch.rank != 0:
         return EXIT_OK  # rank 0 speaks for the job
     click.echo(format_summary(stats))

@@ -140,6 +140,9 @@ class EncodeConfig(BaseModel):
                                              "(auto: every visible GPU; on a CPU-only machine N CPU ranks)")
     peer_timeout: float = Field(60.0, gt=0, description="Seconds without a heartbeat after which a rank is "
                                                        "taken as dead and the job stops")
+    grace_seconds: float = Field(25.0, gt=0, le=3600, description="After a stop signal (SIGTERM, SIGINT, SIGUSR1): "
+                                 "seconds the units in flight get to finish and commit before they are discarded; "
+                                 "the run then exits 128 + the signal (143 for SIGTERM)")
     strict: bool = Field(False, description="Exit non-zero on any bad sample")
     max_errors: Optional[int] = Field(None, ge=0, description="Exit non-zero when more bad samples than this")
     overwrite: bool = Field(False, description="Allow writing into a non-empty output of another run")

@@ -52,6 +52,7 @@ POLL_SECONDS = 0.2
 SLURM_PORT_BASE = 10000                   # MASTER_PORT under srun when none is given: base + job id % span
 SLURM_PORT_SPAN = 50000
 CLAIM_KEY = "claims/next"
+STOP_KEY = "claims/stop"   # set by a rank told to stop (SIGTERM...): no claimer takes another unit
 PROGRESS_KEYS = ("bytes", "units", "windows", "samples", "audio_ms", "errors")
 FROM_DEVICE = "from-device"              # Job(device_uuid=...): read the UUID from the device itself
 
@@ -283,6 +284,8 @@ class UnitClaims:
             return
         store = self.address.connect()
         while True:
+            if store.check([STOP_KEY]):
+                return   # the job is stopping: the units already claimed finish, no new one starts
             index = store.add(CLAIM_KEY, 1) - 1
             if index >= self.count:
                 return
@@ -439,6 +442,24 @@ class Job:
             self.store.compare_set("abort", "", reason)
         except Exception:  # the store itself is gone: the others find out on their own
             pass
+
+    # -- a graceful stop (preemption.GracefulStop)
+    def request_stop(self, reason: str) -> None:
+        """No claimer anywhere in the job takes another unit; called off the signal handler, on its own
+        connection to the store."""
+        try:
+            self.address.connect().compare_set(STOP_KEY, "", reason)
+        except Exception:  # the store is gone: the job is ending anyway
+            pass
+
+    def stop_reason(self) -> Optional[str]:
+        """Why the job stopped claiming (a signal's name), if it did."""
+        try:
+            if self.store.check([STOP_KEY]):
+                return self.store.get(STOP_KEY).decode("utf-8", "replace")
+        except Exception:
+            pass
+        return None
 
     def _abort_reason(self) -> Optional[str]:
         """The reason a rank published for stopping the job, if any."""

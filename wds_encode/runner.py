@@ -35,6 +35,7 @@ from .models import load_autoencoder, resolve_autoencoder_config
 from .models.layout import swappable_convs
 from .models.pretrained import resolve_pretrained
 from .heap import give_back_freed_memory, keep_freed_memory
+from .preemption import GracefulStop, ignore_stop_signals
 from .resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .batching import LengthBatcher
@@ -84,6 +85,7 @@ class RunStats:
     channels_last: bool = False   # the encoder's convolutions ran in the channels-last layout
     cpus: str = ""                # the CPUs this rank could use, and how it split them (resources.plan_cpus)
     stopped_early: bool = False
+    stopped_by: str = ""          # the signal that stopped the job's claiming (it committed what was in flight)
     units_per_rank: list[int] = field(default_factory=list)  # merged stats: units each rank encoded
 
     @property
@@ -456,6 +458,7 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
         for name in ("loop_seconds", "warmup_seconds", "steady_seconds"):
             setattr(merged, name, max(getattr(merged, name), stats[name]))
         merged.stopped_early = merged.stopped_early or stats["stopped_early"]
+        merged.stopped_by = merged.stopped_by or stats["stopped_by"]
         merged.units_per_rank.append(stats["units_done"])
     if per_rank:  # how rank 0 ran (the others run the same way on the same kind of device)
         first = per_rank[0]
@@ -593,7 +596,9 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
         monitor.start()
     finished = False
     try:
-        _encode_units(inputs, todo, encoder, stats, job, manifest, first_batch, cpus.workers)
+        with GracefulStop(job.request_stop, config.grace_seconds):
+            _encode_units(inputs, todo, encoder, stats, job, manifest, first_batch, cpus.workers)
+        stats.stopped_by = job.stop_reason() or ""
         stats.elapsed_seconds = time.time() - started
         per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(), "device": str(device)})
         finished = True
@@ -632,7 +637,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     window_bytes = model.in_channels * reader.options.sample_size * 4  # float32 windows
     prefetch = prefetch_windows(inputs.chunking, batch_size, window_bytes, num_workers,
                                 shared_memory_free() // max(1, job.launch.local_world_size)) if num_workers else None
-    loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False, prefetch_factor=prefetch)
+    loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False, prefetch_factor=prefetch,
+                        worker_init_fn=ignore_stop_signals if num_workers else None)
     folder = FolderWriter(manifest.place, job.rank, first_batch)
     marker = manifest.start_writing(job.rank, first_batch)
     counter = ProgressCounter(job.add_progress)

@@ -1,0 +1,106 @@
+"""preemption.py: a SIGTERM (what a scheduler sends before it preempts a machine) stops claiming, lets the
+units in flight finish and commit, and exits 143; the rerun finishes exactly once. One process, and
+`--devices 2` (torch's elastic agent forwards the signal to its ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import WDS_ENCODE, assert_exactly_once, run_cli, write_dataset_config
+from wds_encode.preemption import GracefulStop, Preempted
+from wds_encode.synth import write_tar_shards
+
+GRACE = 20
+
+
+@pytest.fixture(scope="module")
+def many_units(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("units")
+    paths, samples = write_tar_shards(folder / "in", 14, 3, seed=4, name="pre", min_seconds=0.5, max_seconds=1.5)
+    dataset = write_dataset_config(folder / "d.json", "wds", [{"id": "pre", "path": str(folder / "in")}],
+                                   random_crop=False)
+    return dataset, samples
+
+
+def records(out) -> int:
+    return len(list((out / "manifest").glob("*.json")))
+
+
+def args(demo_model, dataset, out, *extra):
+    return ["--model-config", demo_model[0], "--ckpt-path", demo_model[1], "--dataset-config", dataset,
+            "--output-path", out, "--sample-size", 16384, "--chunking", "split", "--batch-size", 2,
+            "--num-workers", 2, "--grace-seconds", GRACE, "--no-progress", *extra]
+
+
+def stop_after_first_commit(command, out) -> tuple[subprocess.CompletedProcess, int, float]:
+    """Start `command`, SIGTERM it (its main process, as a scheduler does) once a unit is committed;
+    returns (the result, records when the signal went, seconds from the signal to the exit)."""
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "manifest").is_dir() or records(out) == 0:
+            assert process.poll() is None, process.communicate()
+            assert time.time() < deadline, "no unit was committed in time"
+            time.sleep(0.05)
+        before = records(out)
+        signalled = time.time()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=GRACE + 60)
+        took = time.time() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), before, took
+
+
+@pytest.mark.parametrize("devices", ["1", "2"])
+def test_sigterm_commits_the_units_in_flight_and_the_rerun_finishes_exactly_once(many_units, demo_model, tmp_path,
+                                                                                 devices):
+    dataset, samples = many_units
+    out = tmp_path / "out"
+    command = [WDS_ENCODE, *args(demo_model, dataset, out, "--devices", devices)]
+    result, before, took = stop_after_first_commit(command, out)
+    assert result.returncode == 143, result.stdout + result.stderr
+    assert took < GRACE, f"{took:.1f} s from the signal to the exit"
+    after = records(out)
+    assert before < after < 14, (before, after)             # what was in flight was committed, not all
+    assert "stopped by SIGTERM" in result.stderr and f"{after} of 14 done" in result.stderr, result.stderr
+    assert not list((out / "manifest" / "writing").glob("*")), "every rank closed its writing marker"
+    status = json.loads(run_cli("status", out, "--json").stdout)
+    assert status["units"]["done"] == after and status["units"]["remaining"] == 14 - after
+
+    rerun = run_cli(*args(demo_model, dataset, out))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{after} already done" in rerun.stdout
+    assert_exactly_once(out, samples)
+
+
+def test_past_the_grace_period_the_units_in_flight_are_discarded():
+    """Unit level: a loop that does not finish within the grace period is interrupted, and says so."""
+    asked = []
+    with pytest.raises(Preempted, match="stopped by SIGTERM: the grace period ran out") as caught:
+        with GracefulStop(asked.append, grace_seconds=0.3):
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 10
+            while time.time() < deadline:   # the units in flight, never done
+                time.sleep(0.01)
+    assert caught.value.signum == 143 - 128 and asked == ["SIGTERM"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # the handlers are put back
+
+
+def test_a_second_signal_stops_at_once():
+    asked = []
+    started = time.time()
+    with pytest.raises(Preempted, match="a second signal came"):
+        with GracefulStop(asked.append, grace_seconds=30):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert time.time() - started < 3 and asked == ["SIGINT"]

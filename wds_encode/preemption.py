@@ -1,0 +1,80 @@
+"""A stop signal (a scheduler's SIGTERM before preemption, Ctrl-C, SLURM's `--signal`) ends a run gracefully.
+
+On the first stop signal a rank tells the job to claim no more units (`distributed.STOP_KEY`, so every
+rank and every decode worker stops claiming); the units already in flight are decoded, encoded and
+committed as usual, the loop ends, and the run exits 128 + the signal's number (143 for SIGTERM) with
+what it committed and what is left. If that takes longer than the grace period, or a second signal
+comes, the main thread is interrupted: the units still open are discarded (their files removed, as
+after any failure) and the rerun does them. Decode workers ignore the signals: their rank decides.
+"""
+
+from __future__ import annotations
+
+import _thread
+import signal
+import threading
+from typing import Optional
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)   # SIGUSR1: `sbatch --signal=B:USR1@60`
+DEFAULT_GRACE_SECONDS = 25.0   # inside the usual 30 s notice (Kubernetes, SLURM's KillWait, torch's agent)
+
+
+class Preempted(Exception):
+    """The grace period ran out (or a second signal came) before the units in flight were committed."""
+
+    def __init__(self, signal_name: str, discarded_by_grace: bool):
+        self.signal_name = signal_name
+        self.signum = int(getattr(signal, signal_name))
+        super().__init__(f"stopped by {signal_name}: "
+                         + ("the grace period ran out" if discarded_by_grace else "a second signal came")
+                         + " before the units in flight were committed; they were discarded")
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a signal sent to the whole process group must not kill the decode
+    workers while their rank finishes the units in flight."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class GracefulStop:
+    """Context manager around one rank's encoding loop (main thread only; elsewhere it does nothing).
+
+    `request_stop(name)` is called (on a helper thread, never inside the handler) with the signal's name;
+    it must tell the job to stop claiming."""
+
+    def __init__(self, request_stop, grace_seconds: float = DEFAULT_GRACE_SECONDS):
+        self.request_stop = request_stop
+        self.grace_seconds = grace_seconds
+        self.signal_name: Optional[str] = None
+        self.timed_out = False
+        self._previous: dict = {}
+        self._timer: Optional[threading.Timer] = None
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal_name is not None:   # a second signal, or the grace timer (through SIGINT): stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        threading.Thread(target=self.request_stop, args=(self.signal_name,), daemon=True,
+                         name="wds-encode-stop").start()
+        self._timer = threading.Timer(self.grace_seconds, self._out_of_time)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _out_of_time(self) -> None:
+        self.timed_out = True
+        _thread.interrupt_main()   # runs the SIGINT handler (ours) in the main thread
+
+    def __exit__(self, exc_type, exc, _tb) -> bool:
+        if self._timer is not None:
+            self._timer.cancel()
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        if exc_type is KeyboardInterrupt and self.signal_name is not None:
+            raise Preempted(self.signal_name, self.timed_out) from exc
+        return False
