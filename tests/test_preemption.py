@@ -104,3 +104,47 @@ def test_a_second_signal_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
     assert time.time() - started < 3 and asked == ["SIGINT"]
+
+
+KILL_RANK_1_ONCE = '''
+import os
+import signal
+from pathlib import Path
+
+from wds_encode import manifest
+
+MARK = Path(os.environ["WDS_TEST_KILL_MARK"])
+_write_record = manifest.RunManifest.write_record
+
+
+def write_record(self, record):  # rank 1 dies at its first commit, once per test
+    if os.environ.get("RANK") == "1" and not MARK.exists():
+        MARK.write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _write_record(self, record)
+
+
+manifest.RunManifest.write_record = write_record
+'''
+
+
+def test_devices_restarts_a_killed_rank_with_max_restarts(many_units, demo_model, tmp_path):
+    """--devices 2 --max-restarts 1: rank 1 is SIGKILLed once; torch's agent restarts the ranks, which
+    resume from the committed units, and the job finishes exactly once with exit 0."""
+    dataset, samples = many_units
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(KILL_RANK_1_ONCE)
+    env = {**os.environ, "PYTHONPATH": str(inject), "WDS_TEST_KILL_MARK": str(tmp_path / "killed")}
+    out = tmp_path / "out"
+    result = subprocess.run(list(map(str, [WDS_ENCODE, *args(demo_model, dataset, out, "--devices", 2,
+                                                             "--max-restarts", 1)])),
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert (tmp_path / "killed").exists(), "rank 1 was never killed"
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_exactly_once(out, samples)
+    # without restarts the same kill stops the job (committed units kept, exit non-zero)
+    (tmp_path / "killed").unlink()
+    again = subprocess.run(list(map(str, [WDS_ENCODE, *args(demo_model, dataset, tmp_path / "out2", "--devices", 2)])),
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode != 0 and "rank 1" in again.stderr and "SIGKILL" in again.stderr, again.stderr

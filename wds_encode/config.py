@@ -138,6 +138,9 @@ class EncodeConfig(BaseModel):
                                 "ranks on this machine that share these cores)")
     devices: str = Field("auto", description="Started alone: ranks to start on this machine, one per GPU "
                                              "(auto: every visible GPU; on a CPU-only machine N CPU ranks)")
+    max_restarts: int = Field(0, ge=0, le=100, description="With --devices N > 1: times torch's elastic agent "
+                              "restarts the ranks after one dies (as torchrun --max-restarts); each restart "
+                              "resumes from the committed units")
     peer_timeout: float = Field(60.0, gt=0, description="Seconds without a heartbeat after which a rank is "
                                                        "taken as dead and the job stops")
     grace_seconds: float = Field(25.0, gt=0, le=3600, description="After a stop signal (SIGTERM, SIGINT, SIGUSR1): "

@@ -228,7 +228,8 @@ def spawn_local_ranks(config: EncodeConfig, nprocs: int) -> int:
         config_file.write_text(json.dumps(config.as_args()))
         launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs,
                                      run_id=f"wds-encode-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
-                                     rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1)
+                                     rdzv_endpoint="127.0.0.1:0", max_restarts=config.max_restarts,
+                                     monitor_interval=0.1)
         try:
             elastic_launch(launch_config, sys.executable)("-m", "wds_encode", "run", "--config", str(config_file))
         except ChildFailedError as exc:
