@@ -8,8 +8,9 @@ models/layout their channels-last CPU form;
 pinned the page-locked buffers batches reach a GPU through) -> writers (folder layout + latent
 shards) -> manifest (what is done). Back into training: loader reads either form as batches.
 Around them: storage reads and writes local paths and s3:// alike; resources sizes workers and
-threads to the CPUs and memory at hand, and heap keeps a CPU run's freed memory for reuse; runner
-drives one rank's loop; progress shows the job's progress; status reports an output's state;
+threads to the CPUs and memory at hand, and heap keeps a CPU run's freed memory for reuse; plan checks
+the inputs and decides what is left to do before the model loads, runner drives one rank's loop, and
+preemption turns a stop signal (SIGTERM) into committing what is in flight; progress shows the job's progress; status reports an output's state;
 inspect sums up its contents (counts, latent statistics, scale factor; inspect_plot draws them);
 compat checks the torch release at start; cli is the command.
 """

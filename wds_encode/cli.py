@@ -134,7 +134,8 @@ def run_encode(config: EncodeConfig) -> int:
     from .manifest import ManifestError
     from .models import CheckpointError, ModelConfigError
     from .preemption import Preempted
-    from .runner import plan_inputs, run
+    from .plan import plan_inputs
+    from .runner import run
     from .storage import StorageError, StorageFull, redact_url
 
     launch = None
@@ -358,7 +359,7 @@ def verify_command(output: str, model_config, ckpt_path, pretrained_name, num_wi
     """
     from .models import CheckpointError, ModelConfigError, load_autoencoder
     from .distributed import rank_device
-    from .runner import resolve_model_source
+    from .plan import resolve_model_source
     from .storage import Storage, StorageError
     from . import verify
 

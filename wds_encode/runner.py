@@ -1,6 +1,6 @@
-"""One rank of the job: plan, prepare (rank 0), claim units, encode, write, commit, merge stats.
+"""One rank of the job: prepare (rank 0), claim units, encode, write, commit, merge stats.
 
-Every rank checks its inputs, joins the job (`distributed.Job`), loads the model and checks its
+Every rank checks its inputs (`plan`), joins the job (`distributed.Job`), loads the model and checks its
 precision (a low precision that gives wrong latents stops the run before anything is written), and
 waits for rank 0's plan: the units still to do, in claim order. DataLoader workers claim those units one by one and decode
 them in parallel; this process batches windows, encodes them, and hands the latents to a writer
@@ -20,28 +20,27 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
+from .config import ConfigError, EncodeConfig
 from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
 from .encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
-from .manifest import SILENCE, OutputState, RunManifest, json_sha256, run_identity, versions
-from .models import load_autoencoder, resolve_autoencoder_config
+from .manifest import SILENCE, RunManifest, versions
+from .models import load_autoencoder
 from .models.layout import swappable_convs
-from .models.pretrained import resolve_pretrained
 from .heap import give_back_freed_memory, keep_freed_memory
+from .plan import RunInputs, plan_inputs, prepare_output, units_fingerprint
 from .preemption import GracefulStop, ignore_stop_signals
 from .resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .batching import LengthBatcher
-from .reader import Reader, ReaderOptions, ShardEnd, WindowItem, error_record, load_custom_metadata_fn
-from .sources import Shard, claim_order, list_shards
-from .storage import Place, S3Options, Storage, StorageError, redact_url
+from .reader import Reader, ShardEnd, WindowItem, error_record
+from .sources import Shard
+from .storage import Place, StorageError
 from .writers import FolderWriter, LatentShardWriter, npy_bytes
 
 WRITE_QUEUE_DEPTH = 8
@@ -123,17 +122,6 @@ class _Stitching:
     latents: Optional[np.ndarray] = None  # [C, frames] (tokens [Q, frames]); None before a chunk came, after a failure
     received: int = 0                     # chunks placed (or failed) so far
     error: Optional[str] = None           # the first chunk failure: the file is an error record
-
-
-def resolve_model_source(config: EncodeConfig) -> tuple[dict, Path]:
-    """(model config dict, checkpoint path) from --model-config/--ckpt-path or --pretrained-name."""
-    if config.pretrained_name is not None:
-        config_path, ckpt_path = resolve_pretrained(config.pretrained_name, allow_download=config.allow_download)
-        return load_model_config(config_path), ckpt_path
-    assert config.model_config_path is not None and config.ckpt_path is not None
-    if not config.ckpt_path.is_file():
-        raise ConfigError(f"--ckpt-path {config.ckpt_path}: file not found")
-    return load_model_config(config.model_config_path), config.ckpt_path
 
 
 class _WriterThread(threading.Thread):
@@ -347,104 +335,6 @@ def _collate(items: list[WindowItem], out: Optional[torch.Tensor] = None
     masks = torch.stack([it.padding_mask for it in items])
     keys = [it.noise_key for it in items]
     return audio, masks, keys
-
-
-@dataclass
-class RunInputs:
-    """Everything checked before the model loads or any rank joins: a bad input fails here, in seconds."""
-
-    config: EncodeConfig
-    dataset_config: DatasetConfig
-    model_config: dict
-    ckpt_path: Path
-    chunking: str
-    units: list[Shard]           # every unit of the dataset, in listing order (the same on every rank)
-    storage: Storage             # this process's S3 clients; defaults from --s3-profile / --s3-endpoint-url
-    downsampling_ratio: int = 1
-
-    def window_options(self, sample_rate: int, channels: int) -> ReaderOptions:
-        """How the reader cuts files for this run: fixed windows of --sample-size, or with --chunking
-        full windows at each file's own length (rounded up to the ratio), at most --max-seconds."""
-        config = self.config
-        size, multiple = config.sample_size, 1
-        if self.chunking == "full":
-            multiple = self.downsampling_ratio
-            size = max(multiple, int(config.max_seconds * sample_rate) // multiple * multiple)
-        return ReaderOptions(sample_rate=sample_rate, channels=channels, sample_size=size,
-                             chunking=self.chunking, max_chunks=config.max_chunks, seed=config.seed,
-                             length_multiple=multiple, overlap=config.overlap if self.chunking == "full" else 0)
-
-    def output_place(self) -> Place:
-        return self.storage.place(self.config.output_path)
-
-
-def plan_inputs(config: EncodeConfig) -> RunInputs:
-    """Validate configs, list the work units and check the output can be written (one probe
-    object, removed at once): a bad input or an unwritable output fails before the model loads."""
-    assert config.dataset_config is not None and config.output_path is not None
-    dataset_config = load_dataset_config(config.dataset_config)
-    for entry in dataset_config.datasets:  # fail fast on a broken metadata module
-        module = dataset_config.metadata_module_for(entry)
-        if module:
-            try:
-                load_custom_metadata_fn(module)
-            except Exception as exc:
-                raise ConfigError(f"{config.dataset_config}: custom_metadata_module {module}: {exc}") from exc
-    storage = Storage(S3Options(profile=config.s3_profile, endpoint_url=config.s3_endpoint_url,
-                                region=config.s3_region))
-    units = list_shards(dataset_config, storage, files_per_unit=config.files_per_unit)
-    try:
-        storage.place(config.output_path).check_writable()
-    except StorageError as exc:
-        raise ConfigError(f"--output-path {redact_url(config.output_path)}: {exc.reason} "
-                          f"(at {exc.place}); fix the path, the bucket or its permissions") from None
-    model_config, ckpt_path = resolve_model_source(config)
-    ratio = int(resolve_autoencoder_config(model_config).ae_config["downsampling_ratio"])
-    if config.chunking == "full":
-        rate = int(model_config["sample_rate"])
-        if int(config.max_seconds * rate) < ratio:
-            raise ConfigError(f"--max-seconds {config.max_seconds:g} is shorter than one latent frame "
-                              f"({ratio} samples at {rate} Hz)")
-        chunk = int(config.max_seconds * rate) // ratio   # the window of RunInputs.window_options, in frames
-        if config.overlap >= chunk:
-            raise ConfigError(f"--overlap {config.overlap} must be smaller than the --max-seconds "
-                              f"{config.max_seconds:g} chunk, {chunk} latent frames of {ratio} samples at {rate} Hz "
-                              f"(lower --overlap, or raise --max-seconds to at least "
-                              f"{((config.overlap + 1) * ratio + 0.5) / rate:.8g})")
-    elif config.sample_size % ratio and "sample_size" not in config.model_fields_set:
-        # the default window (stable-audio-tools' 1320960) does not fit every model (SAME: 4096 per frame):
-        # the largest window below it that does
-        config = config.model_copy(update={"sample_size": config.sample_size // ratio * ratio})
-    elif config.sample_size % ratio:
-        raise ConfigError(f"--sample-size {config.sample_size} is not a multiple of the model's "
-                          f"downsampling_ratio {ratio}; latents would not line up "
-                          f"(try {config.sample_size // ratio * ratio})")
-    chunking = config.chunking
-    if chunking == "crop" and dataset_config.random_crop:
-        chunking = "random_crop"
-    return RunInputs(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
-                     chunking=chunking, units=units, storage=storage, downsampling_ratio=ratio)
-
-
-def units_fingerprint(units: list[Shard]) -> str:
-    """What every rank must agree on: the same units at the same indices."""
-    return json_sha256([[u.shard_id, u.url] for u in units])
-
-
-def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list[int], OutputState]:
-    """Rank 0, before anyone claims work: check the output is this run's (or clear it with
-    --overwrite), remove what interrupted runs left, and order what is left to do.
-    Returns (run identity, unit indices in claim order, the output's state)."""
-    config = inputs.config
-    options = {**config.model_dump(), "effective_precision": config.effective_precision}
-    identity = run_identity(inputs.model_config, inputs.ckpt_path, options, inputs.dataset_config.random_crop)
-    state = manifest.prepare(identity, config.overwrite)
-    if not state.done:  # nothing committed yet (a first run, --overwrite): an interrupted run lists no window
-        manifest.write_filelist([])
-    index = {id(u): i for i, u in enumerate(inputs.units)}
-    todo = claim_order([u for u in inputs.units if u.shard_id not in state.done],
-                       shuffle=config.shuffle, seed=config.seed)
-    return identity, [index[id(u)] for u in todo], state
 
 
 def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, elapsed: float) -> RunStats:
