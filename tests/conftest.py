@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import subprocess
 import tarfile
 import sys
@@ -81,6 +82,13 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
+MiB = 1 << 20
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
 def read_folder_layout(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
     """Every (latent, metadata) of OUT/{rank}/*.npy, by output key; fails on a duplicate key."""
     found: dict[str, tuple[np.ndarray, dict]] = {}
@@ -150,6 +158,20 @@ def s3_in_process(s3, monkeypatch):
         if name.startswith("AWS_") or name.lower() == "no_proxy":
             monkeypatch.setenv(name, value)
     return s3
+
+
+@pytest.fixture
+def storage(s3_in_process):
+    """A Storage reaching moto directly (endpoint from AWS_ENDPOINT_URL, test credentials from the env)."""
+    from wds_encode.storage import Storage
+    return Storage()
+
+
+@pytest.fixture
+def proxied(s3_in_process, fault_proxy):
+    """A Storage whose S3 requests all go through the fault proxy."""
+    from wds_encode.storage import S3Options, Storage
+    return Storage(S3Options(endpoint_url=fault_proxy.endpoint))
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -593,6 +593,21 @@ def fast_retries(monkeypatch) -> None:
                         functools.partial(botocore.retries.bucket.TokenBucket, min_rate=50))
 
 
+def record_requests(proxy, hold_from_get: int = 0) -> tuple[list, threading.Event]:
+    """Note (method, path with query, lower-cased headers) of every request the proxy sees from now on; with
+    hold_from_get=N, hold that object GET and every request after it (until proxy.release() or stop()).
+
+    Returns the notes and the Event set once a request is held. (A stall predicate: the proxy asks it
+    about every request, headers included, until it says hold.)"""
+    seen: list[tuple[str, str, dict]] = []
+
+    def note(method: str, target: str, headers: dict) -> bool:
+        seen.append((method, target, headers))
+        gets = sum(1 for m, t, _h in seen if m == "GET" and "list-type" not in t)
+        return bool(hold_from_get) and gets >= hold_from_get
+    return seen, proxy.stall(note)
+
+
 # --- fixtures ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ precision check at start; models/ holds the networks, stable-audio-tools' and St
 models/layout their channels-last CPU form;
 pinned the page-locked buffers batches reach a GPU through) -> writers (folder layout + latent
 shards) -> manifest (what is done). Back into training: loader reads either form as batches.
-Around them: storage reads and writes local paths and s3:// alike; resources sizes workers and
+Around them: storage/ reads and writes local paths and s3:// alike behind one interface, one module per
+backend (storage/local, storage/s3, and storage/stream for S3 reads that resume with a ranged GET); resources sizes workers and
 threads to the CPUs and memory at hand, and heap keeps a CPU run's freed memory for reuse; plan checks
 the inputs and decides what is left to do before the model loads, runner drives one rank's loop, and
 preemption turns a stop signal (SIGTERM) into committing what is in flight; progress shows the job's progress; status reports an output's state;

@@ -1,0 +1,151 @@
+"""The local-path backend: a file is written under a temporary name (`*.partial`) and renamed into
+place, so a reader sees the old file or the new one, never a part."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Iterable, Optional
+
+from . import FULL_ERRNOS, PARTIAL, PROBE_DIR, ObjectWriter, Place, local_error
+
+
+def _rename_into_place(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise local_error(str(target), exc, "cannot rename into place") from None
+
+
+class LocalPlace(Place):
+    def __init__(self, url: str):
+        self.url = str(url)
+        self.root = Path(url)
+
+    def _path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def read(self, relative: str) -> Optional[bytes]:
+        try:
+            return self._path(relative).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise local_error(str(self._path(relative)), exc, "cannot read") from None
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                path.unlink(missing_ok=True)  # a truncated file helps nobody on a full disk
+            raise local_error(str(path), exc, "cannot write") from None
+
+    def write(self, relative: str, data: bytes) -> None:
+        final = self._path(relative)
+        tmp = final.with_name(final.name + PARTIAL)
+        self._write_file(tmp, data)
+        _rename_into_place(tmp, final)
+
+    def delete(self, relatives: Iterable[str]) -> int:
+        count = 0
+        for rel in relatives:
+            try:
+                self._path(rel).unlink()
+                count += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise local_error(str(self._path(rel)), exc, "cannot delete") from None
+        return count
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        """Files under `prefix` (a folder, relative), recursively: relative path -> size."""
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return {}
+        found = {}
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    found[os.path.relpath(path, self.root).replace(os.sep, "/")] = os.path.getsize(path)
+                except FileNotFoundError:
+                    continue
+        return found
+
+    def stage(self, relative: str, data: bytes) -> None:
+        final = self._path(relative)
+        self._write_file(final.with_name(final.name + PARTIAL), data)
+
+    def publish(self, relatives: list[str]) -> None:
+        for rel in relatives:
+            final = self._path(rel)
+            _rename_into_place(final.with_name(final.name + PARTIAL), final)
+
+    def unstage(self, relatives: list[str]) -> None:
+        for rel in relatives:
+            final = self._path(rel)
+            final.with_name(final.name + PARTIAL).unlink(missing_ok=True)
+
+    def open_object(self, relative: str) -> "ObjectWriter":
+        return LocalObjectWriter(self._path(relative))
+
+    def check_writable(self) -> None:
+        """A probe file in the output folder itself, deleted at once (a probe folder would stay behind,
+        and removing it would race with another rank's probe); a leftover is a `*.partial`."""
+        name = f"{PROBE_DIR}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}"
+        probe = self._path(name)
+        self._write_file(probe, b"wds-encode write probe\n")
+        try:
+            probe.unlink()
+        except OSError as exc:
+            raise local_error(str(probe), exc, "cannot delete") from None
+
+    def remove_unfinished(self) -> int:
+        """Delete `*.partial` files an interrupted run left behind."""
+        partials = [rel for rel in self.list() if rel.endswith(PARTIAL)]
+        return self.delete(partials)
+
+
+class LocalObjectWriter(ObjectWriter):
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + PARTIAL)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: Optional[BinaryIO] = open(self.tmp, "wb")
+        except OSError as exc:
+            raise local_error(str(self.tmp), exc, "cannot write") from None
+
+    def write(self, data: bytes) -> int:
+        assert self._file is not None
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            raise local_error(str(self.path), exc, "cannot write") from None
+
+    def finish(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as exc:
+                raise local_error(str(self.path), exc, "cannot write") from None
+            self._file = None
+
+    def commit(self) -> None:
+        self.finish()
+        _rename_into_place(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,329 @@
+"""The S3 backend. S3 has no rename, so an object is uploaded at its final name: small ones off the
+caller's thread, large ones as a multipart upload completed only on commit and aborted otherwise.
+Also how a client is made (its retry policy) and how a prefix is listed."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Optional
+
+from . import S3_SCHEME, ObjectWriter, Place, S3Options, Storage, StorageError, redact_url, s3_error, split_s3
+
+PART_SIZE = 8 << 20           # multipart part size (S3's minimum is 5 MiB)
+# What a store answers for an API it does not have (s3rver: NotImplemented for ListMultipartUploads)
+UNSUPPORTED_CODES = ("NotImplemented", "NotSupported", "MethodNotAllowed", "UnsupportedOperation", "501", "405")
+LIFECYCLE_RULE = ('{"Rules": [{"ID": "abort-incomplete-uploads", "Status": "Enabled", "Filter": {}, '
+                  '"AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]} '
+                  "(aws s3api put-bucket-lifecycle-configuration --bucket BUCKET --lifecycle-configuration ...)")
+UPLOAD_THREADS = 8
+UPLOAD_BYTES_IN_FLIGHT = 256 << 20
+DELETE_BATCH = 1000           # S3 DeleteObjects takes at most 1000 keys
+RECORD_READ_THREADS = 32
+CLIENT_RETRIES = 10           # botocore attempts per request (adaptive mode: 503 SlowDown, throttling, 5xx)
+
+
+def make_client(options: S3Options, on_call):
+    """A boto3 S3 client for `options` with its retry policy; `on_call` sees every response (retry counts)."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions as bex
+    try:
+        session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
+    except bex.ProfileNotFound as exc:
+        raise StorageError(f"AWS profile {options.profile!r}", f"{exc}; check ~/.aws/config") from None
+    config = botocore.config.Config(
+        retries={"mode": "adaptive", "max_attempts": CLIENT_RETRIES},
+        connect_timeout=10, read_timeout=60, max_pool_connections=UPLOAD_THREADS + 8)
+    client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
+    client.meta.events.register("after-call.s3", on_call)
+    return client
+
+
+def list_tar_objects(storage: Storage, url: str, options: Optional[S3Options]) -> list[tuple[str, int]]:
+    """Every `.tar` under an s3:// prefix (recursive, sorted) with its size; a `.tar` URL is itself."""
+    bucket, key = split_s3(url)
+    client = storage.client(options)
+    if key.endswith(".tar"):
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise s3_error(url, exc, "cannot read") from None
+        return [(url, int(head["ContentLength"]))]
+    prefix = key if not key or key.endswith("/") else key + "/"
+    return [(f"{S3_SCHEME}{bucket}/{k}", size) for k, size in list_objects(client, bucket, prefix, url)
+            if k.endswith(".tar")]
+
+
+def list_objects(client, bucket: str, prefix: str, url: str) -> list[tuple[str, int]]:
+    """Every key under `prefix` with its size, sorted (all pages)."""
+    found = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found.extend((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", ()))
+    except Exception as exc:
+        raise s3_error(url, exc, "cannot list") from None
+    return sorted(found)
+
+
+class _BytesBudget:
+    """Blocks a producer while more than `limit` bytes are waiting to be uploaded."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class S3Place(Place):
+    """An `s3://bucket/prefix/` output. Uploads run on a small thread pool, bounded in bytes."""
+
+    def __init__(self, storage: Storage, url: str, options: Optional[S3Options] = None):
+        self.storage = storage
+        self.options = options
+        self.bucket, key = split_s3(url)
+        self.prefix = key if not key or key.endswith("/") else key + "/"
+        self.url = f"{S3_SCHEME}{self.bucket}/{self.prefix}"
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._budget = _BytesBudget(UPLOAD_BYTES_IN_FLIGHT)
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._warned_unsupported = False
+
+    @property
+    def client(self):
+        return self.storage.client(self.options)
+
+    def key(self, relative: str) -> str:
+        return self.prefix + relative.lstrip("/")
+
+    def read(self, relative: str) -> Optional[bytes]:
+        """The object's bytes (a dropped stream continues where it broke), or None when there is none."""
+        try:
+            return self.storage.read_bytes(self.child(relative), self.options)
+        except StorageError as exc:
+            if exc.code in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def read_many(self, relatives: list[str]) -> dict[str, Optional[bytes]]:
+        if len(relatives) <= 1:
+            return super().read_many(relatives)
+        with ThreadPoolExecutor(RECORD_READ_THREADS, thread_name_prefix="wds-encode-read") as pool:
+            return dict(zip(relatives, pool.map(self.read, relatives)))
+
+    def write(self, relative: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(relative), Body=data)
+        except Exception as exc:
+            raise s3_error(self.child(relative), exc, "cannot write") from None
+
+    def delete(self, relatives: Iterable[str]) -> int:
+        keys = [self.key(rel) for rel in relatives]
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start:start + DELETE_BATCH]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            except Exception as exc:
+                raise s3_error(self.url, exc, "cannot delete") from None
+            failed = response.get("Errors") or []
+            if failed:
+                first = failed[0]
+                raise StorageError(f"{S3_SCHEME}{self.bucket}/{first.get('Key')}",
+                                   f"cannot delete: {first.get('Code')}: {first.get('Message')} "
+                                   f"({len(failed)} keys not deleted)")
+        return len(keys)
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        rel_prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        found = list_objects(self.client, self.bucket, self.prefix + rel_prefix, self.url)
+        return {key[len(self.prefix):]: size for key, size in found}
+
+    # --- background uploads (the folder layout)
+    def _submit(self, relative: str, fn, size: int) -> Future:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="wds-encode-upload")
+            pool = self._pool
+        self._budget.take(size)
+
+        def run():
+            try:
+                return fn()
+            finally:
+                self._budget.give(size)
+        return pool.submit(run)
+
+    def stage(self, relative: str, data: bytes) -> None:
+        future = self._submit(relative, lambda: self.write(relative, data), len(data))
+        with self._lock:
+            self._pending[relative] = future
+
+    def _wait(self, relatives: list[str]) -> None:
+        first_error: Optional[BaseException] = None
+        for rel in relatives:
+            with self._lock:
+                future = self._pending.pop(rel, None)
+            if future is None:
+                continue
+            exc = future.exception()
+            if exc is not None and first_error is None:
+                first_error = exc
+        if first_error is not None:
+            raise first_error
+
+    def publish(self, relatives: list[str]) -> None:
+        self._wait(relatives)
+
+    def unstage(self, relatives: list[str]) -> None:
+        try:
+            self._wait(relatives)
+        finally:
+            self.delete(relatives)
+
+    def open_object(self, relative: str) -> "ObjectWriter":
+        return S3ObjectWriter(self, relative)
+
+    def uploads_in_progress(self) -> list[tuple[str, str]]:
+        """(key, upload id) of every multipart upload under this place that was never completed."""
+        found = []
+        try:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                found.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", ()))
+        except Exception as exc:
+            raise s3_error(self.url, exc, "cannot list multipart uploads") from None
+        return found
+
+    def remove_unfinished(self) -> int:
+        """Abort the multipart uploads an interrupted run left open (they are billed until aborted).
+
+        An open upload is invisible to every reader, so exactly-once does not depend on this clean-up: on
+        a store that does not implement listing or aborting uploads (s3rver, some S3-compatible stores) it
+        is skipped with one warning naming the lifecycle rule that does it instead."""
+        try:
+            uploads = self.uploads_in_progress()
+        except StorageError as exc:
+            if exc.code not in UNSUPPORTED_CODES:
+                raise
+            self._warn_unsupported("list multipart uploads", exc)
+            return 0
+        aborted = 0
+        for key, upload_id in uploads:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                aborted += 1
+            except Exception as exc:
+                error = s3_error(f"{S3_SCHEME}{self.bucket}/{key}", exc, "cannot abort upload")
+                if error.code not in UNSUPPORTED_CODES:
+                    raise error from None
+                self._warn_unsupported("abort multipart uploads", error)
+        return aborted
+
+    def _warn_unsupported(self, what: str, error: StorageError) -> None:
+        if self._warned_unsupported:
+            return
+        self._warned_unsupported = True
+        print(f"wds-encode: warning: {redact_url(self.url)}: this store cannot {what} ({error.code}), so uploads "
+              "an interrupted run left open stay (unseen by readers, but billed where the store bills them); "
+              f"let the bucket clean them up with a lifecycle rule: {LIFECYCLE_RULE}", file=sys.stderr)
+
+    def close(self) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        try:
+            self._wait(pending)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
+class S3ObjectWriter(ObjectWriter):
+    """A multipart upload: parts go up as the data comes, the object appears on `commit`.
+
+    On `abort` (or an error) the upload is aborted, so no half object is left billed.
+    """
+
+    def __init__(self, place: S3Place, relative: str):
+        self.place = place
+        self.relative = relative
+        self.key = place.key(relative)
+        self.url = place.child(relative)
+        self._buffer = bytearray()
+        self._upload_id: Optional[str] = None
+        self._parts: list[Future] = []
+
+    def _start(self) -> str:
+        if self._upload_id is None:
+            try:
+                self._upload_id = self.place.client.create_multipart_upload(
+                    Bucket=self.place.bucket, Key=self.key)["UploadId"]
+            except Exception as exc:
+                raise s3_error(self.url, exc, "cannot start upload") from None
+        return self._upload_id
+
+    def _send_part(self) -> None:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        upload_id = self._start()
+        number = len(self._parts) + 1
+
+        def upload():
+            try:
+                response = self.place.client.upload_part(Bucket=self.place.bucket, Key=self.key, UploadId=upload_id,
+                                                         PartNumber=number, Body=data)
+            except Exception as exc:
+                raise s3_error(self.url, exc, f"cannot upload part {number}") from None
+            return {"PartNumber": number, "ETag": response["ETag"]}
+        self._parts.append(self.place._submit(self.relative, upload, len(data)))
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        if len(self._buffer) >= PART_SIZE:
+            self._send_part()
+        return len(data)
+
+    def finish(self) -> None:
+        """Send what is buffered as the last part (the object still does not exist)."""
+        if self._buffer or not self._parts:
+            self._send_part()
+
+    def commit(self) -> None:
+        try:
+            self.finish()
+            parts = [f.result() for f in self._parts]
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            self.place.client.complete_multipart_upload(
+                Bucket=self.place.bucket, Key=self.key, UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts})
+        except Exception as exc:
+            self.abort()
+            raise s3_error(self.url, exc, "cannot complete upload") from None
+
+    def abort(self) -> None:
+        for future in self._parts:
+            future.exception()  # wait; the error (if any) no longer matters
+        self._buffer.clear()
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            try:
+                self.place.client.abort_multipart_upload(Bucket=self.place.bucket, Key=self.key, UploadId=upload_id)
+            except Exception:
+                pass  # an upload left open is aborted by the next run's remove_unfinished
