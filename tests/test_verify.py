@@ -109,6 +109,19 @@ def test_pick_windows_is_deterministic(tmp_path):
         pick_windows(LocalPlace(str(tmp_path / "empty")), 3)
 
 
+def test_pick_windows_takes_only_committed_windows(demo_output, tmp_path):
+    """After an interrupted run (no rerun yet) a rank folder holds windows no record lists: not the output."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(demo_output, out)
+    committed = pick_windows(LocalPlace(str(out)), 10_000)
+    stray = out / "0" / "0009999990000.npy"
+    np.save(stray, np.zeros((16, 4), np.float32))
+    stray.with_suffix(".json").write_text("{}")
+    assert pick_windows(LocalPlace(str(out)), 10_000) == committed and "0/0009999990000.npy" not in committed
+    assert len(committed) == len(list(demo_output.glob("[0-9]*/*.npy")))
+
+
 def test_verify_without_a_runnable_decoder_checks_re_encoding_only(demo_output, demo_model, tmp_path):
     config = json.loads(demo_model[0].read_text())
     config["model"]["decoder"]["type"] = "local_attn"  # a decoder this version cannot build

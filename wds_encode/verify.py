@@ -50,8 +50,12 @@ class WindowCheck:
 
 
 def pick_windows(place: Place, n: int, seed: int = 0) -> list[str]:
-    """N latent files (relative paths) of the folder layout, spread over the run (deterministic for a seed)."""
-    files = sorted(rel for rel in place.list() if rel.endswith(".npy") and folder_file_id(rel) is not None)
+    """N latent files (relative paths) of the folder layout, spread over the run (deterministic for a seed):
+    the committed ones the unit records list (an interrupted run's leftovers are not the output), or every
+    one found where there are no records."""
+    committed = [f"{r['rank']}/{i}.npy" for r in RunManifest(place).records() for i in r.get("folder_ids", ())]
+    files = sorted(committed or (rel for rel in place.list() if rel.endswith(".npy")
+                                 and folder_file_id(rel) is not None))
     if not files:
         raise FileNotFoundError(f"{place.url}: no latent files (OUT/RANK/ID.npy) to verify")
     if len(files) <= n:
