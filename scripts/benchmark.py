@@ -88,7 +88,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wds_encode.resources import cpu_flags  # noqa: E402  (imports no torch)
+from wds_encode.job.resources import cpu_flags  # noqa: E402  (imports no torch)
 
 
 def keep_onednn_off_amx() -> bool:
@@ -109,16 +109,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
 from wds_encode.config import EncodeConfig, load_dataset_config  # noqa: E402
-from wds_encode.distributed import rank_device  # noqa: E402
-from wds_encode.encoder import BatchEncoder, PrecisionMismatch  # noqa: E402
+from wds_encode.job.distributed import rank_device  # noqa: E402
+from wds_encode.pipeline.encoder import BatchEncoder, PrecisionMismatch  # noqa: E402
 from wds_encode.models import build_autoencoder, demo_model_paths, load_autoencoder  # noqa: E402
 from wds_encode.models.demo_model import demo_state_dict  # noqa: E402
 from wds_encode.models.reference_configs import STABLE_AUDIO_OPEN_VAE as SAO_VAE  # noqa: E402
-from wds_encode.reader import Reader, ReaderOptions, ShardEnd, WindowItem  # noqa: E402
-from wds_encode.resources import available_cpus, plan_cpus  # noqa: E402
-from wds_encode.heap import keep_freed_memory  # noqa: E402
+from wds_encode.pipeline.reader import Reader, ReaderOptions, ShardEnd, WindowItem  # noqa: E402
+from wds_encode.job.resources import available_cpus, plan_cpus  # noqa: E402
+from wds_encode.job.heap import keep_freed_memory  # noqa: E402
 from wds_encode.runner import run, use_channels_last  # noqa: E402
-from wds_encode.sources import list_shards  # noqa: E402
+from wds_encode.pipeline.sources import list_shards  # noqa: E402
 from wds_encode.synth import write_tar_shards  # noqa: E402
 
 # --skip names ("channels-last", "compiled": those modes of the encoder alone)

@@ -272,7 +272,7 @@ if __name__ == "__main__" and sys.argv[1] in RUN_VERDICTS:   # these need no tor
 import torch  # noqa: E402
 
 from wds_encode.config import load_model_config  # noqa: E402
-from wds_encode.encoder import BatchEncoder  # noqa: E402
+from wds_encode.pipeline.encoder import BatchEncoder  # noqa: E402
 from wds_encode.models import demo_model_paths, load_autoencoder  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -345,7 +345,7 @@ def cpu_oom_split():
 
 def oom_messages():
     # cuDNN and cuBLAS report a failed allocation with their own status codes, not "out of memory"
-    from wds_encode.encoder import is_out_of_memory
+    from wds_encode.pipeline.encoder import is_out_of_memory
     cases = {
         "CUDA out of memory": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         "CUDNN_STATUS_ALLOC_FAILED": RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
@@ -363,7 +363,7 @@ def cpu_check_precision():
     # bf16 on this CPU is either right (rounding only: the check passes and says by how much) or wrong
     # (oneDNN's AMX kernels in some torch builds: the check must refuse, and a direct measurement of
     # the encoder's bf16 output must agree that it is wrong)
-    from wds_encode.encoder import PrecisionMismatch
+    from wds_encode.pipeline.encoder import PrecisionMismatch
     model = demo_model()
     enc = BatchEncoder(model, device=CPU, precision="bf16")
     try:

@@ -191,7 +191,7 @@ def assert_half_precision_close_or_refused(model_loader, dtype, relative_error: 
     to write such latents: the precision check at its start has to find the same disagreement."""
     import torch
 
-    from wds_encode.encoder import BatchEncoder, PrecisionMismatch
+    from wds_encode.pipeline.encoder import BatchEncoder, PrecisionMismatch
     if relative_error < 0.05:
         return
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

@@ -1,4 +1,4 @@
-"""wds_encode.audio: decoding, conforming, resampling and windowing real encoded files."""
+"""wds_encode.pipeline.audio: decoding, conforming, resampling and windowing real encoded files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from wds_encode.audio import (
+from wds_encode.pipeline.audio import (
     AUDIO_EXTENSIONS,
     AudioDecodeError,
     Window,
@@ -534,7 +534,7 @@ def test_impossible_channel_count_is_a_decode_error():
 
 _SPLIT_MP3 = r"""
 import sys
-import wds_encode.audio as audio
+import wds_encode.pipeline.audio as audio
 from wds_encode.synth import make_sample_set
 if sys.argv[1] == "loud":
     audio._NOISY_SEEK_FORMATS = frozenset()

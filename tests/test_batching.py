@@ -1,4 +1,4 @@
-"""wds_encode/batching.py: batches hold windows of one length, at most `buffer` windows wait, and a
+"""wds_encode/pipeline/batching.py: batches hold windows of one length, at most `buffer` windows wait, and a
 unit's end comes out only after every batch holding one of its windows."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from wds_encode.batching import LengthBatcher
-from wds_encode.reader import ShardEnd, WindowItem
-from wds_encode.sources import Shard
+from wds_encode.pipeline.batching import LengthBatcher
+from wds_encode.pipeline.reader import ShardEnd, WindowItem
+from wds_encode.pipeline.sources import Shard
 
 
 def window(unit: str, length: int, i: int) -> WindowItem:

@@ -313,7 +313,7 @@ def test_is_discrete_writes_integer_tokens(mixed_shards, tmp_path, name, dtype):
     from conftest import golden_model
     from wds_encode.config import load_model_config
     from wds_encode.models import load_autoencoder
-    from wds_encode.verify import source_window
+    from wds_encode.tools.verify import source_window
     folder, _, _ = mixed_shards
     config, ckpt = golden_model(name)
     dataset = write_dataset_config(tmp_path / "d.json", "wds", [{"id": "mix", "path": str(folder)}],

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from wds_encode.config import ConfigError, EncodeConfig, encode_config_from
-from wds_encode.distributed import (CLAIM_KEY, Job, Launch, UnitClaims, check_topology, count_cpu_sharers,
+from wds_encode.job.distributed import (CLAIM_KEY, Job, Launch, UnitClaims, check_topology, count_cpu_sharers,
                                     detect_launch, first_slurm_host, local_process_count, shared_gpu_error,
                                     slurm_tasks_per_node)
 
@@ -143,7 +143,7 @@ def test_every_index_is_claimed_exactly_once_across_processes():
 
 RANK_SCRIPT = textwrap.dedent("""
     import os, signal, sys, time, torch
-    from wds_encode.distributed import Job, JobAborted, detect_launch
+    from wds_encode.job.distributed import Job, JobAborted, detect_launch
     launch = detect_launch(os.environ)
     job = Job(launch, torch.device("cpu"), peer_timeout=float(sys.argv[1]))
     if launch.rank == 1:
@@ -263,7 +263,7 @@ def test_two_ranks_on_one_gpu_stop_at_join_before_any_work():
 
 HOSTED_BY_RANK_0_SCRIPT = textwrap.dedent("""
     import json, os, sys, time, torch
-    from wds_encode import distributed
+    from wds_encode.job import distributed
     from wds_encode.config import ConfigError
     launch = distributed.detect_launch(os.environ)
     if launch.rank == 1:  # join second, then be slow to see each barrier pass: rank 0 must wait for it

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from wds_encode.config import load_model_config
-from wds_encode.encoder import PRECISION_CHECK_LIMIT, BatchEncoder, PrecisionMismatch, is_out_of_memory, key_seed, latent_padding_mask
+from wds_encode.pipeline.encoder import PRECISION_CHECK_LIMIT, BatchEncoder, PrecisionMismatch, is_out_of_memory, key_seed, latent_padding_mask
 from wds_encode.models import demo_model_paths, load_autoencoder
 
 N = 64 * 32
@@ -174,7 +174,7 @@ def test_the_precision_check_refuses_a_model_that_overflows_fp16(model):
 
 
 def test_the_precision_check_advises_the_onednn_cap_on_an_amx_cpu(model, monkeypatch):
-    import wds_encode.encoder as encoder_module
+    import wds_encode.pipeline.encoder as encoder_module
     monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
     emulate_low_precision_convolutions(monkeypatch, broken=True)
     with pytest.raises(PrecisionMismatch, match="ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"):
@@ -221,7 +221,7 @@ def test_only_the_non_finite_windows_are_rerun_in_fp32(model):
 
 
 def test_a_pinned_slot_is_given_back_when_its_batch_is_collected(model):
-    from wds_encode.pinned import PinnedRing
+    from wds_encode.pipeline.pinned import PinnedRing
     ring = PinnedRing(slots=2, pin=False)  # no CUDA here: the same ring over plain memory
     enc = BatchEncoder(model, device=torch.device("cpu"), precision="bf16", latent_mode="mean")
     audio, masks = batch()
@@ -395,7 +395,7 @@ def test_a_short_batch_padded_to_the_compiled_shape_gives_the_same_latents(model
 
 def test_compile_workers_are_bounded_by_the_ranks_cpus():
     import torch._inductor.config as inductor_config
-    from wds_encode.encoder import bound_compile_workers
+    from wds_encode.pipeline.encoder import bound_compile_workers
     before = inductor_config.compile_threads
     # the config's own patch (monkeypatch's undo would delete the entry, and every later compile would fail)
     with inductor_config.patch(compile_threads=32):  # inductor's default on a large node

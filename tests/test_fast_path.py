@@ -13,7 +13,7 @@ import torch
 
 from conftest import SEANET_SMALL, golden
 from wds_encode.config import load_model_config
-from wds_encode.encoder import BatchEncoder
+from wds_encode.pipeline.encoder import BatchEncoder
 from wds_encode.models import build_autoencoder, load_autoencoder
 from wds_encode.models.dac import Snake1d
 from wds_encode.models.oobleck import SnakeBeta

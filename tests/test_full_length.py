@@ -21,7 +21,7 @@ from conftest import (SEANET_SMALL, assert_exactly_once, golden, golden_model, r
                       read_latent_shards, write_dataset_config, write_tar)
 from wds_encode.cli import format_summary
 from wds_encode.config import EncodeConfig, load_model_config
-from wds_encode.encoder import BatchEncoder
+from wds_encode.pipeline.encoder import BatchEncoder
 from wds_encode.models import build_autoencoder, load_autoencoder
 from wds_encode.runner import run
 

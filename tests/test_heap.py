@@ -1,4 +1,4 @@
-"""wds_encode/heap.py: after `keep_freed_memory`, a large block allocated again after free is served
+"""wds_encode/job/heap.py: after `keep_freed_memory`, a large block allocated again after free is served
 from memory the process already has (no page faults), as the CPU encoder allocates every layer's
 output batch after batch, and `give_back_freed_memory` returns the free pages when asked. Each case
 runs in a fresh interpreter: the setting is process-wide."""
@@ -16,7 +16,7 @@ import pytest
 PROBE = r"""
 import json, resource, sys
 import torch
-from wds_encode.heap import keep_freed_memory
+from wds_encode.job.heap import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "keep" else None
 x = torch.ones(4, 1 << 22)             # 64 MB, above glibc's largest mmap threshold
 faults = []
@@ -53,7 +53,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 TRIM_PROBE = r"""
 import json, re
 import torch
-from wds_encode.heap import give_back_freed_memory, keep_freed_memory
+from wds_encode.job.heap import give_back_freed_memory, keep_freed_memory
 
 def rss_mb():
     return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024

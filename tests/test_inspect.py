@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import golden_model, run_cli, write_dataset_config, write_tar
-from wds_encode.inspect import ChannelMoments, Reservoir, format_inspection, inspect_output, inspect_shards, \
+from wds_encode.tools.inspect import ChannelMoments, Reservoir, format_inspection, inspect_output, inspect_shards, \
     reason_kind
-from wds_encode.status import output_status
+from wds_encode.tools.status import output_status
 from wds_encode.storage import LocalPlace, Storage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import SEANET_SMALL, golden
 from wds_encode.config import load_model_config
-from wds_encode.encoder import BatchEncoder
+from wds_encode.pipeline.encoder import BatchEncoder
 from wds_encode.models import build_autoencoder, load_autoencoder
 from wds_encode.models.layout import ChannelsLastConv1d, channels_last_encoder
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from wds_encode.manifest import IDENTITY_OPTIONS, ManifestError, RunManifest, run_identity
+from wds_encode.pipeline.manifest import IDENTITY_OPTIONS, ManifestError, RunManifest, run_identity
 from wds_encode.storage import S3Place
 
 OPTIONS = {k: None for k in IDENTITY_OPTIONS} | {"sample_size": 1024, "latent_mode": "sample", "seed": 0}

@@ -485,7 +485,7 @@ def test_demo_model_loads_and_gives_sane_latents():
 def test_demo_model_is_trained_from_the_seeded_init(tmp_path):
     """The bundled weights are scripts/train_demo_model.py's training of demo_state_dict()."""
     from wds_encode.models.demo_model import DEMO_MODEL_CONFIG
-    from wds_encode.verify import log_mel, mel_distance
+    from wds_encode.tools.verify import log_mel, mel_distance
 
     config_path, ckpt_path = demo_model_paths()
     assert json.loads(config_path.read_text()) == DEMO_MODEL_CONFIG

@@ -22,10 +22,10 @@ from click.testing import CliRunner
 
 from conftest import (GOLDEN_DIR, SEANET_SMALL, assert_exactly_once, golden_model, read_folder_layout,
                       read_latent_shards, write_dataset_config, write_tar)
-from wds_encode.audio import conform_channels, decode_audio, plan_chunks, resample
+from wds_encode.pipeline.audio import conform_channels, decode_audio, plan_chunks, resample
 from wds_encode.cli import main
 from wds_encode.config import load_model_config
-from wds_encode.encoder import BatchEncoder, key_seed
+from wds_encode.pipeline.encoder import BatchEncoder, key_seed
 from wds_encode.models import build_autoencoder, demo_model_paths, load_autoencoder
 
 SA3_GOLDEN = GOLDEN_DIR.parent / "golden-sa3"
@@ -345,7 +345,7 @@ def test_a_file_that_breaks_after_its_first_chunks_went_on_is_one_error_and_not_
     """The reader passes a long file's chunks on before all are decoded (past HOLD_BYTES; here at once): when
     a later chunk cannot be decoded (NaN samples), the chunks already encoded are dropped with the file at
     its unit's commit, the reader's error record says so, and the unit's other files are written."""
-    import wds_encode.reader as reader_module
+    import wds_encode.pipeline.reader as reader_module
     monkeypatch.setattr(reader_module, "HOLD_BYTES", 0)
     chunk, overlap = FAMILIES["demo"]
     model = load(family_models["demo"])
@@ -367,8 +367,8 @@ def test_a_file_that_breaks_after_its_first_chunks_went_on_is_one_error_and_not_
 def test_the_reader_describes_a_chunked_file_once(tmp_path):
     """A chunked file's chunks carry one metadata (the whole file's), the custom metadata module sees it once,
     and the unit's end counts one window and the file's audio once; a rejected file is one rejection."""
-    from wds_encode.reader import Reader, ReaderOptions
-    from wds_encode.sources import Shard
+    from wds_encode.pipeline.reader import Reader, ReaderOptions
+    from wds_encode.pipeline.sources import Shard
     module = tmp_path / "md.py"
     module.write_text("CALLS = []\n"
                       "def get_custom_metadata(info, audio):\n"

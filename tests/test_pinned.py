@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from wds_encode.pinned import PinnedRing
+from wds_encode.pipeline.pinned import PinnedRing
 
 # page-locked memory needs a CUDA driver: the same ring over plain memory on a machine without one
 PIN = torch.cuda.is_available()

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import WDS_ENCODE, assert_exactly_once, run_cli, write_dataset_config
-from wds_encode.preemption import GracefulStop, Preempted
+from wds_encode.job.preemption import GracefulStop, Preempted
 from wds_encode.synth import write_tar_shards
 
 GRACE = 20
@@ -111,7 +111,7 @@ import os
 import signal
 from pathlib import Path
 
-from wds_encode import manifest
+from wds_encode.pipeline import manifest
 
 MARK = Path(os.environ["WDS_TEST_KILL_MARK"])
 _write_record = manifest.RunManifest.write_record

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from wds_encode.progress import (ProgressCounter, ProgressDisplay, ProgressTotals, format_duration, format_line,
+from wds_encode.job.progress import (ProgressCounter, ProgressDisplay, ProgressTotals, format_duration, format_line,
                                  progress_fields)
 
 TOTALS = ProgressTotals(bytes=4_000_000, units=10, units_before=2)

@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from wds_encode.reader import Reader, ReaderOptions, ShardEnd, WindowItem, sanitize_key
-from wds_encode.sources import Shard
+from wds_encode.pipeline.reader import Reader, ReaderOptions, ShardEnd, WindowItem, sanitize_key
+from wds_encode.pipeline.sources import Shard
 from wds_encode.synth import encode_audio_bytes
 
 from conftest import write_tar
@@ -118,7 +118,7 @@ def test_claimed_units_are_read_exactly_once_across_loaders_and_workers(tmp_path
     """Two DataLoaders (two ranks) x 2 workers claim from one store: every unit once, bytes add up."""
     from torch.utils.data import DataLoader
 
-    from wds_encode.distributed import Job, Launch, UnitClaims
+    from wds_encode.job.distributed import Job, Launch, UnitClaims
     from wds_encode.synth import write_tar_shards
 
     paths, samples = [], []
@@ -210,7 +210,7 @@ def test_txt_members_of_a_tar_on_s3(tmp_path, s3_in_process):
 
 def test_sidecar_captions_of_an_audio_folder(tmp_path):
     from wds_encode.config import DatasetConfig
-    from wds_encode.sources import list_shards
+    from wds_encode.pipeline.sources import list_shards
     flac = encode_audio_bytes(tone(), 16000, "flac")
     root = tmp_path / "audio"
     for rel in ("a/song.flac", "a/other.flac", "b/song.wav", "b/song.v2.flac", "c/broken.flac", "d/gone.flac"):

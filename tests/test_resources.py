@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wds_encode.resources import (CpuPlan, available_cpus, available_memory, cgroup_cpu_quota, cgroup_memory_room,
+from wds_encode.job.resources import (CpuPlan, available_cpus, available_memory, cgroup_cpu_quota, cgroup_memory_room,
                                   meminfo_available, parse_omp_num_threads, plan_cpus, process_cgroups,
                                   slurm_cpus_per_task)
 

@@ -10,7 +10,7 @@ import torch
 from conftest import read_folder_layout, write_dataset_config
 from wds_encode.cli import format_summary
 from wds_encode.config import EncodeConfig
-from wds_encode.encoder import BatchEncoder
+from wds_encode.pipeline.encoder import BatchEncoder
 from wds_encode.runner import (PREFETCH_BYTES, SILENCE_KEY, prefetch_windows, run, shared_memory_free,
                                silence_samples, write_silence)
 
@@ -143,7 +143,7 @@ def test_batches_reach_the_device_through_a_small_ring_of_reused_buffers(dataset
     """The CUDA path of the loop (collate into a ring buffer, held until the writer collects the
     batch), run on the CPU with the ring over plain memory: with 2 buffers for 6 batches the loop
     waits for the writer to give buffers back, and every window still comes out once."""
-    from wds_encode.pinned import PinnedRing
+    from wds_encode.pipeline.pinned import PinnedRing
     rings = []
     original = BatchEncoder.__init__
 
@@ -186,8 +186,8 @@ def test_silence_npy_is_silence_encoded_as_the_run_encodes_and_a_rerun_keeps_it(
 
     import numpy as np
 
-    from wds_encode.encoder import key_seed
-    from wds_encode.writers import npy_bytes
+    from wds_encode.pipeline.encoder import key_seed
+    from wds_encode.pipeline.writers import npy_bytes
     model = demo_autoencoder
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     zeros = torch.zeros(1, model.in_channels, 4096)

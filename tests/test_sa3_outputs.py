@@ -129,7 +129,7 @@ def test_sidecar_txt_files_are_the_prompt_in_both_output_forms(folder_run):
 
 
 def test_silence_npy_is_the_latents_of_sample_size_samples_of_silence(tar_run, folder_run, demo_autoencoder):
-    from wds_encode.encoder import key_seed
+    from wds_encode.pipeline.encoder import key_seed
     model = demo_autoencoder
     zeros = torch.zeros(1, model.in_channels, SAMPLE_SIZE)
     shape = (1, model.latent_dim, SAMPLE_SIZE // model.downsampling_ratio)
@@ -175,11 +175,11 @@ def test_filelist_lists_exactly_the_committed_windows(tar_run, folder_run):
 
 
 def test_status_inspect_and_verify_ignore_the_root_files(tar_run, demo_model):
-    from wds_encode import verify
+    from wds_encode.tools import verify
     from wds_encode.config import load_model_config
-    from wds_encode.inspect import inspect_output
+    from wds_encode.tools.inspect import inspect_output
     from wds_encode.models import load_autoencoder
-    from wds_encode.status import output_status
+    from wds_encode.tools.status import output_status
     from wds_encode.storage import LocalPlace
     out = tar_run[0]
     place = LocalPlace(str(out))
@@ -198,7 +198,7 @@ KILL_AT_RECORD = '''
 import os
 import signal
 
-from wds_encode import manifest
+from wds_encode.pipeline import manifest
 
 
 def write_record(self, record):  # the unit's outputs are published: die before its record says so

@@ -20,7 +20,7 @@ from wds_encode.config import load_model_config
 from wds_encode.loader import latent_loader
 from wds_encode.models import load_autoencoder
 from wds_encode.synth import encode_audio_bytes, folder_relpath, make_sample_set, write_audio_folder
-from wds_encode.verify import source_window
+from wds_encode.tools.verify import source_window
 
 CODEC = Path(__file__).resolve().parent / "assets" / "same_codec"   # a SAME model that round-trips
 ODD_SAMPLES = 1035     # pads to 33 frames of the shift model (ratio 32); SAME returns 34, as SA3 does

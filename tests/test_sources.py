@@ -3,7 +3,7 @@
 import pytest
 
 from wds_encode.config import ConfigError, DatasetConfig
-from wds_encode.sources import claim_order, list_shards, safe_name, sidecar_caption
+from wds_encode.pipeline.sources import claim_order, list_shards, safe_name, sidecar_caption
 from wds_encode.storage import S3Options, Storage
 
 

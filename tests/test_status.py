@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from conftest import run_cli, write_dataset_config
-from wds_encode.manifest import RunManifest
-from wds_encode.status import format_status, output_status
+from wds_encode.pipeline.manifest import RunManifest
+from wds_encode.tools.status import format_status, output_status
 from wds_encode.storage import LocalPlace
 
 

@@ -13,7 +13,7 @@ from conftest import run_cli, write_tar
 from wds_encode.models.demo_model import demo_state_dict
 from wds_encode.synth import encode_audio_bytes
 from wds_encode.storage import LocalPlace, Storage
-from wds_encode.verify import WindowCheck, pick_windows, read_source, snr_db, verdict
+from wds_encode.tools.verify import WindowCheck, pick_windows, read_source, snr_db, verdict
 
 
 @pytest.fixture(scope="module")

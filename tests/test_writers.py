@@ -8,7 +8,7 @@ import numpy as np
 import webdataset as wds
 
 from wds_encode.storage import LocalPlace, S3Place
-from wds_encode.writers import FolderWriter, LatentShardWriter, folder_file_id, parse_latent_id
+from wds_encode.pipeline.writers import FolderWriter, LatentShardWriter, folder_file_id, parse_latent_id
 
 
 def test_folder_layout_round_trip(place):

@@ -1,19 +1,23 @@
 """wds-encode: pre-encode audio datasets into autoencoder latents, shard by shard.
 
-A sample's path through the package, one module per stage:
-sources (work units) -> distributed (which rank and worker claims a unit) -> reader (tar members
--> windows, via audio) -> batching (windows of one length per batch) -> encoder (latents, and the
-precision check at start; models/ holds the networks, stable-audio-tools' and Stable Audio 3's SAME,
-models/layout their channels-last CPU form;
-pinned the page-locked buffers batches reach a GPU through) -> writers (folder layout + latent
-shards) -> manifest (what is done). Back into training: loader reads either form as batches.
-Around them: storage/ reads and writes local paths and s3:// alike behind one interface, one module per
-backend (storage/local, storage/s3, and storage/stream for S3 reads that resume with a ranged GET); resources sizes workers and
-threads to the CPUs and memory at hand, and heap keeps a CPU run's freed memory for reuse; plan checks
-the inputs and decides what is left to do before the model loads, runner drives one rank's loop, and
-preemption turns a stop signal (SIGTERM) into committing what is in flight; progress shows the job's progress; status reports an output's state;
-inspect sums up its contents (counts, latent statistics, scale factor; inspect_plot draws them);
-compat checks the torch release at start; cli is the command.
+The folders show the parts, in layers (no module imports from a layer above its own):
+- pipeline/: the stages one sample walks through, in order: sources (work units) -> reader (tar
+  members -> windows, via audio) -> batching (windows of one length per batch) -> encoder (latents,
+  and the precision check at start; pinned holds the page-locked buffers batches reach a GPU through)
+  -> writers (folder layout + latent shards) -> manifest (what is committed).
+- models/: the networks, stable-audio-tools' families and Stable Audio 3's SAME (models/layout: their
+  channels-last CPU form); storage/: local paths and s3:// alike behind one interface, one module per
+  backend (storage/local, storage/s3, storage/stream for S3 reads resumed with a ranged GET).
+- job/: what runs the job around the pipeline: distributed (the launch; the job's store: claims,
+  heartbeats, stops, stats), resources (workers and threads for the CPUs and memory at hand), heap (a
+  CPU run's freed memory kept for reuse), progress (one display per job), preemption (a stop signal
+  commits what is in flight).
+- plan checks the inputs and decides what is left to do before the model loads; runner drives one
+  rank's loop (loader -> batcher -> encoder -> writer thread -> commit); cli is the command; config its
+  options; compat checks the torch release at start; demo and synth make the bundled example.
+- tools/: what looks at an output afterwards: status (its state), inspect (counts, latent statistics,
+  scale factor; inspect_plot draws them), verify (decode back and compare).
+- loader: back into training, either output form as batches.
 """
 
 __version__ = "0.1.0"

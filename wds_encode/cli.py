@@ -128,12 +128,12 @@ def run_encode(config: EncodeConfig) -> int:
     Under torchrun or srun this process is one rank. Started alone, it is the whole job, or, when
     `--devices` asks for more than one rank, it starts them and waits for them.
     """
-    from .distributed import JobAborted, Launch, check_topology, detect_launch, local_process_count, \
+    from .job.distributed import JobAborted, Launch, check_topology, detect_launch, local_process_count, \
         spawn_local_ranks
     from .compat import check_installed
-    from .manifest import ManifestError
+    from .pipeline.manifest import ManifestError
     from .models import CheckpointError, ModelConfigError
-    from .preemption import Preempted
+    from .job.preemption import Preempted
     from .plan import plan_inputs
     from .runner import run
     from .storage import StorageError, StorageFull, redact_url
@@ -272,7 +272,7 @@ def status_command(output: str, as_json: bool, s3_profile, s3_endpoint_url, s3_r
     and remaining, windows, audio hours, errors. Works while the run is going, and after it."""
     import json as json_module
 
-    from .status import NotAnOutput, format_status, output_status
+    from .tools.status import NotAnOutput, format_status, output_status
     from .storage import Storage, StorageError
     try:
         status = output_status(Storage(_s3_options(s3_profile, s3_endpoint_url, s3_region)).place(output))
@@ -305,12 +305,12 @@ def inspect_command(sources, as_json: bool, plot_path, max_windows, seed, s3_pro
     import json as json_module
 
     from .config import ConfigError as DatasetPathError
-    from .inspect import InspectError, format_inspection, inspect_output, inspect_shards, is_shard_spec
-    from .status import NotAnOutput
+    from .tools.inspect import InspectError, format_inspection, inspect_output, inspect_shards, is_shard_spec
+    from .tools.status import NotAnOutput
     from .storage import Storage, StorageError
 
     if plot_path is not None:
-        from .inspect_plot import PlotUnavailable, load_pyplot
+        from .tools.inspect_plot import PlotUnavailable, load_pyplot
         try:
             load_pyplot()  # before a long read, not after it
         except PlotUnavailable as exc:
@@ -327,7 +327,7 @@ def inspect_command(sources, as_json: bool, plot_path, max_windows, seed, s3_pro
                 raise NotAnOutput(f"{exc} (to inspect latent shards without an output folder, pass their .tar "
                                   "paths or a brace pattern such as OUT/shards/DATASET/{a,b}-000.tar)") from None
         if plot_path is not None:
-            from .inspect_plot import write_plot
+            from .tools.inspect_plot import write_plot
             write_plot(inspection, plot_path)
     except (NotAnOutput, StorageError, DatasetPathError, InspectError, OSError) as exc:
         click.echo(f"wds-encode inspect: error: {exc}", err=True)
@@ -358,10 +358,10 @@ def verify_command(output: str, model_config, ckpt_path, pretrained_name, num_wi
     Exits 1 when the output looks wrong for this model, 2 when it cannot be checked.
     """
     from .models import CheckpointError, ModelConfigError, load_autoencoder
-    from .distributed import rank_device
+    from .job.distributed import rank_device
     from .plan import resolve_model_source
     from .storage import Storage, StorageError
-    from . import verify
+    from .tools import verify
 
     try:
         storage = Storage(_s3_options(s3_profile, s3_endpoint_url, s3_region))

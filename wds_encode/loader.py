@@ -42,10 +42,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .encoder import key_seed
-from .manifest import RunManifest
+from .pipeline.encoder import key_seed
+from .pipeline.manifest import RunManifest
 from .storage import Storage
-from .writers import folder_files
+from .pipeline.writers import folder_files
 
 PARAMS_CHOICES = ("sample", "mean")
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
-from .manifest import OutputState, RunManifest, json_sha256, run_identity
+from .pipeline.manifest import OutputState, RunManifest, json_sha256, run_identity
 from .models import resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
-from .reader import ReaderOptions, load_custom_metadata_fn
-from .sources import Shard, claim_order, list_shards
+from .pipeline.reader import ReaderOptions, load_custom_metadata_fn
+from .pipeline.sources import Shard, claim_order, list_shards
 from .storage import Place, S3Options, Storage, StorageError, redact_url
 
 

@@ -27,21 +27,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import ConfigError, EncodeConfig
-from .distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
-from .encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
-from .manifest import SILENCE, RunManifest, versions
+from .job.distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
+from .pipeline.encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
+from .pipeline.manifest import SILENCE, RunManifest, versions
 from .models import load_autoencoder
 from .models.layout import swappable_convs
-from .heap import give_back_freed_memory, keep_freed_memory
+from .job.heap import give_back_freed_memory, keep_freed_memory
 from .plan import RunInputs, plan_inputs, prepare_output, units_fingerprint
-from .preemption import GracefulStop, ignore_stop_signals
-from .resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
-from .progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
-from .batching import LengthBatcher
-from .reader import Reader, ShardEnd, WindowItem, error_record
-from .sources import Shard
+from .job.preemption import GracefulStop, ignore_stop_signals
+from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
+from .job.progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
+from .pipeline.batching import LengthBatcher
+from .pipeline.reader import Reader, ShardEnd, WindowItem, error_record
+from .pipeline.sources import Shard
 from .storage import Place, StorageError
-from .writers import FolderWriter, LatentShardWriter, npy_bytes
+from .pipeline.writers import FolderWriter, LatentShardWriter, npy_bytes
 
 WRITE_QUEUE_DEPTH = 8
 TRIM_EVERY_BATCHES = 8   # --chunking full on a CPU: batches between heap trims (measured: RSS flat, no slowdown)

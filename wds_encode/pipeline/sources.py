@@ -20,8 +20,8 @@ from typing import Optional
 import braceexpand
 
 from .audio import AUDIO_EXTENSIONS
-from .config import ConfigError, DatasetConfig, DatasetEntry
-from .storage import S3Options, Storage, StorageError, is_s3
+from ..config import ConfigError, DatasetConfig, DatasetEntry
+from ..storage import S3Options, Storage, StorageError, is_s3
 
 
 @dataclass(frozen=True)

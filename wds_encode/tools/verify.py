@@ -27,12 +27,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .audio import conform_channels, decode_audio, plan_chunks, resample
-from .encoder import BatchEncoder, PRECISION_DTYPES
-from .manifest import RunManifest, file_sha256
-from .reader import noise_key
-from .storage import Place, S3Options, Storage
-from .writers import folder_file_id
+from ..pipeline.audio import conform_channels, decode_audio, plan_chunks, resample
+from ..pipeline.encoder import BatchEncoder, PRECISION_DTYPES
+from ..pipeline.manifest import RunManifest, file_sha256
+from ..pipeline.reader import noise_key
+from ..storage import Place, S3Options, Storage
+from ..pipeline.writers import folder_file_id
 
 REENCODE_TOLERANCE = 1e-3   # relative L2; fp32 reruns agree to ~1e-6, low precision to ~1e-2 at worst
 MIN_OWN_SOURCE_FRACTION = 0.5  # of windows whose decoding is closest to their own source

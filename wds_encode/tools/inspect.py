@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from .status import read_output, record_totals, run_state
-from .storage import Place, Storage
+from ..storage import Place, Storage
 
 STATS_OVER = "unpadded frames (padding_mask == 1)"
 RESERVOIR_FRAMES = 4096          # frames kept (all channels of each) for the plot's distributions
@@ -413,8 +413,8 @@ def shard_windows(storage: Storage, urls: list[str], problems: list[str]) -> Ite
 
 def expand_shard_urls(specs: list[str], storage: Storage) -> list[str]:
     """Latent tar URLs for paths, s3:// URLs, brace patterns, globs or folders (as dataset paths are)."""
-    from .config import DatasetConfig, DatasetEntry
-    from .sources import list_shards
+    from ..config import DatasetConfig, DatasetEntry
+    from ..pipeline.sources import list_shards
     urls: list[str] = []
     for spec in specs:
         config = DatasetConfig(dataset_type="wds", datasets=[DatasetEntry(id="SHARD_URLS", path=spec)],

@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError
-from .models.layout import channels_last_encoder
+from ..config import ConfigError
+from ..models.layout import channels_last_encoder
 from .pinned import PinnedRing, PinnedSlot
-from .resources import cpu_flags
+from ..job.resources import cpu_flags
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The precision check's bound on the error of the encoder's output for one probe window: the L2 norm of the

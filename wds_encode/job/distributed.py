@@ -42,7 +42,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, EncodeConfig
+from ..config import ConfigError, EncodeConfig
 from .resources import cpu_affinity
 
 STORE_TIMEOUT = timedelta(minutes=5)      # one store operation, and connecting to the store

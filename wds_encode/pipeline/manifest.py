@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .storage import PROBE_DIR, Place, redact
+from ..storage import PROBE_DIR, Place, redact
 from .writers import SHARDS_DIR, folder_file_id, folder_files, parse_latent_id
 
 # Options that change what is written; anything else (workers, batch size, progress) does not.
@@ -70,7 +70,7 @@ def versions() -> dict:
     import numpy
     import torch
 
-    from . import __version__
+    from .. import __version__
     return {"wds_encode": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
 

@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, Stitch, iter_windows
 from .sources import CAPTION_SUFFIX, Shard, sidecar_caption
-from .storage import Storage
+from ..storage import Storage
 
 # A sample's windows are held until all of them decoded, so a file that fails half-way yields none;
 # past this much audio (a long file split into many windows) they are passed on as they come instead.

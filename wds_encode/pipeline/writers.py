@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import webdataset
 
-from .storage import ObjectWriter, Place
+from ..storage import ObjectWriter, Place
 
 SHARDS_DIR = "shards"
 _ID_RE = re.compile(r"^(\d{3,})(\d{6})(\d{4})$")

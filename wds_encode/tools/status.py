@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .manifest import RunManifest
-from .storage import Place
+from ..pipeline.manifest import RunManifest
+from ..storage import Place
 
 
 class NotAnOutput(FileNotFoundError):
