@@ -233,6 +233,23 @@ KILL_POINTS = {
 }
 
 
+def sigkill_at(fault_proxy, predicate, args, env, what: str) -> None:
+    """Run `wds-encode` until the proxy holds a request matching `predicate`, then SIGKILL its whole
+    process group (as a lost machine would stop it), and let the proxy go."""
+    held = fault_proxy.stall(predicate)
+    process = subprocess.Popen([WDS_ENCODE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        assert held.wait(120), f"the run never reached {what}"
+        time.sleep(0.3)  # let the other threads run into the stall too
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    fault_proxy.release()
+
+
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_sigkill_then_rerun_gives_exactly_the_full_output(point, s3, fault_proxy, five_shards, demo_model,
                                                           tmp_path):
@@ -242,18 +259,7 @@ def test_sigkill_then_rerun_gives_exactly_the_full_output(point, s3, fault_proxy
     out = "s3://latents/killed/"
     args = encode_args(demo_model, s3_dataset_config(tmp_path, source), out, "--num-workers", 2, "--batch-size", 2)
     env = s3_env(fault_proxy.endpoint)
-    held = fault_proxy.stall(KILL_POINTS[point]())
-    process = subprocess.Popen([WDS_ENCODE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    try:
-        assert held.wait(120), f"the run never reached {point}"
-        time.sleep(0.3)  # let the other threads run into the stall too
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    fault_proxy.release()
+    sigkill_at(fault_proxy, KILL_POINTS[point](), args, env, point)
     if point == "while-uploading":
         assert s3.multipart_uploads("latents"), "the kill left an upload open (what the rerun must abort)"
 
@@ -401,18 +407,7 @@ def test_a_store_that_cannot_list_uploads_gets_a_warning_and_exactly_once(s3, fa
     args = encode_args(demo_model, s3_dataset_config(tmp_path, source), out, "--num-workers", 2, "--batch-size", 2)
     env = s3_env(fault_proxy.endpoint)
     fault_proxy.reject(_lists_uploads, status=501, code="NotImplemented")
-    held = fault_proxy.stall(KILL_POINTS["while-uploading"]())
-    process = subprocess.Popen([WDS_ENCODE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    try:
-        assert held.wait(120), "the run never reached an upload"
-        time.sleep(0.3)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    fault_proxy.release()
+    sigkill_at(fault_proxy, KILL_POINTS["while-uploading"](), args, env, "an upload")
     left_open = s3.multipart_uploads("latents")
     assert left_open, "the kill left an upload open"
 
