@@ -34,7 +34,7 @@ from .models import load_autoencoder
 from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
 from .plan import RunInputs, plan_inputs, prepare_output, units_fingerprint
-from .job.preemption import GracefulStop, ignore_stop_signals
+from .job.preemption import GracefulStop, ignore_stop_signals, stop_workers
 from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .job.progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .pipeline.batching import LengthBatcher
@@ -607,8 +607,9 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
 
     loop_started: Optional[float] = None
     completed = False
+    batches_in = iter(loader)
     try:
-        for item in loader:
+        for item in batches_in:
             job.raise_if_failed()
             if loop_started is None:
                 loop_started = time.time()
@@ -624,7 +625,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     finally:
         writer.queue.put(None)
         writer.join()
-        del loader
+        stop_workers(batches_in)
+        del batches_in, loader
         counter.flush()
         if not completed:
             writer.discard_open_units(quietly=True)

@@ -31,10 +31,26 @@ class Preempted(Exception):
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: a signal sent to the whole process group must not kill the decode
-    workers while their rank finishes the units in flight."""
+    """DataLoader `worker_init_fn`: a stop signal that reaches the whole process group (a terminal's Ctrl-C,
+    SLURM's `--signal`, torch's agent, which signals each rank's process group) must not kill the decode
+    workers while their rank finishes the units in flight. The DataLoader's own SIGTERM at shutdown is
+    ignored too, so the rank ends its workers with `stop_workers`."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_workers(iterator, wait_seconds: float = 5.0) -> None:
+    """Shut down a DataLoader iterator's workers: the DataLoader's own shutdown (a sentinel, then SIGTERM,
+    which they ignore), then SIGKILL for any still alive, e.g. one blocked on a job store that is gone."""
+    workers = list(getattr(iterator, "_workers", ()) or ())
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        worker.join(timeout=wait_seconds)
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=wait_seconds)
 
 
 class GracefulStop:
