@@ -15,7 +15,7 @@ import signal
 import threading
 from typing import Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)   # SIGUSR1: `sbatch --signal=B:USR1@60`
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)   # SIGUSR1: `sbatch --signal=USR1@60`, which signals the job steps
 DEFAULT_GRACE_SECONDS = 25.0   # inside the usual 30 s notice (Kubernetes, SLURM's KillWait, torch's agent)
 
 
