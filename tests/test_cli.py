@@ -90,7 +90,7 @@ def test_details_json_and_manifest(mixed_run):
     assert details["sample_size"] == SAMPLE_SIZE
     assert details["args"]["dataset_config"] == str(dataset)
     assert details["stats"]["windows"] == 60 and details["stats"]["errors"] == 0
-    records = [json.loads(p.read_text()) for p in (out / "manifest").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (out / "manifest").glob("log/*/*.json")]
     assert sorted(r["shard"] for r in records) == ["mix/mix-000000", "mix/mix-000001", "mix/mix-000002"]
     assert sum(r["windows"] for r in records) == 60
 
@@ -259,8 +259,8 @@ def test_audio_dir_with_custom_metadata_and_split(tmp_path, demo_model):
         if n > 1:
             assert [m["key"] for m in mds] == [f"{mds[0]['key'].rsplit('_', 1)[0]}_{i:04d}" for i in range(n)]
     assert sum(len(v) for v in by_source.values()) > 9  # some files really were split
-    units = sorted(p.name for p in (tmp_path / "out" / "manifest").glob("*.json"))
-    assert units == ["dir__files-000000.json", "dir__files-000001.json", "dir__files-000002.json"]
+    units = sorted(json.loads(p.read_text())["shard"] for p in (tmp_path / "out" / "manifest").glob("log/*/*.json"))
+    assert units == ["dir/files-000000", "dir/files-000001", "dir/files-000002"]
 
 
 def test_limit_batches_leaves_unfinished_units_for_a_rerun(mixed_shards, demo_model, tmp_path):
@@ -382,11 +382,11 @@ def test_killed_run_resumes_to_exactly_once(mixed_run, demo_model, tmp_path):
             "--no-progress"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((out / "manifest").glob("*.json")):
+    while time.time() < deadline and not list((out / "manifest").glob("log/*/*.json")):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    committed = len(list((out / "manifest").glob("*.json")))
+    committed = len(list((out / "manifest").glob("log/*/*.json")))
     assert 1 <= committed < 3, "the kill should land after the first unit and before the last"
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr

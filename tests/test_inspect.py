@@ -27,7 +27,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def committed_windows(out: Path) -> list[tuple[np.ndarray, dict]]:
     """(latent, metadata) of every window the unit records list, read with np.load from the folder layout."""
     found = []
-    for record_path in sorted((out / "manifest").glob("*.json")):
+    for record_path in sorted((out / "manifest").glob("log/*/*.json")):
         record = json.loads(record_path.read_text())
         for latent_id in record["folder_ids"]:
             base = out / str(record["rank"]) / latent_id
@@ -42,7 +42,7 @@ def unpadded(windows: list[tuple[np.ndarray, dict]]) -> np.ndarray:
 
 
 def records(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "manifest").glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((out / "manifest").glob("log/*/*.json"))]
 
 
 def inspect_json(*args) -> dict:

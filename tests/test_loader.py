@@ -185,9 +185,10 @@ def test_only_committed_units_are_read(sampled, tmp_path):
     import shutil
     out = tmp_path / "out"
     shutil.copytree(sampled, out)
-    records = sorted((out / "manifest").glob("*.json"))
+    records = sorted((out / "manifest").glob("log/*/*.json"))
     dropped = json.loads(records[0].read_text())
     records[0].unlink()                            # as if that unit had not committed
+    shutil.rmtree(out / "manifest" / "index")      # (an index lists only committed records)
     (out / "shards" / "ld" / "stray-000.tar").write_bytes((out / dropped["latent_shards"][0]).read_bytes())
     expected = {n for n, (_, md) in stored(sampled).items() if md["source_shard"] != dropped["shard"]}
     for form in FORMS:
@@ -250,7 +251,7 @@ def test_plain_readers_see_the_metadata_contract(sampled):
     """The latent tars through plain `webdataset.WebDataset(url).decode()` and the folder layout through
     numpy and json agree window by window, and every field means what the README says."""
     import webdataset as wds
-    records = [json.loads(p.read_text()) for p in sorted((sampled / "manifest").glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted((sampled / "manifest").glob("log/*/*.json"))]
     details = json.loads((sampled / "details.json").read_text())
     ratio = details["model"]["downsampling_ratio"]
     folder = {}
@@ -300,7 +301,7 @@ def test_training_configs_find_exactly_the_written_files(sampled):
     assert shards["datasets"][0]["path"].endswith("/shards/")
     for config in (folder, shards):
         assert isinstance(config["latent_crop_length"], int) and config["random_crop"] is True
-    records = [json.loads(p.read_text()) for p in (sampled / "manifest").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (sampled / "manifest").glob("log/*/*.json")]
     # what the pre_encoded reader lists under `path`: its filelist.txt (stable-audio-tools >= 0.0.17), else a glob
     npys = sorted(sampled / line.strip() for line in (sampled / "filelist.txt").read_text().splitlines())
     assert npys == sorted(sampled.glob("[0-9]*/*.npy"))  # every window, not silence.npy beside them

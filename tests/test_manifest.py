@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from wds_encode.pipeline.manifest import IDENTITY_OPTIONS, ManifestError, RunManifest, run_identity
-from wds_encode.storage import S3Place
+from wds_encode.pipeline.manifest import IDENTITY_OPTIONS, ManifestError, RankLog, RunManifest, run_identity
+from wds_encode.storage import LocalPlace, S3Place
 
 OPTIONS = {k: None for k in IDENTITY_OPTIONS} | {"sample_size": 1024, "latent_mode": "sample", "seed": 0}
 
@@ -131,3 +131,124 @@ def test_filelist_lists_exactly_the_windows_the_records_list(place):
     assert manifest.write_filelist(manifest.records()[:1]) == 1  # rewritten whole from the records given
     assert place.read("filelist.txt") == b"0/0000000070000.npy\n"
     assert not [rel for rel in place.list() if rel.endswith(".partial")]
+
+
+# ---------------------------------------------------------------------- records, their index, compaction
+
+class Counted:
+    """A Place that counts what readers ask of it: listings, and objects read (one request each)."""
+
+    def __init__(self, place):
+        self.place, self.lists, self.reads = place, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.place, name)
+
+    def list(self, prefix="", start_after=""):
+        self.lists += 1
+        return self.place.list(prefix, start_after=start_after)
+
+    def read(self, rel):
+        self.reads += 1
+        return self.place.read(rel)
+
+    def read_many(self, rels):
+        self.reads += len(rels)
+        return self.place.read_many(rels)
+
+
+def commit_units(manifest, rank, names, close=True, **kw):
+    log = RankLog(manifest, rank, **kw)
+    for name in names:
+        log.commit({"shard": f"ds/{name}", "samples": 1, "windows": 1, "folder_ids": [], "latent_shards": []})
+    if close:
+        log.close()
+    return log
+
+
+def test_a_reader_needs_the_same_few_requests_for_5_or_500_done_units(place):
+    counts = {}
+    for n in (5, 500):
+        sub = S3Place(place.storage, place.url + f"n{n}/") if isinstance(place, S3Place) else LocalPlace(f"{place.url}/n{n}")
+        commit_units(RunManifest(sub), 0, [f"u{i:04d}" for i in range(n // 2)])
+        commit_units(RunManifest(sub), 1, [f"v{i:04d}" for i in range(n - n // 2)])
+        counted = Counted(sub)
+        records = RunManifest(counted).records()
+        assert len(records) == n == len({r["shard"] for r in records})
+        counts[n] = (counted.lists, counted.reads)
+    assert counts[5] == counts[500], counts
+    assert sum(counts[500]) <= 6, counts      # index listing + index objects + the writing markers
+
+
+def test_records_not_yet_indexed_are_read_from_the_marked_ranks_tails(tmp_path):
+    place = LocalPlace(tmp_path)
+    commit_units(RunManifest(place), 0, ["a", "b"])                       # indexed, marker gone
+    running = commit_units(RunManifest(place), 1, ["c", "d"], close=False, index_every=0.0)  # indexed each commit
+    running.index_every = 3600.0
+    running.commit({"shard": "ds/e", "samples": 1})                        # after its last index
+    found = RunManifest(place).read_records()
+    assert [r["shard"] for r in found.records] == ["ds/a", "ds/b", "ds/c", "ds/d", "ds/e"]
+    assert [r["shard"] for r in found.uncompacted] == ["ds/e"]
+    assert len(found.index_names) == 2      # rank 0's, and rank 1's latest (its earlier one was replaced)
+
+
+def test_prepare_indexes_an_interrupted_ranks_records_before_its_marker_goes(tmp_path, ckpt):
+    place = LocalPlace(tmp_path)
+    ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
+    RunManifest(place).write_details({"run_identity": ident})
+    commit_units(RunManifest(place), 2, ["a", "b", "c"], close=False)     # killed: no index, marker left
+    state = RunManifest(place).prepare(ident, overwrite=False)
+    assert state.interrupted_ranks == [2] and state.done == {"ds/a", "ds/b", "ds/c"} and state.next_seq == {2: 3}
+    assert RunManifest(place).writing_markers() == []
+    found = RunManifest(place).read_records()
+    assert len(found.records) == 3 and found.uncompacted == [] and len(found.index_names) == 1
+
+
+def test_compaction_merges_every_index_and_a_crash_midway_leaves_indexes_that_agree(tmp_path):
+    place = LocalPlace(tmp_path)
+    for rank in range(4):
+        commit_units(RunManifest(place), rank, [f"r{rank}u{i}" for i in range(3)])
+    manifest = RunManifest(place)
+    before = manifest.read_records()
+    assert len(before.index_names) == 4
+    manifest.write_index(before.records)          # a merge that crashed before removing what it replaces
+    assert [r["shard"] for r in manifest.records()] == [r["shard"] for r in before.records]
+    assert manifest.compact() == 5
+    after = manifest.read_records()
+    assert len(after.index_names) == 1 and [r["shard"] for r in after.records] == [r["shard"] for r in before.records]
+    assert manifest.compact() == 0                # nothing left to merge
+
+
+def test_an_index_never_lists_a_record_that_was_not_written(tmp_path):
+    place = LocalPlace(tmp_path)
+    log = commit_units(RunManifest(place), 0, ["a"], close=False, index_every=0.0)
+
+    def refuse(rel, data):
+        raise OSError("disk gone")
+    place.write, real = refuse, place.write
+    with pytest.raises(OSError):
+        log.commit({"shard": "ds/b", "samples": 1})
+    place.write = real
+    log.close()
+    assert [r["shard"] for r in RunManifest(LocalPlace(tmp_path)).records()] == ["ds/a"]
+
+
+def test_records_of_an_older_version_are_read_and_indexed_by_the_next_prepare(tmp_path, ckpt):
+    place = LocalPlace(tmp_path)
+    ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
+    RunManifest(place).write_details({"run_identity": ident})
+    for name in ("a", "b"):   # the layout before records were numbered: manifest/DATASET__UNIT.json
+        place.write(f"manifest/ds__{name}.json", json.dumps({"shard": f"ds/{name}", "rank": 0}).encode())
+    assert {r["shard"] for r in RunManifest(place).records()} == {"ds/a", "ds/b"}
+    assert RunManifest(place).prepare(ident, overwrite=False).done == {"ds/a", "ds/b"}
+    commit_units(RunManifest(place), 0, ["c"])
+    found = RunManifest(place).read_records()
+    assert {r["shard"] for r in found.records} == {"ds/a", "ds/b", "ds/c"} and found.index_names
+
+
+def test_overwrite_removes_the_index_with_the_records(tmp_path, ckpt):
+    place = LocalPlace(tmp_path)
+    ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
+    commit_units(RunManifest(place), 0, ["a", "b"])
+    assert RunManifest(place).prepare(ident, overwrite=True).done == set()
+    assert RunManifest(place).records() == [] and not list((tmp_path / "manifest").rglob("*.json*"))

@@ -29,7 +29,7 @@ def many_units(tmp_path_factory):
 
 
 def records(out) -> int:
-    return len(list((out / "manifest").glob("*.json")))
+    return len(list((out / "manifest").glob("log/*/*.json")))
 
 
 def args(demo_model, dataset, out, *extra):

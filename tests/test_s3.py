@@ -79,11 +79,12 @@ def owned_objects(out: Path) -> set[str]:
     owned = {"details.json", "silence.npy", "filelist.txt"}
     if (out / "errors.jsonl").exists():
         owned.add("errors.jsonl")
-    for path in (out / "manifest").glob("*.json"):
+    for path in (out / "manifest").glob("log/*/*.json"):
         record = json.loads(path.read_text())
-        owned.add(f"manifest/{path.name}")
+        owned.add(path.relative_to(out).as_posix())
         owned.update(f"{record['rank']}/{i}.{ext}" for i in record["folder_ids"] for ext in ("npy", "json"))
         owned.update(record["latent_shards"])
+    owned.update(p.relative_to(out).as_posix() for p in (out / "manifest" / "index").glob("*.json.gz"))
     return owned
 
 
@@ -94,7 +95,7 @@ def check_bucket_output(s3, out_url: str, tmp_path: Path, samples) -> tuple[dict
     objects = mirror(s3, bucket, prefix, local)
     details = assert_exactly_once(local, samples)
     assert set(objects) == owned_objects(local)
-    records = [json.loads(p.read_text()) for p in (local / "manifest").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (local / "manifest").glob("log/*/*.json")]
     assert (local / "filelist.txt").read_text().splitlines() == sorted(
         f"{r['rank']}/{i}.npy" for r in records for i in r["folder_ids"])  # exactly the committed windows
     assert s3.multipart_uploads(bucket) == []
@@ -125,7 +126,7 @@ def test_s3_in_s3_out_five_shards_two_workers(s3, five_shards, demo_model, tmp_p
     assert "5 encoded, 0 already done" in result.stdout and "2 decode workers" in result.stdout and "output     s3://latents/runs/first/" in result.stdout
     details, objects = check_bucket_output(s3, out, tmp_path, samples)
     assert details["stats"]["units_done"] == 5
-    records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/")]
+    records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/log/")]
     assert sorted(r["url"] for r in records) == sorted(f"{source}{'deeper/' if i >= 3 else ''}{p.name}"
                                                        for i, p in enumerate(paths))
     assert {r["worker"] for r in records} == {0, 1}
@@ -206,7 +207,7 @@ def _record_put_seen():
     def predicate(method, path, headers):
         if seen:
             return True
-        if method == "PUT" and "/manifest/" in path and "/writing/" not in path:
+        if method == "PUT" and "/manifest/log/" in path:
             seen.append(path)
         return False
     return predicate
@@ -304,8 +305,8 @@ def test_another_model_config_is_refused_and_overwrite_redoes_it(s3, five_shards
     assert "5 encoded, 0 already done" in redone.stdout
     details, objects = check_bucket_output(s3, out, tmp_path, samples)
     assert details["model_config"]["notes"].startswith("the same weights")
-    first_finished = max(json.loads(v)["finished_at"] for k, v in first.items() if k.startswith("run/manifest/"))
-    assert all(json.loads(v)["finished_at"] > first_finished for k, v in objects.items() if k.startswith("manifest/"))
+    first_finished = max(json.loads(v)["finished_at"] for k, v in first.items() if k.startswith("run/manifest/log/"))
+    assert all(json.loads(v)["finished_at"] > first_finished for k, v in objects.items() if k.startswith("manifest/log/"))
 
 
 def test_unreadable_inputs_and_unwritable_outputs_fail_fast(s3, fault_proxy, five_shards, demo_model, tmp_path):
@@ -366,7 +367,7 @@ def _record_put_seen_then(refuse):
     def predicate(method, path, headers):
         if seen:
             return refuse(method, path)
-        if method == "PUT" and "/manifest/" in path and "/writing/" not in path:
+        if method == "PUT" and "/manifest/log/" in path:
             seen.append(path)
         return False
     return predicate
@@ -383,7 +384,7 @@ def test_torchrun_two_ranks_s3_in_s3_out(s3, five_shards, demo_model, tmp_path):
     assert result.returncode == 0, result.stderr
     details, objects = check_bucket_output(s3, out, tmp_path, samples)
     assert details["launch"]["world_size"] == 2
-    records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/")]
+    records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/log/")]
     assert len(records) == 5 and {r["rank"] for r in records} == {0, 1}
     assert {k.split("/")[0] for k in objects if k[0].isdigit()} == {"0", "1"}
 

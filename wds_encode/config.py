@@ -118,6 +118,9 @@ class EncodeConfig(BaseModel):
     bucket_buffer: int = Field(64, ge=1, le=100_000,
                                description="With full: windows held back to fill batches of one length (memory: "
                                            "up to this many windows of --max-seconds each)")
+    folder: bool = Field(True, description="Write the per-rank folder layout OUT/{rank}/{id}.npy + .json, as "
+                                           "stable-audio-tools' pre_encode does; off: only the latent shards and "
+                                           "the unit records (2 objects fewer per window)")
     shards: bool = Field(True, description="Also write latent tar shards under OUT/shards")
     shard_maxcount: int = Field(10000, ge=1, description="Samples per latent shard before a new part")
     shard_maxsize: int = Field(3_000_000_000, ge=1024, description="Bytes per latent shard before a new part")
@@ -141,6 +144,15 @@ class EncodeConfig(BaseModel):
     max_restarts: int = Field(0, ge=0, le=100, description="With --devices N > 1: times torch's elastic agent "
                               "restarts the ranks after one dies (as torchrun --max-restarts); each restart "
                               "resumes from the committed units")
+    part: Optional[str] = Field(None, description="K/N: run part K (0..N-1) of an array job of N parts that share "
+                                "only the output (each a process, a torchrun job or --devices); not given: from "
+                                "JOB_COMPLETION_INDEX (with --num-parts), AWS_BATCH_JOB_ARRAY_INDEX/"
+                                "AWS_BATCH_JOB_ARRAY_SIZE or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set")
+    num_parts: Optional[int] = Field(None, ge=1, description="N of an array job whose scheduler gives only the "
+                                     "index (a Kubernetes Indexed Job: its completions)")
+    lease_seconds: float = Field(60.0, gt=0, le=3600, description="An array part's lease: a retry of a part "
+                                 "waits while the part's last holder was heard from within this many seconds "
+                                 "(on another host; on the same host, while its process lives)")
     peer_timeout: float = Field(60.0, gt=0, description="Seconds without a heartbeat after which a rank is "
                                                        "taken as dead and the job stops")
     grace_seconds: float = Field(25.0, gt=0, le=3600, description="After a stop signal (SIGTERM, SIGINT, SIGUSR1): "
@@ -228,6 +240,13 @@ class EncodeConfig(BaseModel):
         if self.overlap and self.max_chunks is not None:
             raise ValueError(f"--overlap {self.overlap} and --max-chunks {self.max_chunks} exclude each other: with "
                              "--overlap a long file is one output window of its whole length; drop --max-chunks")
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_write(self) -> "EncodeConfig":
+        if not self.folder and not self.shards:
+            raise ValueError("--no-folder with --no-shards would write no latents at all: keep one output form "
+                             "(--no-folder writes only the latent shards; --no-shards only the folder layout)")
         return self
 
     @property

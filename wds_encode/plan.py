@@ -6,10 +6,12 @@ loop that follows."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
+from .job.parts import Part, PartError, parse_part, part_from_scheduler
 from .pipeline.manifest import OutputState, RunManifest, json_sha256, run_identity
 from .models import resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
@@ -42,6 +44,8 @@ class RunInputs:
     units: list[Shard]           # every unit of the dataset, in listing order (the same on every rank)
     storage: Storage             # this process's S3 clients; defaults from --s3-profile / --s3-endpoint-url
     downsampling_ratio: int = 1
+    part: Part = field(default_factory=Part)   # --part K/N (or the scheduler's array variables); Part(): the whole job
+    part_source: str = ""        # where the part came from: "--part", or the scheduler's variable
 
     def window_options(self, sample_rate: int, channels: int) -> ReaderOptions:
         """How the reader cuts files for this run: fixed windows of --sample-size, or with --chunking
@@ -63,6 +67,7 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
     """Validate configs, list the work units and check the output can be written (one probe
     object, removed at once): a bad input or an unwritable output fails before the model loads."""
     assert config.dataset_config is not None and config.output_path is not None
+    part, part_source = resolve_part(config)
     dataset_config = load_dataset_config(config.dataset_config)
     for entry in dataset_config.datasets:  # fail fast on a broken metadata module
         module = dataset_config.metadata_module_for(entry)
@@ -104,13 +109,54 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
     if chunking == "crop" and dataset_config.random_crop:
         chunking = "random_crop"
     return RunInputs(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
-                     chunking=chunking, units=units, storage=storage, downsampling_ratio=ratio)
+                     chunking=chunking, units=units, storage=storage, downsampling_ratio=ratio,
+                     part=part, part_source=part_source)
+
+
+def resolve_part(config: EncodeConfig, env=None) -> tuple[Part, str]:
+    """This process's part of an array job: --part K/N, else the scheduler's variables, else the whole job."""
+    try:
+        if config.part is not None:
+            part, source = parse_part(config.part), "--part"
+            if config.num_parts is not None and config.num_parts != part.count:
+                raise PartError(f"--part {config.part} and --num-parts {config.num_parts} disagree")
+        else:
+            found, source = part_from_scheduler(os.environ if env is None else env, config.num_parts)
+            part = found or Part()
+    except PartError as exc:
+        raise ConfigError(str(exc)) from None
+    if not part.whole and config.overwrite:
+        raise ConfigError(f"--overwrite with --part {part.label}: every part would clear what the others wrote; "
+                          "clear the output once (a run without --part, with --overwrite and --limit-batches 0), "
+                          "or use a new --output-path")
+    return part, source
 
 
 
 def units_fingerprint(units: list[Shard]) -> str:
     """What every rank must agree on: the same units at the same indices."""
     return json_sha256([[u.shard_id, u.url] for u in units])
+
+
+def part_units(inputs: RunInputs) -> list[Shard]:
+    """The units of this process's part (every unit for a whole job), in listing order."""
+    return inputs.part.select(inputs.units, size=lambda u: u.size, name=lambda u: u.shard_id)
+
+
+def check_parts(manifest: RunManifest, part: Part) -> None:
+    """An output is written in one number of parts at a time: parts of another count would own other
+    ranks and units, and could clean up each other's work in flight. Changing the count is fine once no
+    rank of the old one is writing (or was interrupted: finish those first)."""
+    details = manifest.load_details() or {}
+    before = int(details.get("parts", 1))
+    if before == part.count:
+        return
+    markers = manifest.writing_markers()
+    if markers:
+        ranks = sorted({int(m["rank"]) for m in markers if "rank" in m})
+        raise ConfigError(f"{manifest.place.url} is being written in {before} part(s) (ranks {ranks} writing, or "
+                          f"interrupted), not {part.count}: run the parts as --part K/{before} until they finish, "
+                          "then another count may go on")
 
 
 def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list[int], OutputState]:
@@ -120,10 +166,13 @@ def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list
     config = inputs.config
     options = {**config.model_dump(), "effective_precision": config.effective_precision}
     identity = run_identity(inputs.model_config, inputs.ckpt_path, options, inputs.dataset_config.random_crop)
-    state = manifest.prepare(identity, config.overwrite)
+    check_parts(manifest, inputs.part)
+    mine = part_units(inputs)
+    state = manifest.prepare(identity, config.overwrite, inputs.part,
+                             units=None if inputs.part.whole else {u.shard_id for u in mine})
     if not state.done:  # nothing committed yet (a first run, --overwrite): an interrupted run lists no window
         manifest.write_filelist([])
     index = {id(u): i for i, u in enumerate(inputs.units)}
-    todo = claim_order([u for u in inputs.units if u.shard_id not in state.done],
+    todo = claim_order([u for u in mine if u.shard_id not in state.done],
                        shuffle=config.shuffle, seed=config.seed)
     return identity, [index[id(u)] for u in todo], state

@@ -13,6 +13,7 @@ one summary.
 from __future__ import annotations
 
 import io
+import json
 import os
 import queue
 import socket
@@ -29,18 +30,19 @@ from torch.utils.data import DataLoader
 from .config import ConfigError, EncodeConfig
 from .job.distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
 from .pipeline.encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
-from .pipeline.manifest import SILENCE, RunManifest, versions
+from .pipeline.manifest import SILENCE, RankLog, RunManifest, versions
 from .models import load_autoencoder
 from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
-from .plan import RunInputs, plan_inputs, prepare_output, units_fingerprint
+from .plan import RunInputs, part_units, plan_inputs, prepare_output, units_fingerprint
+from .job.parts import PARTS_DIR, PartLease
 from .job.preemption import GracefulStop, ignore_stop_signals, stop_workers
 from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .job.progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .pipeline.batching import LengthBatcher
 from .pipeline.reader import Reader, ShardEnd, WindowItem, error_record
 from .pipeline.sources import Shard
-from .storage import Place, StorageError
+from .storage import Place, StorageError, redact
 from .pipeline.writers import FolderWriter, LatentShardWriter, npy_bytes
 
 WRITE_QUEUE_DEPTH = 8
@@ -130,14 +132,15 @@ class _WriterThread(threading.Thread):
     With --overlap the chunks of a long file may come in several batches: their latents are joined
     (`_stitch`) and the file is written as one window when its last chunk comes, before its unit's end."""
 
-    def __init__(self, config: EncodeConfig, manifest: RunManifest, folder: FolderWriter, encoder: BatchEncoder,
+    def __init__(self, config: EncodeConfig, log: RankLog, folder: FolderWriter, encoder: BatchEncoder,
                  output_dtype: torch.dtype, latent_metadata: dict, on_unit_done):
         super().__init__(name="wds-encode-writer", daemon=True)
         self.config = config
         self.encoder = encoder
         self.sample_rate = encoder.model.sample_rate
         self.progress: list[tuple[float, float]] = []  # (time, audio seconds written so far) per batch
-        self.manifest = manifest
+        self.log = log
+        self.batch_end = folder.first_batch_index   # one past the last batch written: where ids continue
         self.folder = folder
         self.output_dtype = output_dtype
         self.latent_metadata = latent_metadata
@@ -173,6 +176,7 @@ class _WriterThread(threading.Thread):
 
     def _write_batch(self, batch_index: int, items: list[WindowItem], pending: PendingBatch) -> None:
         encoded = self.encoder.collect(pending)  # waits for the device here, not in the main loop
+        self.batch_end = max(self.batch_end, batch_index + 1)
         arrays = encoded.latents.to(self.output_dtype).numpy() if encoded.latents is not None else None
         masks = encoded.padding_masks.tolist()
         audio = 0.0
@@ -251,13 +255,14 @@ class _WriterThread(threading.Thread):
         self.folder.commit(pend.folder_files)
         errors = end.errors + pend.errors
         n_errors = sum(1 for e in errors if e["level"] == "error")
-        self.manifest.write_record({
+        self.log.commit({
             "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank, "worker": end.worker,
             "samples": end.samples, "windows": pend.written, "rejected": end.rejected,
             "audio_seconds": end.audio_seconds, "input_bytes": end.shard.size,
             "errors": n_errors, "warnings": len(errors) - n_errors,
             "failed": end.failed, "latent_shards": tars,
             "folder_ids": sorted(rel.rsplit("/", 1)[1][:-4] for rel in pend.folder_files if rel.endswith(".npy")),
+            "batch_end": self.batch_end, "part": self.log.part,
             "problems": errors,
         })
         self.on_unit_done(end, pend.written, n_errors, len(errors) - n_errors)
@@ -433,8 +438,26 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
                            autotune=use_autotune(inputs.chunking))
     # before the output is touched: a low-precision path that gives wrong latents stops the run here (exit 2)
     precision_check = encoder.check_precision(window_size, limit=config.precision_check_limit)
+    lease = None
+    try:
+        if job.rank == 0 and not inputs.part.whole:  # no other process writes this part while this one does
+            lease = PartLease(place, inputs.part, lease_seconds=config.lease_seconds)
+            lease.acquire(on_wait=job.raise_if_failed)
+        return _run_part(inputs, job, device, cpus, started, manifest, encoder, window_size, precision_check, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, started: float,
+              manifest: RunManifest, encoder: BatchEncoder, window_size: int, precision_check: dict,
+              lease: Optional[PartLease]) -> RunStats:
+    """Rank 0 plans (the output's state, what is left of this part), every rank encodes its claims,
+    rank 0 sums up (errors.jsonl, filelist.txt, one index of every record, details.json)."""
+    config, place, model, part = inputs.config, manifest.place, encoder.model, inputs.part
     if job.rank == 0:
         identity, todo_order, state = prepare_output(inputs, manifest)
+        part_total = len(part_units(inputs))
     details: dict = {}
     if job.rank == 0:
         details = {
@@ -449,25 +472,34 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
             "launch": {"launcher": job.launch.launcher, "world_size": job.world_size,
                        "num_nodes": job.launch.num_nodes, "device": device.type},
             "started_at": started,
+            "parts": part.count,
             "plan": {"units_total": len(inputs.units), "units_todo": len(todo_order),
                      "input_bytes": sum(u.size for u in inputs.units),
                      "interrupted_ranks_cleaned": state.interrupted_ranks, "objects_removed": state.removed},
         }
-        manifest.write_details(details)
+        if part.whole or (manifest.load_details() or {}).get("parts") != part.count:
+            manifest.write_details(details)   # the parts share one details.json: the first writes it
+        if not part.whole:
+            write_part_details(place, part, {"part": part.label, "source": inputs.part_source, "units": part_total,
+                                             "units_todo": len(todo_order), "started_at": started,
+                                             "host": socket.gethostname(), "pid": os.getpid()})
         job.publish("plan", {"units": units_fingerprint(inputs.units), "todo": todo_order,
-                             "skipped": len(inputs.units) - len(todo_order),
-                             "next_batch": {str(rank): n for rank, n in state.next_batch.items()}})
+                             "total": part_total, "skipped": part_total - len(todo_order),
+                             "next_batch": {str(rank): n for rank, n in state.next_batch.items()},
+                             "next_seq": {str(rank): n for rank, n in state.next_seq.items()}})
     plan = job.wait_for("plan")
     if plan["units"] != units_fingerprint(inputs.units):
         raise ConfigError(f"rank {job.rank} ({socket.gethostname()}) lists different input units than rank 0 "
                           f"({len(inputs.units)} units here): the input changed while the job started, or the "
                           "nodes do not see the same files")
     todo = [inputs.units[i] for i in plan["todo"]]
-    first_batch = int(plan["next_batch"].get(str(job.rank), 0))
+    out_rank = part.output_rank(job.rank)   # the id this rank writes under: its folder, batch ids, records
+    first_batch = int(plan["next_batch"].get(str(out_rank), 0))
+    first_seq = int(plan["next_seq"].get(str(out_rank), 0))
     if use_compile(config, device, todo):
         bound_compile_workers(max(1, int(cpus.cpus)))
         encoder.use_compile(True)
-    stats = RunStats(units_total=len(inputs.units), units_skipped=plan["skipped"], compiled=encoder.compiled,
+    stats = RunStats(units_total=plan["total"], units_skipped=plan["skipped"], compiled=encoder.compiled,
                      channels_last=encoder.channels_last, cpus=cpus.describe(), autotune=encoder.autotune,
                      precision_check=precision_check)
     stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder, window_size)
@@ -487,7 +519,9 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     finished = False
     try:
         with GracefulStop(job.request_stop, config.grace_seconds):
-            _encode_units(inputs, todo, encoder, stats, job, manifest, first_batch, cpus.workers)
+            log = RankLog(manifest, out_rank, first_batch=first_batch, first_seq=first_seq,
+                          part="" if part.whole else part.label, check=lease.check if lease is not None else None)
+            _encode_units(inputs, todo, encoder, stats, job, log, cpus.workers)
         stats.stopped_by = job.stop_reason() or ""
         stats.elapsed_seconds = time.time() - started
         per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(), "device": str(device)})
@@ -495,23 +529,36 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     finally:
         if monitor is not None:  # after every rank has finished, so the last line counts everyone
             monitor.stop(final=finished)
-    merged = merge_stats(per_rank, units_total=len(inputs.units), units_skipped=plan["skipped"],
+    merged = merge_stats(per_rank, units_total=plan["total"], units_skipped=plan["skipped"],
                          elapsed=time.time() - started)
     if job.rank == 0:  # every rank has finished: the records list exactly the committed units
-        records = manifest.records()
-        manifest.write_error_log(records)
-        manifest.write_filelist(records)
-        details["finished_at"] = time.time()
-        details["stats"] = merged.as_dict()
-        details["ranks"] = [{k: r[k] for k in ("rank", "host", "device", "units_done", "windows", "samples",
-                                               "errors", "batches", "batch_size", "cpus", "loop_seconds", "warmup_seconds",
-                                               "steady_seconds", "steady_audio_seconds")} for r in per_rank]
-        manifest.write_details(details)
+        found = manifest.read_records()
+        manifest.write_error_log(found.records)
+        manifest.write_filelist(found.records)
+        manifest.compact(found, rank=out_rank)
+        finished_at = time.time()
+        ranks = [{k: r[k] for k in ("rank", "host", "device", "units_done", "windows", "samples",
+                                    "errors", "batches", "batch_size", "cpus", "loop_seconds", "warmup_seconds",
+                                    "steady_seconds", "steady_audio_seconds")} for r in per_rank]
+        if part.whole:
+            manifest.write_details({**details, "finished_at": finished_at, "stats": merged.as_dict(), "ranks": ranks})
+        else:
+            write_part_details(place, part, {"part": part.label, "source": inputs.part_source, "units": plan["total"],
+                                             "units_todo": len(todo), "started_at": started,
+                                             "finished_at": finished_at, "host": socket.gethostname(),
+                                             "pid": os.getpid(), "stats": merged.as_dict(), "ranks": ranks})
     return merged
 
 
+def write_part_details(place: Place, part, details: dict) -> None:
+    """manifest/parts/part-K-of-N.json: one array part's plan and, once it ends, its stats (details.json is the
+    job's, shared by the parts)."""
+    place.write(f"{PARTS_DIR}/part-{part.index}-of-{part.count}.json",
+                json.dumps(redact(details), indent=1, default=str).encode("utf-8"))
+
+
 def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, stats: RunStats,
-                  job: Job, manifest: RunManifest, first_batch: int, max_workers: int) -> None:
+                  job: Job, log: RankLog, max_workers: int) -> None:
     """The loop: claimed units -> loader -> batches -> encoder -> writer thread; fills `stats`.
 
     The loop never waits for the device: it submits a batch and goes on collating the next one;
@@ -529,8 +576,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
                                 shared_memory_free() // max(1, job.launch.local_world_size)) if num_workers else None
     loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False, prefetch_factor=prefetch,
                         worker_init_fn=ignore_stop_signals if num_workers else None)
-    folder = FolderWriter(manifest.place, job.rank, first_batch)
-    marker = manifest.start_writing(job.rank, first_batch)
+    manifest = log.manifest
+    folder = FolderWriter(manifest.place, log.rank, log.first_batch, enabled=config.folder)
     counter = ProgressCounter(job.add_progress)
 
     def on_unit_done(end: ShardEnd, written: int, errors: int, warnings: int) -> None:
@@ -546,7 +593,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
         stats.resumes += end.resumes
         counter.add(units=1, bytes=end.input_bytes, samples=end.samples, errors=errors)
 
-    writer = _WriterThread(config, manifest, folder, encoder, *latent_format(config, model), on_unit_done)
+    writer = _WriterThread(config, log, folder, encoder, *latent_format(config, model), on_unit_done)
     writer.start()
 
     def wait_on_writer(attempt):
@@ -634,7 +681,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
         raise _writer_failure(writer.error)
     writer.discard_open_units()
     manifest.place.close()
-    manifest.done_writing(marker)  # every unit this rank opened is committed or removed
+    log.close()  # every unit this rank opened is committed or removed: its records indexed, its marker gone
     stats.fp32_retries, stats.oom_splits, stats.compiled = encoder.retries, encoder.splits, encoder.compiled
     if writer.progress and loop_started is not None:
         (first_at, first_audio), (last_at, last_audio) = writer.progress[0], writer.progress[-1]

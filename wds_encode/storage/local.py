@@ -7,7 +7,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Optional
 
 from . import FULL_ERRNOS, PARTIAL, PROBE_DIR, ObjectWriter, Place, local_error
 
@@ -63,8 +63,9 @@ class LocalPlace(Place):
                 raise local_error(str(self._path(rel)), exc, "cannot delete") from None
         return count
 
-    def list(self, prefix: str = "") -> dict[str, int]:
-        """Files under `prefix` (a folder, relative), recursively: relative path -> size."""
+    def list(self, prefix: str = "", start_after: str = "") -> dict[str, int]:
+        """Files under `prefix` (a folder, relative), recursively: relative path -> size; with
+        `start_after`, only the paths that sort after it (as S3's StartAfter)."""
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return {}
@@ -72,8 +73,11 @@ class LocalPlace(Place):
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
                 path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, self.root).replace(os.sep, "/")
+                if start_after and rel <= start_after:
+                    continue
                 try:
-                    found[os.path.relpath(path, self.root).replace(os.sep, "/")] = os.path.getsize(path)
+                    found[rel] = os.path.getsize(path)
                 except FileNotFoundError:
                     continue
         return found
@@ -106,9 +110,10 @@ class LocalPlace(Place):
         except OSError as exc:
             raise local_error(str(probe), exc, "cannot delete") from None
 
-    def remove_unfinished(self) -> int:
-        """Delete `*.partial` files an interrupted run left behind."""
-        partials = [rel for rel in self.list() if rel.endswith(PARTIAL)]
+    def remove_unfinished(self, owned: Optional[Callable[[str], bool]] = None) -> int:
+        """Delete `*.partial` files an interrupted run left behind (only those `owned` says are ours)."""
+        partials = [rel for rel in self.list() if rel.endswith(PARTIAL)
+                    and (owned is None or owned(rel[:-len(PARTIAL)]))]
         return self.delete(partials)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from . import S3_SCHEME, ObjectWriter, Place, S3Options, Storage, StorageError, redact_url, s3_error, split_s3
 
@@ -56,11 +56,12 @@ def list_tar_objects(storage: Storage, url: str, options: Optional[S3Options]) -
             if k.endswith(".tar")]
 
 
-def list_objects(client, bucket: str, prefix: str, url: str) -> list[tuple[str, int]]:
-    """Every key under `prefix` with its size, sorted (all pages)."""
+def list_objects(client, bucket: str, prefix: str, url: str, start_after: str = "") -> list[tuple[str, int]]:
+    """Every key under `prefix` (after `start_after`, when given) with its size, sorted (all pages)."""
     found = []
+    extra = {"StartAfter": start_after} if start_after else {}
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **extra):
             found.extend((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", ()))
     except Exception as exc:
         raise s3_error(url, exc, "cannot list") from None
@@ -147,9 +148,10 @@ class S3Place(Place):
                                    f"({len(failed)} keys not deleted)")
         return len(keys)
 
-    def list(self, prefix: str = "") -> dict[str, int]:
+    def list(self, prefix: str = "", start_after: str = "") -> dict[str, int]:
         rel_prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-        found = list_objects(self.client, self.bucket, self.prefix + rel_prefix, self.url)
+        found = list_objects(self.client, self.bucket, self.prefix + rel_prefix, self.url,
+                             self.key(start_after) if start_after else "")
         return {key[len(self.prefix):]: size for key, size in found}
 
     # --- background uploads (the folder layout)
@@ -208,8 +210,9 @@ class S3Place(Place):
             raise s3_error(self.url, exc, "cannot list multipart uploads") from None
         return found
 
-    def remove_unfinished(self) -> int:
-        """Abort the multipart uploads an interrupted run left open (they are billed until aborted).
+    def remove_unfinished(self, owned: Optional[Callable[[str], bool]] = None) -> int:
+        """Abort the multipart uploads an interrupted run left open (they are billed until aborted; only
+        those `owned` says are ours, given the path relative to the place).
 
         An open upload is invisible to every reader, so exactly-once does not depend on this clean-up: on
         a store that does not implement listing or aborting uploads (s3rver, some S3-compatible stores) it
@@ -223,6 +226,8 @@ class S3Place(Place):
             return 0
         aborted = 0
         for key, upload_id in uploads:
+            if owned is not None and not owned(key[len(self.prefix):]):
+                continue
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
                 aborted += 1

@@ -1,14 +1,19 @@
 """`wds-encode status OUT`: how far the job writing OUT (a folder or s3:// prefix) has got.
 
 Everything comes from what the run itself writes: details.json (the plan: how many units the
-dataset has), one record per finished unit (counts, audio, errors) and the writing markers of
-ranks that are running or were interrupted. It reads; it never changes the output.
+dataset has), one record per finished unit (counts, audio, errors; read through their index, so a
+handful of requests however many units are done), the writing markers of ranks that are running or
+were interrupted, and for an array job each part's plan (`manifest/parts/part-K-of-N.json`). It
+reads; it never changes the output.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import json
+
+from ..job.parts import PARTS_DIR
 from ..pipeline.manifest import RunManifest
 from ..storage import Place
 
@@ -49,10 +54,33 @@ def record_totals(records: list[dict]) -> dict:
     }
 
 
+def part_status(place: Place, parts: int, records: list[dict], markers: list[dict]) -> list[dict]:
+    """Per part of an array job: its units (from its plan), done, state and who last ran it."""
+    names = sorted(rel for rel in place.list(PARTS_DIR) if rel.endswith(".json"))
+    plans = {}
+    for data in place.read_many(names).values():
+        try:
+            plan = json.loads(data.decode("utf-8")) if data else None
+        except (ValueError, UnicodeDecodeError):
+            plan = None
+        if isinstance(plan, dict) and str(plan.get("part", "")).endswith(f"/{parts}"):
+            plans[int(plan["part"].split("/")[0])] = plan
+    found = []
+    for index in range(parts):
+        plan = plans.get(index, {})
+        done = [r for r in records if int(r.get("rank", 0)) % parts == index]
+        writing = [m for m in markers if "rank" in m and int(m["rank"]) % parts == index]
+        total = plan.get("units")
+        found.append({"part": f"{index}/{parts}", "units": {"total": total, "done": len(done)},
+                      "state": run_state(writing, total, len(done)) if plan else "not started",
+                      "host": plan.get("host"), "finished_at": plan.get("finished_at")})
+    return found
+
+
 def output_status(place: Place) -> dict:
     manifest, details = read_output(place)
-    records = manifest.records()
-    markers = manifest.writing_markers()
+    found = manifest.read_records()
+    records, markers = found.records, found.markers
     total: Optional[int] = details.get("plan", {}).get("units_total")
     done = len(records)
     remaining = max(0, total - done) if total is not None else None
@@ -70,6 +98,7 @@ def output_status(place: Place) -> dict:
         "errors": totals["errors"],
         "warnings": totals["warnings"],
         "ranks_writing": sorted(int(m["rank"]) for m in markers if "rank" in m),
+        "parts": part_status(place, int(details["parts"]), records, markers) if int(details.get("parts", 1)) > 1 else [],
         "last_run": {"started_at": details.get("started_at"), "finished_at": details.get("finished_at"),
                      "elapsed_seconds": stats.get("elapsed_seconds")},
     }
@@ -89,4 +118,7 @@ def format_status(status: dict) -> str:
     ]
     if status["ranks_writing"]:
         lines.append("  writing    ranks " + ", ".join(map(str, status["ranks_writing"])))
+    for part in status.get("parts", ()):
+        total = "?" if part["units"]["total"] is None else part["units"]["total"]
+        lines.append(f"  part {part['part']:<6}{part['units']['done']} of {total} units, {part['state']}")
     return "\n".join(lines)
