@@ -44,6 +44,28 @@ def test_s3_folder_files_are_uploaded_off_the_callers_thread_and_discard_deletes
     assert sorted(place.list()) == sorted(f for pair in staged[:10] for f in pair)
 
 
+def test_a_disabled_folder_writer_writes_nothing_but_still_names_windows(place):
+    """--no-folder: ids go on (into each window's metadata), and no object is staged, published or deleted."""
+    writer = FolderWriter(place, rank=3, first_batch_index=5, enabled=False)
+    assert writer.latent_id(5, 2) == FolderWriter(place, rank=3).latent_id(5, 2) == "0030000050002"
+    files = writer.stage(writer.latent_id(5, 2), np.zeros((2, 3), np.float32), {"a": 1})
+    assert files == []
+    writer.commit(files)
+    writer.discard(files)
+    writer.commit(["3/0030000050002.json", "3/0030000050002.npy"])  # whatever it is given: nothing to publish
+    writer.discard(["3/0030000050002.json", "3/0030000050002.npy"])
+    place.close()
+    assert place.list() == {}
+
+
+def test_a_disabled_folder_writer_leaves_other_files_alone(tmp_path):
+    place = LocalPlace(str(tmp_path))
+    FolderWriter(place, rank=0).commit(FolderWriter(place, rank=0).stage("0000000000000", np.ones((1, 1)), {}))
+    before = sorted(place.list())
+    FolderWriter(place, rank=0, enabled=False).discard(before)
+    assert sorted(place.list()) == before == ["0/0000000000000.json", "0/0000000000000.npy"]
+
+
 def test_latent_shards_split_and_read_back_with_webdataset(place, tmp_path):
     writer = LatentShardWriter(place, "ds", "part-a", maxcount=3, maxsize=10**9)
     keys = [writer.write(f"k{i}", np.full((2, 5), i, np.float32), {"i": i}) for i in range(7)]

@@ -2,8 +2,9 @@
 layout as a map-style dataset, and `latent_loader` wrapping either in a DataLoader.
 
 Sources. An output (local folder or `s3://` prefix) is read through its manifest: only units whose
-record exists (committed) are read, never the leftovers of an interrupted run. Latent shards can
-also be named directly (URLs, a list, or a brace pattern `shards/ds/a-{000..009}.tar`).
+record exists (committed) are read, never the leftovers of an interrupted run. The latent shards
+(the default form) hold every window, with or without the folder layout (`--no-folder`). Latent
+shards can also be named directly (URLs, a list, or a brace pattern `shards/ds/a-{000..009}.tar`).
 
 One window becomes `(latent [C, T], metadata)`, the same way in both forms:
 - `--latent-mode params` outputs (mean and std stacked on the channel axis) are sampled afresh on
@@ -97,7 +98,8 @@ def latent_folder_files(source: str, storage: Optional[Storage] = None) -> list[
              for record in _committed_records(str(source), storage)
              for latent_id in record.get("folder_ids") or ()]
     if not files:
-        raise LatentSourceError(f"{source}: no committed window in the folder layout")
+        raise LatentSourceError(f"{source}: no committed window in the folder layout (was it written with "
+                                "--no-folder? then read the latent shards with form='shards')")
     return files
 
 

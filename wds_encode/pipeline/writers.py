@@ -1,6 +1,7 @@
 """Latents -> objects, in both output forms, made visible per input unit all at once.
 
-`FolderWriter` writes stable-audio-tools' pre_encode layout, `OUT/{rank}/{id}.npy` + `{id}.json`;
+`FolderWriter` writes stable-audio-tools' pre_encode layout, `OUT/{rank}/{id}.npy` + `{id}.json`
+(or nothing, with `--no-folder`);
 `LatentShardWriter` writes one input unit's latent tars (`KEY.json` + `KEY.npy` members, through
 webdataset's `TarWriter`). Both write through a `storage.Place`: staged while the unit is open,
 published when it commits (locally: `*.partial` files renamed; on S3: uploads awaited, multipart
@@ -23,6 +24,7 @@ from ..storage import ObjectWriter, Place
 SHARDS_DIR = "shards"
 _ID_RE = re.compile(r"^(\d{3,})(\d{6})(\d{4})$")
 _FOLDER_FILE_RE = re.compile(r"^(\d+)/(\d{13,})\.(npy|json)(\.partial)?$")
+_LATENT_SHARD_RE = re.compile(r"^shards/([^/]+)/(.+)-\d{3,}\.tar(\.partial)?$")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -47,6 +49,12 @@ def folder_file_id(relative: str) -> Optional[tuple[int, str]]:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
+def latent_shard_unit(relative: str) -> Optional[str]:
+    """`"shards/music/part-000001-002.tar"` -> `"music/part-000001"`: the unit whose latent tar it is."""
+    match = _LATENT_SHARD_RE.match(relative)
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
 def folder_files(rank: int, latent_id: str) -> list[str]:
     """A window's two files, json first: a reader that lists *.npy always finds the json beside it."""
     return [f"{rank}/{latent_id}.json", f"{rank}/{latent_id}.npy"]
@@ -56,29 +64,36 @@ class FolderWriter:
     """The per-rank folder layout, with ids `f"{rank:03d}{batch:06d}{i:04d}"`.
 
     `first_batch_index` comes from the run's plan: one past every batch index this rank's folder
-    has held, so a resumed run never reuses an id.
+    has held, so a resumed run never reuses an id. With `enabled=False` (`--no-folder`) nothing is
+    written: ids are still made (they go into every window's metadata), `stage` returns no files and
+    `commit` / `discard` have nothing to do.
     """
 
-    def __init__(self, place: Place, rank: int, first_batch_index: int = 0):
+    def __init__(self, place: Place, rank: int, first_batch_index: int = 0, enabled: bool = True):
         self.place = place
         self.rank = rank
         self.first_batch_index = first_batch_index
+        self.enabled = enabled
 
     def latent_id(self, batch_index: int, sample_index: int) -> str:
         return f"{self.rank:03d}{batch_index:06d}{sample_index:04d}"
 
     def stage(self, latent_id: str, latent: np.ndarray, metadata: dict) -> list[str]:
-        """Stage both files; returns their relative paths (json first)."""
+        """Stage both files; returns their relative paths (json first), none when disabled."""
+        if not self.enabled:
+            return []
         files = folder_files(self.rank, latent_id)
         self.place.stage(files[0], json_bytes(metadata))
         self.place.stage(files[1], npy_bytes(latent))
         return files
 
     def commit(self, files: list[str]) -> None:
-        self.place.publish(files)
+        if self.enabled:
+            self.place.publish(files)
 
     def discard(self, files: list[str]) -> None:
-        self.place.unstage(files)
+        if self.enabled:
+            self.place.unstage(files)
 
 
 class LatentShardWriter:

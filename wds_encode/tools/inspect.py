@@ -13,8 +13,10 @@ They are computed in one streaming pass in float64 (a per-window Chan/Welford me
 stays bounded whatever the output's size; the plot gets a seeded reservoir sample of frames.
 
 An output (a folder or s3:// prefix) is read through its manifest: only the windows that unit
-records list, so uncommitted leftovers never count. Latent shard tars can also be inspected on
-their own (paths, URLs or brace patterns); then there are no unit or error counts to report.
+records list, so uncommitted leftovers never count; from the folder layout, or, for units written
+without it (`--no-folder`), from the latent tars the records list. Latent shard tars can also be
+inspected on their own (paths, URLs or brace patterns); then there are no unit or error counts to
+report.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 import numpy as np
 
 from .status import read_output, record_totals, run_state
-from ..storage import Place, Storage
+from ..storage import Place, Storage, StorageError
 
 STATS_OVER = "unpadded frames (padding_mask == 1)"
 RESERVOIR_FRAMES = 4096          # frames kept (all channels of each) for the plot's distributions
@@ -365,19 +367,83 @@ def _load_json(data: bytes, where: str) -> dict:
     return value
 
 
+def _open_object(place: Place, relative: str) -> BinaryIO:
+    """A stream of one object of an output (a latent tar), read front to back; on S3 through the place's
+    own client options."""
+    storage = getattr(place, "storage", None) or Storage()
+    return storage.open_read(place.child(relative), getattr(place, "options", None))
+
+
+def tar_members(stream: BinaryIO, where: str, problems: list[str]) -> Iterator[tuple[str, bytes, bytes]]:
+    """(key, npy bytes, json bytes) of every `KEY.json` + `KEY.npy` pair of a latent tar, in tar order.
+    A damaged tar, and keys that lack one of the two, are appended to `problems`."""
+    pending: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile() or "." not in info.name.rsplit("/", 1)[-1]:
+                    continue
+                key, ext = info.name.rsplit(".", 1)
+                if ext not in ("json", "npy"):
+                    continue
+                parts = pending.setdefault(key, {})
+                parts[ext] = tar.extractfile(info).read()
+                if len(parts) == 2:
+                    del pending[key]
+                    yield key, parts["npy"], parts["json"]
+    except tarfile.TarError as exc:
+        problems.append(f"{where}: tar read failed ({exc}); the windows before it were counted")
+    if pending:
+        problems.append(f"{where}: {len(pending)} keys without both .json and .npy (first: {next(iter(pending))})")
+
+
 def output_windows(place: Place, records: list[dict], *, max_windows: Optional[int], seed: int,
-                   missing: list[str]) -> Iterator[tuple[np.ndarray, dict, str]]:
-    """(latent, metadata, relative path) of the windows the records list, or a seeded sample of them.
-    Files a record lists but the place lacks are appended to `missing`."""
-    listed = [(int(r["rank"]), latent_id) for r in sorted(records, key=lambda r: r["shard"])
-              for latent_id in r.get("folder_ids", ())]
-    if max_windows is not None and max_windows < len(listed):
-        pick = np.random.default_rng(seed).choice(len(listed), size=max_windows, replace=False)
-        listed = [listed[i] for i in sorted(pick)]
-    for start in range(0, len(listed), READ_BATCH):
-        names = [f"{rank}/{latent_id}" for rank, latent_id in listed[start:start + READ_BATCH]]
-        found = place.read_many([f"{n}.{ext}" for n in names for ext in ("json", "npy")])
-        for name in names:
+                   missing: list[str], problems: Optional[list[str]] = None
+                   ) -> Iterator[tuple[np.ndarray, dict, str]]:
+    """(latent, metadata, where) of the windows the records list, in unit order, or a seeded sample of
+    them: from the folder layout where the unit wrote it (where: `RANK/ID.npy`), else from the unit's
+    latent shards (a `--no-folder` run; where: `TAR#KEY`, the n-th window of a unit being the n-th
+    member pair of its tars). Folder files a record lists but the place lacks are appended to
+    `missing`; unreadable tars, and units whose tars hold fewer windows than their record, to `problems`."""
+    problems = [] if problems is None else problems
+    units = []  # (record, windows it lists)
+    for record in sorted(records, key=lambda r: r["shard"]):
+        ids = record.get("folder_ids") or ()
+        count = len(ids) if ids else (int(record.get("windows", 0)) if record.get("latent_shards") else 0)
+        if count:
+            units.append((record, count))
+    total = sum(count for _, count in units)
+    picks = None
+    if max_windows is not None and max_windows < total:
+        picks = np.sort(np.random.default_rng(seed).choice(total, size=max_windows, replace=False))
+    names: list[str] = []   # folder-layout windows waiting to be read together
+    offset = 0
+    for record, count in units:
+        if picks is None:
+            positions = range(count)
+        else:
+            positions = (picks[np.searchsorted(picks, offset):np.searchsorted(picks, offset + count)] - offset).tolist()
+        offset += count
+        if not len(positions):
+            continue
+        ids = record.get("folder_ids") or ()
+        if ids:
+            names.extend(f"{int(record['rank'])}/{ids[i]}" for i in positions)
+            if len(names) >= READ_BATCH:
+                yield from _folder_windows(place, names, missing)
+                names = []
+            continue
+        yield from _folder_windows(place, names, missing)  # keep unit order
+        names = []
+        yield from _unit_shard_windows(place, record, set(positions), problems)
+    yield from _folder_windows(place, names, missing)
+
+
+def _folder_windows(place: Place, names: list[str], missing: list[str]) -> Iterator[tuple[np.ndarray, dict, str]]:
+    for start in range(0, len(names), READ_BATCH):
+        chunk = names[start:start + READ_BATCH]
+        found = place.read_many([f"{n}.{ext}" for n in chunk for ext in ("json", "npy")])
+        for name in chunk:
             md, npy = found.get(f"{name}.json"), found.get(f"{name}.npy")
             if md is None or npy is None:
                 missing.append(f"{name}.{'json' if md is None else 'npy'}")
@@ -386,29 +452,39 @@ def output_windows(place: Place, records: list[dict], *, max_windows: Optional[i
                    f"{name}.npy")
 
 
+def _unit_shard_windows(place: Place, record: dict, wanted: set[int], problems: list[str]
+                        ) -> Iterator[tuple[np.ndarray, dict, str]]:
+    """The `wanted` windows (positions in the unit) of one unit, from its latent tars; stops reading
+    once it has them all."""
+    position, left = 0, len(wanted)
+    for rel in record.get("latent_shards") or ():
+        if not left:
+            return
+        where = place.child(rel)
+        try:
+            stream = _open_object(place, rel)
+        except StorageError as exc:
+            problems.append(f"{where}: listed by the record of {record['shard']} but not readable ({exc})")
+            continue
+        with stream:
+            for key, npy, js in tar_members(stream, where, problems):
+                if position in wanted:
+                    left -= 1
+                    yield _load_npy(npy, f"{where}#{key}.npy"), _load_json(js, f"{where}#{key}.json"), f"{rel}#{key}"
+                position += 1
+                if not left:
+                    return
+    if left:
+        problems.append(f"{record['shard']}: its record lists {int(record.get('windows', 0))} windows, its latent "
+                        f"shards hold {position}")
+
+
 def shard_windows(storage: Storage, urls: list[str], problems: list[str]) -> Iterator[tuple[np.ndarray, dict, str]]:
     """(latent, metadata, tar URL) of every `KEY.json` + `KEY.npy` pair in the tars, in order."""
     for url in urls:
-        pending: dict[str, dict[str, bytes]] = {}
         with storage.open_read(url) as stream:
-            try:
-                with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for info in tar:
-                        if not info.isfile() or "." not in info.name.rsplit("/", 1)[-1]:
-                            continue
-                        key, ext = info.name.rsplit(".", 1)
-                        if ext not in ("json", "npy"):
-                            continue
-                        parts = pending.setdefault(key, {})
-                        parts[ext] = tar.extractfile(info).read()
-                        if len(parts) == 2:
-                            del pending[key]
-                            yield (_load_npy(parts["npy"], f"{url}#{key}.npy"),
-                                   _load_json(parts["json"], f"{url}#{key}.json"), url)
-            except tarfile.TarError as exc:
-                problems.append(f"{url}: tar read failed ({exc}); the windows before it were counted")
-        if pending:
-            problems.append(f"{url}: {len(pending)} keys without both .json and .npy (first: {next(iter(pending))})")
+            for key, npy, js in tar_members(stream, url, problems):
+                yield _load_npy(npy, f"{url}#{key}.npy"), _load_json(js, f"{url}#{key}.json"), url
 
 
 def expand_shard_urls(specs: list[str], storage: Storage) -> list[str]:
@@ -452,7 +528,9 @@ def inspect_output(place: Place, *, max_windows: Optional[int] = None, seed: int
     records = manifest.records()
     summary = LatentSummary(seed)
     missing: list[str] = []
-    _accumulate(summary, output_windows(place, records, max_windows=max_windows, seed=seed, missing=missing))
+    shard_problems: list[str] = []
+    _accumulate(summary, output_windows(place, records, max_windows=max_windows, seed=seed, missing=missing,
+                                        problems=shard_problems))
     by_dataset: dict[str, list[dict]] = {}
     for record in records:
         by_dataset.setdefault(record["shard"].split("/", 1)[0], []).append(record)
@@ -468,7 +546,7 @@ def inspect_output(place: Place, *, max_windows: Optional[int] = None, seed: int
                               max_windows >= total["windows"]),
         "errors_by_reason": group_problems(p for r in records for p in r.get("problems", ())),
         "problems": ([f"{len(missing)} files listed by unit records are missing (first: {place.child(missing[0])})"]
-                     if missing else []),
+                     if missing else []) + shard_problems,
     }
     return _inspection(summary, report)
 

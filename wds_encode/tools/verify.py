@@ -1,7 +1,8 @@
 """`wds-encode verify`: decode a sample of written windows and compare them with their source.
 
 Encoding with the wrong checkpoint, config or method silently gives garbage latents; a round trip
-catches it before a week of training does. For N windows of an output folder this reports:
+catches it before a week of training does. For N windows of an output folder (from its folder
+layout, or from its latent shards when it was written with `--no-folder`) this reports:
 - `snr_db`: SNR of decode(latents) against the source audio window (needs a decoder),
 - `mel`: mean absolute log-mel distance between the two,
 - `rank`: how many other sampled sources the decoded window is closer to (in log-mel distance)
@@ -22,7 +23,7 @@ import math
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -62,6 +63,29 @@ def pick_windows(place: Place, n: int, seed: int = 0) -> list[str]:
         return files
     rng = np.random.default_rng(seed)
     return sorted(files[i] for i in rng.choice(len(files), size=n, replace=False))
+
+
+def stored_windows(place: Place, n: int, seed: int = 0) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """(window id, stored latents, metadata) of N windows spread over the run (deterministic for a seed):
+    the folder layout's (`pick_windows`), or, when units were written without it (`--no-folder`), the
+    committed windows the records list, read from the units' latent shards (members `KEY.npy` + `KEY.json`)."""
+    records = RunManifest(place).records()
+    if not any(not r.get("folder_ids") and r.get("latent_shards") for r in records):
+        for npy in pick_windows(place, n, seed):
+            md = json.loads(place.read(npy[:-4] + ".json").decode("utf-8"))
+            yield npy.rsplit("/", 1)[-1][:-4], np.load(io.BytesIO(place.read(npy)), allow_pickle=False), md
+        return
+    from .inspect import output_windows
+    missing: list[str] = []
+    problems: list[str] = []
+    found = 0
+    for latent, md, where in output_windows(place, records, max_windows=n, seed=seed, missing=missing,
+                                            problems=problems):
+        found += 1
+        yield str(md.get("latent_id") or where), latent, md
+    if not found:
+        raise FileNotFoundError(f"{place.url}: no committed window to verify in the folder layout or the latent "
+                                f"shards{' (' + problems[0] + ')' if problems else ''}")
 
 
 def read_source(path: str, storage: Storage, options: Optional[S3Options] = None) -> tuple[bytes, str]:
@@ -164,10 +188,8 @@ def verify_output(place: Place, model, *, details: dict, n: int = 8, seed: int =
                            latent_mode=mode, is_discrete=is_discrete, seed=int(args.get("seed", 0)))
     checks: list[WindowCheck] = []
     mels: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    for npy in pick_windows(place, n, seed):
-        md = json.loads(place.read(npy[:-4] + ".json").decode("utf-8"))
-        stored = np.load(io.BytesIO(place.read(npy)), allow_pickle=False)
-        check = WindowCheck(npy.rsplit("/", 1)[-1][:-4], md.get("key", md.get("__key__", "")), None, None, None)
+    for latent_id, stored, md in stored_windows(place, n, seed):
+        check = WindowCheck(latent_id, md.get("key", md.get("__key__", "")), None, None, None)
         try:
             window, length = source_window(md, model.in_channels, model.sample_rate,
                                            max(sample_size, int(md["valid_length"])), storage,
