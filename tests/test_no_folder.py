@@ -139,13 +139,19 @@ def test_the_option_is_in_the_help_beside_shards():
 
 # ------------------------------------------------------------------------------------------ what reads it
 
+def json_reports(command: str, outputs) -> dict:
+    """`wds-encode COMMAND OUT --json` of each output."""
+    reports = {}
+    for out in outputs:
+        result = run_cli(command, out, "--json")
+        assert result.returncode == 0, result.stderr
+        reports[out] = json.loads(result.stdout)
+    return reports
+
+
 def test_status_is_the_same_as_for_a_folder_run(outputs):
     folder_out, shards_out = outputs
-    status = {}
-    for out in outputs:
-        result = run_cli("status", out, "--json")
-        assert result.returncode == 0, result.stderr
-        status[out] = json.loads(result.stdout)
+    status = json_reports("status", outputs)
     for key in ("state", "units", "samples", "windows", "audio_hours", "errors", "warnings"):
         assert status[shards_out][key] == status[folder_out][key], key
     assert status[shards_out]["state"] == "complete"
@@ -153,11 +159,7 @@ def test_status_is_the_same_as_for_a_folder_run(outputs):
 
 def test_inspect_reads_the_windows_from_the_shards(outputs):
     folder_out, shards_out = outputs
-    reports = {}
-    for out in outputs:
-        result = run_cli("inspect", out, "--json")
-        assert result.returncode == 0, result.stderr
-        reports[out] = json.loads(result.stdout)
+    reports = json_reports("inspect", outputs)
     a, b = reports[shards_out], reports[folder_out]
     assert a["problems"] == [] and a["sampling"]["exact"] is True
     assert a["sampling"]["windows_read"] == b["sampling"]["windows_read"] == b["total"]["windows"] > 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import run_cli, write_dataset_config
-from wds_encode.pipeline.manifest import RunManifest
+from wds_encode.pipeline.manifest import RankLog, RunManifest
 from wds_encode.tools.status import format_status, output_status
 from wds_encode.storage import LocalPlace
 
@@ -48,3 +48,25 @@ def test_a_rank_writing_shows_and_an_empty_folder_is_not_an_output(tmp_path):
     assert "writing    ranks 3" in format_status(status)
     result = run_cli("status", tmp_path / "nothing")
     assert result.returncode == 2 and "no details.json" in result.stderr
+
+
+def test_an_array_job_is_reported_whole_and_per_part(tmp_path):
+    place = LocalPlace(str(tmp_path / "out"))
+    manifest = RunManifest(place)
+    manifest.write_details({"plan": {"units_total": 6}, "parts": 3})
+    for part, units in ((0, 2), (1, 2)):   # part 2 never started
+        place.write(f"manifest/parts/part-{part}-of-3.json", json.dumps({"part": f"{part}/3", "units": units,
+                                                                        "host": f"node{part}"}).encode())
+    for rank, shard in ((0, "d/a"), (0, "d/b"), (1, "d/c"), (4, "d/d")):   # rank 4 is part 1's second rank
+        manifest.write_record({"shard": shard, "rank": rank, "samples": 1, "windows": 1})
+    RankLog(manifest, 4, part="1/3")       # part 1 is still writing
+    status = output_status(place)
+    assert status["units"]["done"] == 4 and status["state"].startswith("writing")
+    assert status["parts"] == [
+        {"part": "0/3", "units": {"total": 2, "done": 2}, "state": "complete", "host": "node0", "finished_at": None},
+        {"part": "1/3", "units": {"total": 2, "done": 2}, "state": status["parts"][1]["state"], "host": "node1",
+         "finished_at": None},
+        {"part": "2/3", "units": {"total": None, "done": 0}, "state": "not started", "host": None, "finished_at": None}]
+    assert status["parts"][1]["state"].startswith("writing")
+    text = format_status(status)
+    assert "part 0/3   2 of 2 units, complete" in text and "part 2/3   0 of ? units, not started" in text

@@ -133,6 +133,7 @@ def run_encode(config: EncodeConfig) -> int:
     from .compat import check_installed
     from .pipeline.manifest import ManifestError
     from .models import CheckpointError, ModelConfigError
+    from .job.parts import LeaseLost
     from .job.preemption import Preempted
     from .plan import plan_inputs
     from .runner import run
@@ -164,6 +165,10 @@ def run_encode(config: EncodeConfig) -> int:
     except StorageError as exc:
         click.echo(f"wds-encode: {_rank_tag(launch)}stopped: {exc}; committed units are kept, fix this and rerun "
                    "the same command to finish", err=True)
+        return EXIT_BAD_SAMPLES
+    except LeaseLost as exc:
+        click.echo(f"wds-encode: {_rank_tag(launch)}stopped: {exc}; committed units are kept, and the part's "
+                   "new holder finishes it", err=True)
         return EXIT_BAD_SAMPLES
     except Preempted as exc:
         click.echo(f"wds-encode: {_rank_tag(launch)}{exc}; committed units are kept, rerun the same command to "

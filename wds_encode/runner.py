@@ -35,7 +35,7 @@ from .models import load_autoencoder
 from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
 from .plan import RunInputs, part_units, plan_inputs, prepare_output, units_fingerprint
-from .job.parts import PARTS_DIR, PartLease
+from .job.parts import PARTS_DIR, LeaseLost, PartLease
 from .job.preemption import GracefulStop, ignore_stop_signals, stop_workers
 from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .job.progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
@@ -717,6 +717,6 @@ def shared_memory_free(path: str = SHM_PATH) -> int:
 
 def _writer_failure(error: BaseException) -> BaseException:
     """A storage failure (disk full, bucket gone) stays itself, so the command can say it in one line."""
-    if isinstance(error, StorageError):
+    if isinstance(error, (StorageError, LeaseLost)):
         return error
     return RuntimeError(f"writing outputs failed: {type(error).__name__}: {error}")

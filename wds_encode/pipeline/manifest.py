@@ -1,12 +1,16 @@
 """Run identity, details.json, per-unit completion records, and the clean-up of interrupted runs;
 errors.jsonl and filelist.txt, rewritten from the records.
 
-A unit counts as done only when its record exists under `OUT/manifest/`: it is written last,
+A unit counts as done only when its record exists under `OUT/manifest/log/`: it is written last,
 atomically, after the unit's outputs, and it lists them. While a rank writes, it keeps a marker
 under `OUT/manifest/writing/`; a marker left behind means that rank was interrupted, and the next
 run removes from that rank's folder, and from `shards/`, every object no record lists. So a rerun
 ends with exactly the committed outputs of every unit, locally and on S3 (which has no rename).
 A rerun with another model, checkpoint or encode option is refused unless `--overwrite`.
+
+Records are numbered per rank and listed again in index objects (`RankLog`, `RunManifest.compact`),
+so that whoever reads the output needs a few requests, not one per unit (`read_records`). With array
+jobs (`job.parts`) the clean-up after an interrupted rank touches only what its part owns.
 """
 
 from __future__ import annotations

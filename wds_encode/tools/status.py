@@ -120,5 +120,5 @@ def format_status(status: dict) -> str:
         lines.append("  writing    ranks " + ", ".join(map(str, status["ranks_writing"])))
     for part in status.get("parts", ()):
         total = "?" if part["units"]["total"] is None else part["units"]["total"]
-        lines.append(f"  part {part['part']:<6}{part['units']['done']} of {total} units, {part['state']}")
+        lines.append(f"  {'part ' + part['part']:<10} {part['units']['done']} of {total} units, {part['state']}")
     return "\n".join(lines)
