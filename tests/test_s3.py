@@ -76,7 +76,7 @@ def mirror(s3, bucket: str, prefix: str, dest: Path) -> dict[str, bytes]:
 def owned_objects(out: Path) -> set[str]:
     """What a finished run owns: details, errors log, silence latents, filelist, one record per unit and
     what the records list."""
-    owned = {"details.json", "silence.npy", "filelist.txt"}
+    owned = {"details.json", "silence.npy", "filelist.txt", "manifest/units.json.gz"}
     if (out / "errors.jsonl").exists():
         owned.add("errors.jsonl")
     for path in (out / "manifest").glob("log/*/*.json"):

@@ -162,3 +162,20 @@ def test_a_datasets_profile_decides_where_its_shards_are_read(bucket, tmp_path, 
     assert [(s.name, s.s3.profile) for s in shards] == [("x-000", "src")]
     with pytest.raises(ConfigError, match="dataset 'd'"):  # without the profile: no endpoint, no keys
         list_shards(s3_config("s3://audio/train/b/"), Storage(S3Options(endpoint_url="http://127.0.0.1:9")))
+
+
+def test_a_kept_listing_gives_back_the_same_units_with_the_options_of_the_dataset_config():
+    from wds_encode.config import DatasetConfig
+    from wds_encode.pipeline.sources import Shard, listing_bytes, listing_fingerprint, units_from_listing
+    from wds_encode.storage import S3Options
+    config = DatasetConfig.model_validate({"dataset_type": "s3", "custom_metadata_module": "meta.py", "datasets": [
+        {"id": "m", "s3_path": "s3://b/m/", "profile": "reader", "endpoint_url": "http://user:secret@host:9000"}]})
+    options = S3Options(profile="reader", endpoint_url="http://user:secret@host:9000")
+    units = [Shard(url=f"s3://b/m/{i}.tar", dataset_id="m", name=f"{i}", custom_metadata_module="meta.py",
+                   size=100 + i, s3=options) for i in range(3)]
+    fingerprint = listing_fingerprint(config, 64)
+    data = listing_bytes(units, fingerprint)
+    assert b"secret" not in __import__("gzip").decompress(data)       # credentials stay in the config
+    assert units_from_listing(data, config, fingerprint) == units
+    assert units_from_listing(data, config, listing_fingerprint(config, 32)) is None   # another unit size
+    assert units_from_listing(data[:-5], config, fingerprint) is None                  # damaged

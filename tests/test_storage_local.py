@@ -63,3 +63,26 @@ def test_check_writable_local_path_under_a_file_fails(tmp_path):
         LocalPlace(str(tmp_path / "file.txt" / "out")).check_writable()
     assert str(failed.value).startswith(str(tmp_path / "file.txt" / "out" / PROBE_DIR))
     assert "Not a directory" in str(failed.value)
+
+
+def test_writers_of_one_object_at_once_never_fail_and_leave_one_whole_version(tmp_path):
+    """Array parts share details.json and the listing, and two tasks of one part race for its lease."""
+    import threading
+    place = LocalPlace(str(tmp_path))
+    errors = []
+
+    def write(n):
+        try:
+            for i in range(200):
+                place.write("manifest/parts/p.lease", f"writer {n} version {i}".encode() * 50)
+        except Exception as exc:  # noqa: BLE001 - the test reports any
+            errors.append(exc)
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    text = place.read("manifest/parts/p.lease").decode()
+    assert text == text[:len(text) // 50] * 50                      # one writer's whole version
+    assert place.list() == {"manifest/parts/p.lease": len(text)}     # no temporary file left

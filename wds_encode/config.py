@@ -133,6 +133,8 @@ class EncodeConfig(BaseModel):
                           "none (default: AWS_ENDPOINT_URL, else AWS)")
     s3_region: Optional[str] = Field(None, description="S3 region (default: AWS_REGION or the profile's)")
     files_per_unit: int = Field(64, ge=1, description="audio_dir: files per work unit")
+    relist: bool = Field(False, description="List the dataset again instead of using the units the output's first "
+                         "run listed (kept in OUT/manifest/units.json.gz), e.g. after adding shards to the input")
     seed: int = Field(0, description="Seed for random crops, VAE sampling and shard shuffle")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (under a launcher: cuda:LOCAL_RANK)")
     cpus: Optional[float] = Field(

@@ -16,7 +16,8 @@ from .pipeline.manifest import OutputState, RunManifest, json_sha256, run_identi
 from .models import resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
 from .pipeline.reader import ReaderOptions, load_custom_metadata_fn
-from .pipeline.sources import Shard, claim_order, list_shards
+from .pipeline.sources import (LISTING, Shard, claim_order, list_shards, listing_bytes, listing_fingerprint,
+                               units_from_listing)
 from .storage import Place, S3Options, Storage, StorageError, redact_url
 
 
@@ -46,6 +47,7 @@ class RunInputs:
     downsampling_ratio: int = 1
     part: Part = field(default_factory=Part)   # --part K/N (or the scheduler's array variables); Part(): the whole job
     part_source: str = ""        # where the part came from: "--part", or the scheduler's variable
+    listing: str = "listed"      # "kept": the units the output's first run listed; "listed": listed now
 
     def window_options(self, sample_rate: int, channels: int) -> ReaderOptions:
         """How the reader cuts files for this run: fixed windows of --sample-size, or with --chunking
@@ -78,7 +80,7 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
                 raise ConfigError(f"{config.dataset_config}: custom_metadata_module {module}: {exc}") from exc
     storage = Storage(S3Options(profile=config.s3_profile, endpoint_url=config.s3_endpoint_url,
                                 region=config.s3_region))
-    units = list_shards(dataset_config, storage, files_per_unit=config.files_per_unit)
+    units, listing = output_listing(config, dataset_config, storage, part)
     try:
         storage.place(config.output_path).check_writable()
     except StorageError as exc:
@@ -110,7 +112,32 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
         chunking = "random_crop"
     return RunInputs(config=config, dataset_config=dataset_config, model_config=model_config, ckpt_path=ckpt_path,
                      chunking=chunking, units=units, storage=storage, downsampling_ratio=ratio,
-                     part=part, part_source=part_source)
+                     part=part, part_source=part_source, listing=listing)
+
+
+def output_listing(config: EncodeConfig, dataset_config: DatasetConfig, storage: Storage, part: Part
+                   ) -> tuple[list[Shard], str]:
+    """The units to encode, and whether they came from the listing the output keeps ("kept") or a new
+    one ("listed": a first run, --relist, or a changed dataset config; rank 0 keeps it, `prepare_output`).
+    One object to read instead of a listing of the whole corpus, for every rerun and every array part."""
+    fingerprint = listing_fingerprint(dataset_config, config.files_per_unit)
+    if not config.relist:
+        try:
+            data = storage.place(config.output_path).read(LISTING)
+        except StorageError:
+            data = None   # the output's own check (check_writable) says what is wrong with it
+        if data is not None:
+            units = units_from_listing(data, dataset_config, fingerprint)
+            if units is not None:
+                return units, "kept"
+            if not part.whole:
+                raise ConfigError(f"--output-path {redact_url(config.output_path)}: its units were listed from "
+                                  "another dataset config, and array parts must all deal the same units: give every "
+                                  "part the dataset config of the first run, or use a new --output-path")
+    elif not part.whole:
+        raise ConfigError("--relist with --part: parts listing at different times could deal different units; "
+                          "list again from one run without --part (--relist) while no part runs")
+    return list_shards(dataset_config, storage, files_per_unit=config.files_per_unit), "listed"
 
 
 def resolve_part(config: EncodeConfig, env=None) -> tuple[Part, str]:
@@ -127,10 +154,15 @@ def resolve_part(config: EncodeConfig, env=None) -> tuple[Part, str]:
         raise ConfigError(str(exc)) from None
     if not part.whole and config.overwrite:
         raise ConfigError(f"--overwrite with --part {part.label}: every part would clear what the others wrote; "
-                          "clear the output once (a run without --part, with --overwrite and --limit-batches 0), "
-                          "or use a new --output-path")
+                          "use a new --output-path, or remove the old output before starting the array")
     return part, source
 
+
+
+def keep_listing(inputs: RunInputs, manifest: RunManifest) -> None:
+    """Keep the units just listed with the output, for the reruns and array parts to come."""
+    fingerprint = listing_fingerprint(inputs.dataset_config, inputs.config.files_per_unit)
+    manifest.place.write(LISTING, listing_bytes(inputs.units, fingerprint))
 
 
 def units_fingerprint(units: list[Shard]) -> str:
@@ -170,6 +202,8 @@ def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list
     mine = part_units(inputs)
     state = manifest.prepare(identity, config.overwrite, inputs.part,
                              units=None if inputs.part.whole else {u.shard_id for u in mine})
+    if inputs.listing == "listed" or config.overwrite:   # (--overwrite has just removed the one kept)
+        keep_listing(inputs, manifest)
     if not state.done:  # nothing committed yet (a first run, --overwrite): an interrupted run lists no window
         manifest.write_filelist([])
     index = {id(u): i for i, u in enumerate(inputs.units)}

@@ -474,7 +474,7 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
             "started_at": started,
             "parts": part.count,
             "plan": {"units_total": len(inputs.units), "units_todo": len(todo_order),
-                     "input_bytes": sum(u.size for u in inputs.units),
+                     "input_bytes": sum(u.size for u in inputs.units), "listing": inputs.listing,
                      "interrupted_ranks_cleaned": state.interrupted_ranks, "objects_removed": state.removed},
         }
         if part.whole or (manifest.load_details() or {}).get("parts") != part.count:

@@ -5,12 +5,19 @@ files, with the `.txt` captions found beside them. Its `shard_id` (`dataset_id/n
 across runs, so outputs and manifest records can be named after it. Units carry their size on disk:
 the job claims the largest first (a short tail) and measures progress in bytes. Tar shards may live
 on S3 (`s3://bucket/prefix/`, brace patterns, globs), listed through `storage`.
+
+An output keeps the units of its first listing (`LISTING`): reruns, array parts and their retries
+read them back instead of listing the corpus again, so every part deals the same units, however
+the input changes while the job runs (`--relist` lists again).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import gzip
+import hashlib
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -178,3 +185,47 @@ def claim_order(units: list[Shard], *, shuffle: bool = False, seed: int = 0) -> 
         random.Random(seed).shuffle(ordered)
         return ordered
     return sorted(units, key=lambda u: -u.size)  # stable: equal sizes keep the listing order
+
+
+# ---------------------------------------------------------------------- the listing kept with the output
+
+LISTING = "manifest/units.json.gz"   # the units of the output's first listing: what reruns and array parts use
+
+
+def listing_fingerprint(config: DatasetConfig, files_per_unit: int) -> str:
+    """What the listing depends on: the dataset config (its entries, paths, endpoints) and the unit size."""
+    data = json.dumps([config.model_dump(mode="json"), files_per_unit], sort_keys=True)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
+def listing_bytes(units: list[Shard], fingerprint: str) -> bytes:
+    """The units as gzip'd JSON lines, after a header line with the fingerprint. Only what the listing
+    found is kept (no S3 options, no metadata module: those come from the dataset config, which may
+    hold an endpoint with credentials)."""
+    lines = [json.dumps({"fingerprint": fingerprint, "units": len(units)})]
+    lines += [json.dumps({"url": u.url, "dataset": u.dataset_id, "name": u.name, "size": u.size,
+                          **({"files": list(u.files)} if u.files else {}),
+                          **({"captions": list(u.captions)} if u.captions else {})}) for u in units]
+    return gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=6, mtime=0)
+
+
+def units_from_listing(data: bytes, config: DatasetConfig, fingerprint: str) -> Optional[list[Shard]]:
+    """The units a kept listing holds, or None when it was made from another dataset config (or is damaged)."""
+    try:
+        lines = gzip.decompress(data).decode("utf-8").splitlines()
+        header = json.loads(lines[0])
+        if header.get("fingerprint") != fingerprint or header.get("units") != len(lines) - 1:
+            return None
+        entries = {entry.id: entry for entry in config.datasets}
+        units = []
+        for line in lines[1:]:
+            unit = json.loads(line)
+            entry = entries[unit["dataset"]]
+            s3 = (S3Options(profile=entry.profile, endpoint_url=entry.endpoint_url, region=entry.region)
+                  if is_s3(unit["url"]) else None)
+            units.append(Shard(url=unit["url"], dataset_id=unit["dataset"], name=unit["name"],
+                               files=tuple(unit.get("files", ())), custom_metadata_module=config.metadata_module_for(entry),
+                               size=int(unit["size"]), s3=s3, captions=tuple(unit.get("captions", ()))))
+        return units
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError):
+        return None

@@ -4,12 +4,15 @@ place, so a reader sees the old file or the new one, never a part."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Optional
 
 from . import FULL_ERRNOS, PARTIAL, PROBE_DIR, ObjectWriter, Place, local_error
+
+_WRITER_TOKEN = re.compile(r"\.\d+-[0-9a-f]{8}$")   # `write`'s temporary files: NAME.PID-RANDOM.partial
 
 
 def _rename_into_place(source: Path, target: Path) -> None:
@@ -46,8 +49,10 @@ class LocalPlace(Place):
             raise local_error(str(path), exc, "cannot write") from None
 
     def write(self, relative: str, data: bytes) -> None:
+        """Atomic, also against another process writing the same object (array parts share details.json and
+        the listing; two tasks of one part race for its lease): each writer renames its own temporary file."""
         final = self._path(relative)
-        tmp = final.with_name(final.name + PARTIAL)
+        tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
         self._write_file(tmp, data)
         _rename_into_place(tmp, final)
 
@@ -113,7 +118,7 @@ class LocalPlace(Place):
     def remove_unfinished(self, owned: Optional[Callable[[str], bool]] = None) -> int:
         """Delete `*.partial` files an interrupted run left behind (only those `owned` says are ours)."""
         partials = [rel for rel in self.list() if rel.endswith(PARTIAL)
-                    and (owned is None or owned(rel[:-len(PARTIAL)]))]
+                    and (owned is None or owned(_WRITER_TOKEN.sub("", rel[:-len(PARTIAL)])))]
         return self.delete(partials)
 
 
