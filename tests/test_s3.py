@@ -251,15 +251,20 @@ def sigkill_at(fault_proxy, predicate, args, env, what: str) -> None:
     fault_proxy.release()
 
 
-@pytest.mark.parametrize("point", sorted(KILL_POINTS))
-def test_sigkill_then_rerun_gives_exactly_the_full_output(point, s3, fault_proxy, five_shards, demo_model,
-                                                          tmp_path):
+def kill_test_run(s3, fault_proxy, five_shards, demo_model, tmp_path, out: str) -> tuple[list, list, dict]:
+    """The five shards in the bucket, and (samples, the encode arguments into `out`, an env through the proxy)."""
     paths, samples = five_shards
     source = upload_inputs(s3, paths)
     s3.make_bucket("latents")
-    out = "s3://latents/killed/"
     args = encode_args(demo_model, s3_dataset_config(tmp_path, source), out, "--num-workers", 2, "--batch-size", 2)
-    env = s3_env(fault_proxy.endpoint)
+    return samples, args, s3_env(fault_proxy.endpoint)
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_sigkill_then_rerun_gives_exactly_the_full_output(point, s3, fault_proxy, five_shards, demo_model,
+                                                          tmp_path):
+    out = "s3://latents/killed/"
+    samples, args, env = kill_test_run(s3, fault_proxy, five_shards, demo_model, tmp_path, out)
     sigkill_at(fault_proxy, KILL_POINTS[point](), args, env, point)
     if point == "while-uploading":
         assert s3.multipart_uploads("latents"), "the kill left an upload open (what the rerun must abort)"
@@ -401,12 +406,8 @@ def test_a_store_that_cannot_list_uploads_gets_a_warning_and_exactly_once(s3, fa
     """s3rver answers NotImplemented to ListMultipartUploads: after a SIGKILL mid-upload the rerun could not
     abort the open upload, and stopped. An open upload is invisible to readers, so the rerun warns once,
     naming the lifecycle rule that cleans such uploads up, and finishes exactly once."""
-    paths, samples = five_shards
-    source = upload_inputs(s3, paths)
-    s3.make_bucket("latents")
     out = "s3://latents/no-listing/"
-    args = encode_args(demo_model, s3_dataset_config(tmp_path, source), out, "--num-workers", 2, "--batch-size", 2)
-    env = s3_env(fault_proxy.endpoint)
+    samples, args, env = kill_test_run(s3, fault_proxy, five_shards, demo_model, tmp_path, out)
     fault_proxy.reject(_lists_uploads, status=501, code="NotImplemented")
     sigkill_at(fault_proxy, KILL_POINTS["while-uploading"](), args, env, "an upload")
     left_open = s3.multipart_uploads("latents")

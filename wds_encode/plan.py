@@ -191,10 +191,10 @@ def check_parts(manifest: RunManifest, part: Part) -> None:
                           "then another count may go on")
 
 
-def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list[int], OutputState]:
+def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list[int], OutputState, int]:
     """Rank 0, before anyone claims work: check the output is this run's (or clear it with
     --overwrite), remove what interrupted runs left, and order what is left to do.
-    Returns (run identity, unit indices in claim order, the output's state)."""
+    Returns (run identity, unit indices in claim order, the output's state, units in this part)."""
     config = inputs.config
     options = {**config.model_dump(), "effective_precision": config.effective_precision}
     identity = run_identity(inputs.model_config, inputs.ckpt_path, options, inputs.dataset_config.random_crop)
@@ -209,4 +209,4 @@ def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list
     index = {id(u): i for i, u in enumerate(inputs.units)}
     todo = claim_order([u for u in mine if u.shard_id not in state.done],
                        shuffle=config.shuffle, seed=config.seed)
-    return identity, [index[id(u)] for u in todo], state
+    return identity, [index[id(u)] for u in todo], state, len(mine)

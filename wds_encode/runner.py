@@ -34,7 +34,7 @@ from .pipeline.manifest import SILENCE, RankLog, RunManifest, versions
 from .models import load_autoencoder
 from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
-from .plan import RunInputs, part_units, plan_inputs, prepare_output, units_fingerprint
+from .plan import RunInputs, plan_inputs, prepare_output, units_fingerprint
 from .job.parts import PARTS_DIR, LeaseLost, PartLease
 from .job.preemption import GracefulStop, ignore_stop_signals, stop_workers
 from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
@@ -456,8 +456,7 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     rank 0 sums up (errors.jsonl, filelist.txt, one index of every record, details.json)."""
     config, place, model, part = inputs.config, manifest.place, encoder.model, inputs.part
     if job.rank == 0:
-        identity, todo_order, state = prepare_output(inputs, manifest)
-        part_total = len(part_units(inputs))
+        identity, todo_order, state, part_total = prepare_output(inputs, manifest)
     details: dict = {}
     if job.rank == 0:
         details = {

@@ -525,7 +525,8 @@ def inspect_output(place: Place, *, max_windows: Optional[int] = None, seed: int
     """Inspect an output folder or s3:// prefix: counts from its records, statistics from the windows
     they list (all of them, or a seeded random `max_windows` of them)."""
     manifest, details = read_output(place)
-    records = manifest.records()
+    found = manifest.read_records()   # the records and the writing markers, in one read
+    records = found.records
     summary = LatentSummary(seed)
     missing: list[str] = []
     shard_problems: list[str] = []
@@ -538,7 +539,7 @@ def inspect_output(place: Place, *, max_windows: Optional[int] = None, seed: int
     datasets = {name: {**record_totals(recs), "windows_read": read.get(name, {}).get("windows", 0)}
                 for name, recs in sorted(by_dataset.items())}
     total = record_totals(records)
-    state = run_state(manifest.writing_markers(), details.get("plan", {}).get("units_total"), len(records))
+    state = run_state(found.markers, details.get("plan", {}).get("units_total"), len(records))
     report = {
         "output": place.url, "manifest": True, "state": state,
         "datasets": datasets, "total": total,

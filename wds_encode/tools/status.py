@@ -65,14 +65,19 @@ def part_status(place: Place, parts: int, records: list[dict], markers: list[dic
             plan = None
         if isinstance(plan, dict) and str(plan.get("part", "")).endswith(f"/{parts}"):
             plans[int(plan["part"].split("/")[0])] = plan
+    done = [0] * parts                       # one pass over the records, however many parts
+    for record in records:
+        done[int(record.get("rank", 0)) % parts] += 1
+    writing: list[list[dict]] = [[] for _ in range(parts)]
+    for marker in markers:
+        if "rank" in marker:
+            writing[int(marker["rank"]) % parts].append(marker)
     found = []
     for index in range(parts):
         plan = plans.get(index, {})
-        done = [r for r in records if int(r.get("rank", 0)) % parts == index]
-        writing = [m for m in markers if "rank" in m and int(m["rank"]) % parts == index]
         total = plan.get("units")
-        found.append({"part": f"{index}/{parts}", "units": {"total": total, "done": len(done)},
-                      "state": run_state(writing, total, len(done)) if plan else "not started",
+        found.append({"part": f"{index}/{parts}", "units": {"total": total, "done": done[index]},
+                      "state": run_state(writing[index], total, done[index]) if plan else "not started",
                       "host": plan.get("host"), "finished_at": plan.get("finished_at")})
     return found
 
