@@ -218,6 +218,9 @@ class Place:
       unit (the folder layout). Locally they are written as `*.partial` and renamed on publish; on
       S3 they are uploaded at their final names in the background, and publish waits for them.
     - `open_object`: a large object written as a stream (a latent tar), visible only on `commit`.
+    - `create` / `read_tagged` / `replace`: conditional writes (create-if-absent, write-if-unchanged):
+      a unit commits by creating its record, leases are taken and renewed by replacing their object.
+    - Temporary names (`*.partial`) are never listed: they are not data.
     """
 
     url: str
@@ -238,6 +241,24 @@ class Place:
     def read_many(self, relatives: list[str]) -> dict[str, Optional[bytes]]:
         return {rel: self.read(rel) for rel in relatives}
 
+    # --- conditional writes: what the commit protocol and the leases are built on
+    def create(self, relative: str, data: bytes) -> bool:
+        """Write the object only if it does not exist (S3 `If-None-Match: *`, locally a hard link):
+        True when this call created it, False when it was there. Of several writers racing, one wins."""
+        return self.replace(relative, data, None) is not None
+
+    def read_tagged(self, relative: str) -> Optional[Tagged]:
+        """The object and its version tag (S3's ETag), or None when there is none."""
+
+    def replace(self, relative: str, data: bytes, tag: Optional[str]) -> Optional[str]:
+        """Write the object only if it is still at version `tag` (None: only if it does not exist):
+        its new tag, or None when it changed meanwhile (another writer came first)."""
+
+    def conditional_writes(self) -> bool:
+        """Whether this store honours `create` and `replace`'s conditions (some S3-compatible stores
+        ignore If-None-Match / If-Match and overwrite): found by a probe, once per Place."""
+        return True
+
     def check_writable(self) -> None:
         """Write and delete a probe object; a StorageError says why the place cannot take output."""
         probe = f"{PROBE_DIR}/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -246,6 +267,14 @@ class Place:
 
     def close(self) -> None:
         """Wait for background uploads (raising the first failure) and release resources."""
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """An object's bytes and its version tag, for a conditional write back (`Place.replace`)."""
+
+    data: bytes
+    tag: str
 
 
 class ObjectWriter:
@@ -265,6 +294,6 @@ from .stream import S3ReadStream, open_s3  # noqa: E402
 __all__ = [
     "PARTIAL", "PROBE_DIR", "S3_SCHEME", "FULL_CODES", "FULL_ERRNOS",
     "StorageError", "StorageFull", "redact_url", "redact", "is_s3", "split_s3", "join", "S3Options",
-    "s3_error", "local_error", "Storage", "Place", "ObjectWriter",
+    "s3_error", "local_error", "Storage", "Place", "ObjectWriter", "Tagged",
     "LocalPlace", "LocalObjectWriter", "S3Place", "S3ObjectWriter", "S3ReadStream",
 ]

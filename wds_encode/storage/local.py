@@ -1,16 +1,20 @@
 """The local-path backend: a file is written under a temporary name (`*.partial`) and renamed into
-place, so a reader sees the old file or the new one, never a part."""
+place, so a reader sees the old file or the new one, never a part. A create-if-absent is a hard link
+of the temporary file (it fails when the name exists); a write-if-unchanged holds an advisory lock
+(flock) on the object's folder while it compares and renames. Temporary files are never listed."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import socket
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 
-from . import FULL_ERRNOS, PARTIAL, PROBE_DIR, ObjectWriter, Place, local_error
+from . import FULL_ERRNOS, PARTIAL, PROBE_DIR, ObjectWriter, Place, StorageError, Tagged, local_error
 
 _WRITER_TOKEN = re.compile(r"\.\d+-[0-9a-f]{8}$")   # `write`'s temporary files: NAME.PID-RANDOM.partial
 
@@ -48,13 +52,70 @@ class LocalPlace(Place):
                 path.unlink(missing_ok=True)  # a truncated file helps nobody on a full disk
             raise local_error(str(path), exc, "cannot write") from None
 
-    def write(self, relative: str, data: bytes) -> None:
-        """Atomic, also against another process writing the same object (array parts share details.json and
-        the listing; two tasks of one part race for its lease): each writer renames its own temporary file."""
-        final = self._path(relative)
+    def _temporary(self, final: Path, data: bytes, sync: bool = False) -> Path:
+        """`data` in a temporary file of this writer's own beside `final` (two writers never share one)."""
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
         self._write_file(tmp, data)
-        _rename_into_place(tmp, final)
+        if sync:
+            try:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise local_error(str(final), exc, "cannot write") from None
+        return tmp
+
+    def write(self, relative: str, data: bytes) -> None:
+        """Atomic, also against another process writing the same object (array parts share details.json and
+        the listing): each writer renames its own temporary file."""
+        final = self._path(relative)
+        _rename_into_place(self._temporary(final, data), final)
+
+    def read_tagged(self, relative: str) -> Optional[Tagged]:
+        path = self._path(relative)
+        try:
+            with open(path, "rb") as f:
+                return Tagged(f.read(), _tag(os.fstat(f.fileno())))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise local_error(str(path), exc, "cannot read") from None
+
+    def create(self, relative: str, data: bytes) -> bool:
+        """A hard link of a synced temporary file: atomic, and it fails when the name exists."""
+        final = self._path(relative)
+        tmp = self._temporary(final, data, sync=True)
+        try:
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise local_error(str(final), exc, "cannot create") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def replace(self, relative: str, data: bytes, tag: Optional[str]) -> Optional[str]:
+        if tag is None:
+            return _tag(os.stat(self._path(relative))) if self.create(relative, data) else None
+        final = self._path(relative)
+        tmp = self._temporary(final, data, sync=True)
+        try:
+            with _folder_lock(final.parent):
+                try:
+                    current = _tag(os.stat(final))
+                except FileNotFoundError:
+                    return None
+                if current != tag:
+                    return None
+                _rename_into_place(tmp, final)
+                return _tag(os.stat(final))
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise local_error(str(final), exc, "cannot replace") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def delete(self, relatives: Iterable[str]) -> int:
         count = 0
@@ -70,7 +131,12 @@ class LocalPlace(Place):
 
     def list(self, prefix: str = "", start_after: str = "") -> dict[str, int]:
         """Files under `prefix` (a folder, relative), recursively: relative path -> size; with
-        `start_after`, only the paths that sort after it (as S3's StartAfter)."""
+        `start_after`, only the paths that sort after it (as S3's StartAfter). Temporary files
+        (`*.partial`) are not listed: a writer killed mid-write leaves one, and it is no data."""
+        return {rel: size for rel, size in self._walk(prefix, start_after).items() if not rel.endswith(PARTIAL)}
+
+    def _walk(self, prefix: str = "", start_after: str = "") -> dict[str, int]:
+        """Every file under `prefix`, temporary ones too."""
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return {}
@@ -117,9 +183,27 @@ class LocalPlace(Place):
 
     def remove_unfinished(self, owned: Optional[Callable[[str], bool]] = None) -> int:
         """Delete `*.partial` files an interrupted run left behind (only those `owned` says are ours)."""
-        partials = [rel for rel in self.list() if rel.endswith(PARTIAL)
+        partials = [rel for rel in self._walk() if rel.endswith(PARTIAL)
                     and (owned is None or owned(_WRITER_TOKEN.sub("", rel[:-len(PARTIAL)])))]
         return self.delete(partials)
+
+
+def _tag(stat: os.stat_result) -> str:
+    """A local file's version: every write renames a new file (a new inode) into place."""
+    return f"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on a folder, for a compare-and-rename of one of its files (processes
+    on one host, or NFS clients with lock support; it leaves no file behind)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
 
 
 class LocalObjectWriter(ObjectWriter):

@@ -1,15 +1,19 @@
 """The S3 backend. S3 has no rename, so an object is uploaded at its final name: small ones off the
 caller's thread, large ones as a multipart upload completed only on commit and aborted otherwise.
-Also how a client is made (its retry policy) and how a prefix is listed."""
+Conditional writes are S3's `If-None-Match: *` (create) and `If-Match: ETAG` (replace); a store that
+ignores them is found by a probe (`conditional_writes`). Also how a client is made (its retry
+policy) and how a prefix is listed."""
 
 from __future__ import annotations
 
 import sys
 import threading
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
-from . import S3_SCHEME, ObjectWriter, Place, S3Options, Storage, StorageError, redact_url, s3_error, split_s3
+from . import (PROBE_DIR, S3_SCHEME, ObjectWriter, Place, S3Options, Storage, StorageError, Tagged, redact_url,
+               s3_error, split_s3)
 
 PART_SIZE = 8 << 20           # multipart part size (S3's minimum is 5 MiB)
 # What a store answers for an API it does not have (s3rver: NotImplemented for ListMultipartUploads)
@@ -22,6 +26,8 @@ UPLOAD_BYTES_IN_FLIGHT = 256 << 20
 DELETE_BATCH = 1000           # S3 DeleteObjects takes at most 1000 keys
 RECORD_READ_THREADS = 32
 CLIENT_RETRIES = 10           # botocore attempts per request (adaptive mode: 503 SlowDown, throttling, 5xx)
+# A conditional write that lost: the condition failed (412), or a concurrent conditional write won (409)
+CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 def make_client(options: S3Options, on_call):
@@ -102,6 +108,7 @@ class S3Place(Place):
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._warned_unsupported = False
+        self._conditional: Optional[bool] = None   # conditional_writes(), once probed
 
     @property
     def client(self):
@@ -130,6 +137,43 @@ class S3Place(Place):
             self.client.put_object(Bucket=self.bucket, Key=self.key(relative), Body=data)
         except Exception as exc:
             raise s3_error(self.child(relative), exc, "cannot write") from None
+
+    def read_tagged(self, relative: str) -> Optional[Tagged]:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key(relative))
+            return Tagged(response["Body"].read(), response["ETag"])
+        except Exception as exc:
+            error = s3_error(self.child(relative), exc, "cannot read")
+            if error.code in ("NoSuchKey", "404"):
+                return None
+            raise error from None
+
+    def replace(self, relative: str, data: bytes, tag: Optional[str]) -> Optional[str]:
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key(relative), Body=data, **condition)["ETag"]
+        except Exception as exc:
+            error = s3_error(self.child(relative), exc, "cannot write")
+            if error.code in CONDITION_FAILED or (tag is not None and error.code in ("NoSuchKey", "404")):
+                return None
+            raise error from None
+
+    def conditional_writes(self) -> bool:
+        """Create one probe object twice: a store that honours If-None-Match refuses the second."""
+        if self._conditional is None:
+            probe = f"{PROBE_DIR}/conditional-{uuid.uuid4().hex}"
+            try:
+                first = self.create(probe, b"1")
+                try:
+                    second = self.create(probe, b"2")
+                except StorageError as exc:
+                    if exc.code not in UNSUPPORTED_CODES + ("InvalidArgument", "400"):
+                        raise
+                    second = True   # the store refuses the header: no conditional writes
+                self._conditional = first and not second
+            finally:
+                self.delete([probe])
+        return self._conditional
 
     def delete(self, relatives: Iterable[str]) -> int:
         keys = [self.key(rel) for rel in relatives]
