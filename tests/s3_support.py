@@ -322,6 +322,8 @@ class FaultProxy:
     - fail_503_every=N: every Nth request is answered `503 Slow Down` by the proxy, never forwarded.
     - stall(predicate): from the first matching request on, requests are held unanswered until release().
     - reject(predicate, status, code): matching requests get that S3 error (AccessDenied, a full quota...).
+    - drop_headers={"if-none-match", "if-match"}: those request headers are not forwarded (a store that
+      ignores conditional writes and overwrites).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -333,6 +335,7 @@ class FaultProxy:
         self.endpoint = ""
         self.cut_get_every: int | None = None
         self.fail_503_every: int | None = None
+        self.drop_headers: set[str] = set()   # lower-case names not forwarded (a store that ignores If-None-Match)
         self.counts: dict[str, int] = {"requests": 0, "cuts": 0, "errors_503": 0, "held": 0, "rejected": 0}
         self._lock = threading.Lock()
         self._n_requests = 0  # requests considered for a 503
@@ -515,6 +518,8 @@ class FaultProxy:
         if decision == "reject":
             self._send_error(conn, method, *stalled)
             return False
+        if self.drop_headers:
+            headers = [(k, v) for k, v in headers if k.lower() not in self.drop_headers]
         return self._forward(conn, method, target, request_line, headers, body)
 
     def _send_slow_down(self, conn: socket.socket, method: str) -> None:

@@ -76,35 +76,65 @@ def test_overwrite_removes_earlier_outputs_only(place, ckpt):
     assert sorted(place.list()) == ["0/notes.txt", "mine.txt"]
 
 
-def test_an_interrupted_rank_leaves_nothing_that_no_record_lists(place, ckpt, s3):
-    """A rank killed mid-unit (or between its uploads and its record) left objects; the next run
-    removes exactly those, keeps every committed one, and continues batch ids past all of them."""
+W1, W2 = "r1-g1-aaaaaa", "r2-g1-bbbbbb"   # writer ids (writers.new_writer_id)
+PART_LEASE = {"lease": "manifest/parts/job.lease"}
+
+
+def test_a_dead_writer_leaves_nothing_that_no_record_lists(place, ckpt, s3):
+    """A writer killed mid-unit (or between its uploads and its record) left objects; the next holder of
+    the lease (a later generation) removes exactly those, and keeps every committed object and every
+    object of a writer that is still alive."""
     ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
     manifest = RunManifest(place)
     manifest.prepare(ident, overwrite=False)
     manifest.write_details({"run_identity": ident})
-    committed = ["1/0010000050000.json", "1/0010000050000.npy", "shards/ds/done-000.tar"]
-    manifest.write_record({"shard": "ds/done", "rank": 1, "folder_ids": ["0010000050000"],
-                           "latent_shards": ["shards/ds/done-000.tar"]})
-    orphans = ["1/0010000070001.json", "1/0010000070001.npy", "1/0010000080000.npy.partial",
-               "shards/ds/half-000.tar", "shards/ds/half-001.tar.partial"]
-    other_rank = ["2/0020000030000.npy", "2/0020000030000.json"]  # rank 2 finished cleanly: not listed
-    _put(place, *committed, *orphans, *other_rank, "1/notes.txt")
-    manifest.write_record({"shard": "ds/other", "rank": 2, "folder_ids": ["0020000030000"], "latent_shards": []})
-    marker = manifest.start_writing(1, first_batch=5)
-    if isinstance(place, S3Place):  # an upload that was in flight when the rank died
-        place.open_object("shards/ds/half-002.tar").finish()
-        assert s3.multipart_uploads("out")
+    committed = [f"1/{W1}-000005-0000.json", f"1/{W1}-000005-0000.npy", f"shards/ds/done.{W1}-000.tar"]
+    manifest.write_record({"shard": "ds/done", "rank": 1, "folder_ids": [f"{W1}-000005-0000"],
+                           "latent_shards": [f"shards/ds/done.{W1}-000.tar"]})
+    orphans = [f"1/{W1}-000007-0001.json", f"1/{W1}-000007-0001.npy", f"1/{W1}-000008-0000.npy.partial",
+               f"shards/ds/half.{W1}-000.tar", f"shards/ds/half.{W1}-001.tar.partial"]
+    finished = [f"2/{W2}-000003-0000.npy", f"2/{W2}-000003-0000.json"]  # a writer that finished cleanly
+    live = "r1-g5-cccccc"   # a writer of another attempt whose lease is alive: its objects in flight stay
+    in_flight = [f"1/{live}-000001-0000.npy", f"shards/ds/half.{live}-000.tar"]
+    _put(place, *committed, *orphans, *finished, *in_flight, "1/notes.txt")
+    manifest.write_record({"shard": "ds/other", "rank": 2, "folder_ids": [f"{W2}-000003-0000"], "latent_shards": []})
+    marker = manifest.start_writing(W1, 1, lease={**PART_LEASE, "generation": 1})
+    place.write("manifest/parts/other.lease", json.dumps({"generation": 5, "owner": "x"}).encode())
+    live_marker = manifest.start_writing(live, 1, lease={"lease": "manifest/parts/other.lease", "generation": 5})
+    if isinstance(place, S3Place):  # an upload that was in flight when the writer died, and a live one's
+        place.open_object(f"shards/ds/half.{W1}-002.tar").finish()
+        place.open_object(f"shards/ds/half.{live}-001.tar").finish()
+        assert len(s3.multipart_uploads("out")) == 2
 
-    state = RunManifest(place).prepare(ident, overwrite=False)
-    assert state.done == {"ds/done", "ds/other"} and state.interrupted_ranks == [1]
-    assert state.next_batch == {1: 9, 2: 4}  # past the removed batch 8 too: no id is ever reused
+    state = RunManifest(place).prepare(ident, overwrite=False, lease={**PART_LEASE, "generation": 2})
+    assert state.done == {"ds/done", "ds/other"} and state.dead_writers == [W1]
     left = set(place.list())
-    assert set(committed) | set(other_rank) | {"1/notes.txt"} <= left
-    assert not left & set(orphans) and marker not in left
+    assert set(committed) | set(finished) | set(in_flight) | {"1/notes.txt"} <= left
+    assert not left & set(orphans) and marker not in left and live_marker in left
     if isinstance(place, S3Place):
-        assert s3.multipart_uploads("out") == []
-    assert RunManifest(place).writing_markers() == []
+        assert [key.rsplit("/", 1)[1] for key in s3.multipart_uploads("out")] == [f"half.{live}-001.tar"]
+    assert [m["writer"] for m in RunManifest(place).writing_markers()] == [live]
+
+
+def test_a_unit_commits_once_and_a_second_commit_is_refused(place):
+    manifest = RunManifest(place)
+    first = manifest.write_record({"shard": "ds/a", "writer": W1, "folder_ids": ["x"]})
+    assert first is not None and first["writer"] == W1
+    assert manifest.write_record({"shard": "ds/a", "writer": W2, "folder_ids": ["y"]}) is None
+    assert [r["writer"] for r in manifest.records()] == [W1]
+
+
+def test_a_refused_commit_is_still_found_through_the_refused_writers_journal(tmp_path):
+    """A unit whose record no index and no marked writer's journal names (its writer was taken for dead
+    and its marker removed) is found again once another writer's commit of it is refused."""
+    place = LocalPlace(tmp_path)
+    commit_units(RunManifest(place), W1, ["a"])                      # indexed
+    RunManifest(place).write_record({"shard": "ds/b", "writer": "r0-g1-dddddd"})   # no journal, no marker
+    assert [r["shard"] for r in RunManifest(place).records()] == ["ds/a"]
+    log = commit_units(RunManifest(place), W2, ["b", "c"])
+    assert log.refused == 1
+    records = RunManifest(place).records()
+    assert [(r["shard"], r["writer"]) for r in records] == [("ds/a", W1), ("ds/b", "r0-g1-dddddd"), ("ds/c", W2)]
 
 
 def test_details_never_hold_credentials(place):
@@ -119,17 +149,16 @@ def test_details_never_hold_credentials(place):
 def test_filelist_lists_exactly_the_windows_the_records_list(place):
     manifest = RunManifest(place)
     assert manifest.write_filelist() == 0 and place.read("filelist.txt") == b""  # nothing committed yet
-    manifest.write_record({"shard": "ds/b", "rank": 1, "folder_ids": ["0010000020001", "0010000020000"]})
-    manifest.write_record({"shard": "ds/a", "rank": 0, "folder_ids": ["0000000070000"]})
+    manifest.write_record({"shard": "ds/b", "rank": 1, "folder_ids": [f"{W1}-000002-0001", f"{W1}-000002-0000"]})
+    manifest.write_record({"shard": "ds/a", "rank": 0, "folder_ids": ["0000000070000"]})   # an older version's id
     manifest.write_record({"shard": "ds/c", "rank": 12, "folder_ids": []})     # a unit without windows
     manifest.write_record({"shard": "ds/d", "rank": 0})                         # no folder layout
-    _put(place, "1/0010000090000.npy", "1/0010000090000.json")  # written, never recorded: not listed
+    _put(place, f"1/{W1}-000009-0000.npy", f"1/{W1}-000009-0000.json")  # written, never recorded: not listed
     assert manifest.write_filelist() == 3
     assert place.read("filelist.txt").decode().splitlines(keepends=True) == [
-        "0/0000000070000.npy\n", "1/0010000020000.npy\n", "1/0010000020001.npy\n"]
-    manifest.write_record({"shard": "ds/e", "rank": 0, "folder_ids": ["0000000080000"]})
-    assert manifest.write_filelist(manifest.records()[:1]) == 1  # rewritten whole from the records given
-    assert place.read("filelist.txt") == b"0/0000000070000.npy\n"
+        "0/0000000070000.npy\n", f"1/{W1}-000002-0000.npy\n", f"1/{W1}-000002-0001.npy\n"]
+    manifest.start_filelist()                                                   # never over an existing one
+    assert len(place.read("filelist.txt").decode().splitlines()) == 3
     assert not [rel for rel in place.list() if rel.endswith(".partial")]
 
 
@@ -157,8 +186,8 @@ class Counted:
         return self.place.read_many(rels)
 
 
-def commit_units(manifest, rank, names, close=True, **kw):
-    log = RankLog(manifest, rank, **kw)
+def commit_units(manifest, writer, names, close=True, **kw):
+    log = RankLog(manifest, writer, int(writer[1:].split("-")[0]), **kw)
     for name in names:
         log.commit({"shard": f"ds/{name}", "samples": 1, "windows": 1, "folder_ids": [], "latent_shards": []})
     if close:
@@ -170,8 +199,8 @@ def test_a_reader_needs_the_same_few_requests_for_5_or_500_done_units(place):
     counts = {}
     for n in (5, 500):
         sub = S3Place(place.storage, place.url + f"n{n}/") if isinstance(place, S3Place) else LocalPlace(f"{place.url}/n{n}")
-        commit_units(RunManifest(sub), 0, [f"u{i:04d}" for i in range(n // 2)])
-        commit_units(RunManifest(sub), 1, [f"v{i:04d}" for i in range(n - n // 2)])
+        commit_units(RunManifest(sub), "r0-g1-000000", [f"u{i:04d}" for i in range(n // 2)])
+        commit_units(RunManifest(sub), "r1-g1-111111", [f"v{i:04d}" for i in range(n - n // 2)])
         counted = Counted(sub)
         records = RunManifest(counted).records()
         assert len(records) == n == len({r["shard"] for r in records})
@@ -180,34 +209,43 @@ def test_a_reader_needs_the_same_few_requests_for_5_or_500_done_units(place):
     assert sum(counts[500]) <= 6, counts      # index listing + index objects + the writing markers
 
 
-def test_records_not_yet_indexed_are_read_from_the_marked_ranks_tails(tmp_path):
+def test_records_not_yet_indexed_are_read_from_the_marked_writers_journals(tmp_path):
     place = LocalPlace(tmp_path)
-    commit_units(RunManifest(place), 0, ["a", "b"])                       # indexed, marker gone
-    running = commit_units(RunManifest(place), 1, ["c", "d"], close=False, index_every=0.0)  # indexed each commit
+    commit_units(RunManifest(place), W1, ["a", "b"])                       # indexed, marker gone
+    running = commit_units(RunManifest(place), W2, ["c", "d"], close=False, index_every=0.0)  # indexed each commit
     running.index_every = 3600.0
     running.commit({"shard": "ds/e", "samples": 1})                        # after its last index
     found = RunManifest(place).read_records()
     assert [r["shard"] for r in found.records] == ["ds/a", "ds/b", "ds/c", "ds/d", "ds/e"]
     assert [r["shard"] for r in found.uncompacted] == ["ds/e"]
-    assert len(found.index_names) == 2      # rank 0's, and rank 1's latest (its earlier one was replaced)
+    assert len(found.index_names) == 2      # W1's, and W2's latest (its earlier one was replaced)
 
 
-def test_prepare_indexes_an_interrupted_ranks_records_before_its_marker_goes(tmp_path, ckpt):
+def test_prepare_indexes_a_dead_writers_records_before_its_marker_goes(tmp_path, ckpt):
     place = LocalPlace(tmp_path)
     ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
     RunManifest(place).write_details({"run_identity": ident})
-    commit_units(RunManifest(place), 2, ["a", "b", "c"], close=False)     # killed: no index, marker left
-    state = RunManifest(place).prepare(ident, overwrite=False)
-    assert state.interrupted_ranks == [2] and state.done == {"ds/a", "ds/b", "ds/c"} and state.next_seq == {2: 3}
+    commit_units(RunManifest(place), W2, ["a", "b", "c"], close=False,
+                 lease={**PART_LEASE, "generation": 1})                    # killed: no index, marker left
+    state = RunManifest(place).prepare(ident, overwrite=False, lease={**PART_LEASE, "generation": 2})
+    assert state.interrupted_ranks == [2] and state.done == {"ds/a", "ds/b", "ds/c"}
     assert RunManifest(place).writing_markers() == []
     found = RunManifest(place).read_records()
     assert len(found.records) == 3 and found.uncompacted == [] and len(found.index_names) == 1
 
 
+def test_a_live_writers_marker_is_left_alone(tmp_path, ckpt):
+    place = LocalPlace(tmp_path)
+    ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
+    commit_units(RunManifest(place), W2, ["a"], close=False, lease={**PART_LEASE, "generation": 3})
+    state = RunManifest(place).prepare(ident, overwrite=False, lease={**PART_LEASE, "generation": 3})
+    assert state.dead_writers == [] and len(RunManifest(place).writing_markers()) == 1
+
+
 def test_compaction_merges_every_index_and_a_crash_midway_leaves_indexes_that_agree(tmp_path):
     place = LocalPlace(tmp_path)
     for rank in range(4):
-        commit_units(RunManifest(place), rank, [f"r{rank}u{i}" for i in range(3)])
+        commit_units(RunManifest(place), f"r{rank}-g1-00000{rank}", [f"r{rank}u{i}" for i in range(3)])
     manifest = RunManifest(place)
     before = manifest.read_records()
     assert len(before.index_names) == 4
@@ -219,9 +257,17 @@ def test_compaction_merges_every_index_and_a_crash_midway_leaves_indexes_that_ag
     assert manifest.compact() == 0                # nothing left to merge
 
 
+def test_a_temporary_index_file_is_never_read(tmp_path):
+    """A SIGKILL while an index object is written leaves its temporary file: readers never see it."""
+    place = LocalPlace(tmp_path)
+    commit_units(RunManifest(place), W1, ["a"])
+    (tmp_path / "manifest" / "index" / "00000000000000000001-r0-g1-x.json.gz.123-abcdef01.partial").write_bytes(b"\x1f\x8b")
+    assert [r["shard"] for r in RunManifest(place).records()] == ["ds/a"]
+
+
 def test_an_index_never_lists_a_record_that_was_not_written(tmp_path):
     place = LocalPlace(tmp_path)
-    log = commit_units(RunManifest(place), 0, ["a"], close=False, index_every=0.0)
+    log = commit_units(RunManifest(place), W1, ["a"], close=False, index_every=0.0)
 
     def refuse(rel, data):
         raise OSError("disk gone")
@@ -241,7 +287,7 @@ def test_records_of_an_older_version_are_read_and_indexed_by_the_next_prepare(tm
         place.write(f"manifest/ds__{name}.json", json.dumps({"shard": f"ds/{name}", "rank": 0}).encode())
     assert {r["shard"] for r in RunManifest(place).records()} == {"ds/a", "ds/b"}
     assert RunManifest(place).prepare(ident, overwrite=False).done == {"ds/a", "ds/b"}
-    commit_units(RunManifest(place), 0, ["c"])
+    commit_units(RunManifest(place), W1, ["c"])
     found = RunManifest(place).read_records()
     assert {r["shard"] for r in found.records} == {"ds/a", "ds/b", "ds/c"} and found.index_names
 
@@ -249,6 +295,29 @@ def test_records_of_an_older_version_are_read_and_indexed_by_the_next_prepare(tm
 def test_overwrite_removes_the_index_with_the_records(tmp_path, ckpt):
     place = LocalPlace(tmp_path)
     ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
-    commit_units(RunManifest(place), 0, ["a", "b"])
+    commit_units(RunManifest(place), W1, ["a", "b"])
     assert RunManifest(place).prepare(ident, overwrite=True).done == set()
     assert RunManifest(place).records() == [] and not list((tmp_path / "manifest").rglob("*.json*"))
+
+
+def _commit_and_rewrite_the_filelist(root: str, writer: str, count: int) -> None:
+    manifest = RunManifest(LocalPlace(root))
+    for i in range(count):
+        manifest.write_record({"shard": f"ds/{writer}-{i}", "rank": 0, "folder_ids": [f"{writer}-{i:06d}-0000"]})
+        manifest.write_filelist()
+
+
+def test_parts_rewriting_the_filelist_at_once_lose_no_window(tmp_path):
+    """Row 8: several parts commit and rewrite filelist.txt at the same moments; the last view written holds
+    every window committed before it (each rewrite is conditional on the version it read)."""
+    import multiprocessing
+    writers = [f"r{k}-g1-{k:06x}" for k in range(4)]
+    context = multiprocessing.get_context("fork")   # the children only write files
+    processes = [context.Process(target=_commit_and_rewrite_the_filelist, args=(str(tmp_path), w, 6)) for w in writers]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    lines = (tmp_path / "filelist.txt").read_text().splitlines()
+    assert lines == sorted(f"0/{w}-{i:06d}-0000.npy" for w in writers for i in range(6))

@@ -1,8 +1,11 @@
-"""storage/local.py: files written under a temporary name, renamed into place; OSErrors as StorageErrors."""
+"""storage/local.py: files written under a temporary name, renamed into place; OSErrors as StorageErrors;
+conditional writes (create-if-absent, write-if-unchanged) that hold between processes."""
+
+import multiprocessing
 
 import pytest
 
-from wds_encode.storage import PARTIAL, PROBE_DIR, LocalPlace, Storage, StorageError
+from wds_encode.storage import PARTIAL, PROBE_DIR, LocalPlace, Storage, StorageError, Tagged
 
 
 def test_local_files_are_read_through_the_same_call(tmp_path):
@@ -32,9 +35,11 @@ def test_local_remove_unfinished_deletes_partial_files_only(tmp_path):
     writer = place.open_object("shards/x.tar")
     writer.write(b"half")
     writer.finish()  # an interrupted run: never committed nor aborted
-    assert sorted(place.list()) == ["0/a.npy" + PARTIAL, "0/b.npy", "shards/x.tar" + PARTIAL]
+    assert place.list() == {"0/b.npy": 1}   # temporary files are no data: never listed
+    assert sorted(p.name for p in tmp_path.rglob("*.partial")) == ["a.npy" + PARTIAL, "x.tar" + PARTIAL]
     assert place.remove_unfinished() == 2
     assert place.list() == {"0/b.npy": 1}
+    assert not list(tmp_path.rglob("*" + PARTIAL))
 
 
 def test_local_errors_are_storage_errors(tmp_path):
@@ -86,3 +91,144 @@ def test_writers_of_one_object_at_once_never_fail_and_leave_one_whole_version(tm
     text = place.read("manifest/parts/p.lease").decode()
     assert text == text[:len(text) // 50] * 50                      # one writer's whole version
     assert place.list() == {"manifest/parts/p.lease": len(text)}     # no temporary file left
+
+
+def test_a_killed_writers_temporary_file_is_not_listed_but_is_removed_as_unfinished(tmp_path):
+    """`write` and `create` stage under NAME.PID-RANDOM.partial: one left by a killed writer is no data."""
+    place = LocalPlace(str(tmp_path))
+    place.write("manifest/done/a.json", b"{}")
+    left = tmp_path / "manifest" / "done" / ("b.json.12345-0123abcd" + PARTIAL)
+    left.write_bytes(b"half a record")
+    assert place.list() == {"manifest/done/a.json": 2}
+    assert place.list("manifest/done") == {"manifest/done/a.json": 2}
+    assert place.list("manifest/done", start_after="manifest/done/a.json") == {}
+    assert place.read("manifest/done/b.json") is None
+    assert place.remove_unfinished(owned=lambda rel: rel != "manifest/done/b.json") == 0   # not the caller's
+    assert left.exists()
+    assert place.remove_unfinished() == 1
+    assert not left.exists() and place.list() == {"manifest/done/a.json": 2}
+
+
+# ---------------------------------------------------------------------- conditional writes
+
+def test_local_places_have_conditional_writes(tmp_path):
+    assert LocalPlace(str(tmp_path / "out")).conditional_writes() is True
+
+
+def test_local_create_twice_keeps_the_first_content(tmp_path):
+    place = LocalPlace(str(tmp_path / "out"))
+    assert place.create("manifest/done/a.json", b"first") is True
+    assert place.create("manifest/done/a.json", b"second") is False
+    assert place.read("manifest/done/a.json") == b"first"
+    assert place.list() == {"manifest/done/a.json": 5}            # no temporary file left by either
+    assert not list((tmp_path / "out").rglob("*" + PARTIAL))
+
+
+def test_local_create_does_not_overwrite_a_plainly_written_object(tmp_path):
+    place = LocalPlace(str(tmp_path))
+    place.write("x.json", b"written")
+    assert place.create("x.json", b"created") is False
+    assert place.read("x.json") == b"written"
+
+
+def test_local_read_tagged_gives_the_bytes_and_a_tag_that_changes_with_every_write(tmp_path):
+    place = LocalPlace(str(tmp_path))
+    assert place.read_tagged("missing.json") is None
+    place.write("a.json", b"one")
+    first = place.read_tagged("a.json")
+    assert isinstance(first, Tagged) and first.data == b"one" and first.tag
+    assert place.read_tagged("a.json") == first                   # unchanged: the same tag
+    place.write("a.json", b"one")                                 # the same bytes again: a new version
+    assert place.read_tagged("a.json").tag != first.tag
+
+
+def test_local_replace_with_the_tag_read_succeeds_and_returns_the_new_tag(tmp_path):
+    place = LocalPlace(str(tmp_path))
+    place.write("lease", b"v1")
+    tag = place.read_tagged("lease").tag
+    new_tag = place.replace("lease", b"v2", tag)
+    assert new_tag is not None and new_tag != tag
+    assert place.read_tagged("lease") == Tagged(b"v2", new_tag)
+    assert place.replace("lease", b"v3", new_tag) is not None    # the returned tag is good for the next one
+    assert place.read("lease") == b"v3"
+    assert place.list() == {"lease": 2}
+
+
+def test_local_replace_with_a_stale_tag_is_refused_and_leaves_the_content(tmp_path):
+    place = LocalPlace(str(tmp_path))
+    place.write("lease", b"v1")
+    stale = place.read_tagged("lease").tag
+    assert place.replace("lease", b"v2", stale) is not None      # another writer came first
+    assert place.replace("lease", b"mine", stale) is None
+    assert place.read("lease") == b"v2"
+    place.delete(["lease"])
+    assert place.replace("lease", b"mine", stale) is None        # gone meanwhile: not recreated
+    assert place.read("lease") is None
+    assert place.list() == {} and not list(tmp_path.rglob("*" + PARTIAL))
+
+
+def test_local_replace_without_a_tag_only_creates(tmp_path):
+    place = LocalPlace(str(tmp_path))
+    tag = place.replace("a/b.json", b"new", None)
+    assert tag is not None and place.read_tagged("a/b.json") == Tagged(b"new", tag)
+    assert place.replace("a/b.json", b"again", None) is None
+    assert place.read("a/b.json") == b"new"
+
+
+def _racer(root: str, rounds: list[tuple[str, object]], n: int, start, results) -> None:
+    """One racer: per round (name, tag), wait for every racer, then one conditional write, with bytes of
+    its own (tag None: `create`; else `replace` from that tag); (round, n, outcome) to `results`."""
+    place = LocalPlace(root)
+    for round_, (name, tag) in enumerate(rounds):
+        data = f"writer {n}".encode() * (n + 1)
+        start.wait()
+        outcome = place.create(name, data) if tag is None else place.replace(name, data, tag)
+        results.put((round_, n, outcome))
+
+
+def race(root: str, rounds: list[tuple[str, object]], racers: int) -> list[dict]:
+    """`racers` processes, made once, racing a conditional write per round, released together by a
+    barrier; per round, racer -> its outcome."""
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(racers), context.Queue()
+    processes = [context.Process(target=_racer, args=(root, rounds, n, start, results))
+                 for n in range(racers)]
+    for process in processes:
+        process.start()
+    found: list[dict] = [{} for _ in rounds]
+    for _ in range(len(rounds) * racers):
+        round_, n, outcome = results.get(timeout=120)
+        found[round_][n] = outcome
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+    return found
+
+
+RACERS = 8
+ROUNDS = 5
+
+
+def test_local_processes_racing_create_on_one_name_one_wins(tmp_path):
+    names = [f"manifest/done/unit-{r}.json" for r in range(ROUNDS)]
+    place = LocalPlace(str(tmp_path))
+    for name, won in zip(names, race(str(tmp_path), [(name, None) for name in names], RACERS)):
+        winners = [n for n, created in won.items() if created]
+        assert len(won) == RACERS and len(winners) == 1, won
+        assert place.read(name) == f"writer {winners[0]}".encode() * (winners[0] + 1)
+    assert not list(tmp_path.rglob("*" + PARTIAL))
+
+
+def test_local_processes_racing_replace_from_one_tag_one_wins(tmp_path):
+    place = LocalPlace(str(tmp_path))
+    rounds = []
+    for r in range(ROUNDS):
+        name = f"manifest/parts/p-{r}.lease"
+        place.write(name, b"the old holder")
+        rounds.append((name, place.read_tagged(name).tag))
+    for (name, _tag), won in zip(rounds, race(str(tmp_path), rounds, RACERS)):
+        winners = [n for n, new_tag in won.items() if new_tag is not None]
+        assert len(won) == RACERS and len(winners) == 1, won
+        winner = winners[0]
+        assert place.read_tagged(name) == Tagged(f"writer {winner}".encode() * (winner + 1), won[winner])
+    assert not list(tmp_path.rglob("*" + PARTIAL))

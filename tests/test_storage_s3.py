@@ -1,9 +1,11 @@
 """storage/s3.py: listing, places and multipart objects on a real S3 protocol (moto, FaultProxy)."""
 
+import multiprocessing
+
 import pytest
 
 import wds_encode.storage.s3 as s3_mod
-from wds_encode.storage import PROBE_DIR, StorageError
+from wds_encode.storage import PROBE_DIR, S3Options, Storage, StorageError, Tagged
 
 from conftest import MiB, random_bytes
 from s3_support import fast_retries, record_requests
@@ -175,3 +177,119 @@ def test_a_failed_background_upload_surfaces_on_publish(s3, storage):
     with pytest.raises(StorageError, match=r"^s3://nobucket/run/0/a\.npy: cannot write: NoSuchBucket"):
         place.publish(["0/a.npy"])
     place.close()
+
+
+# ---------------------------------------------------------------------- conditional writes
+
+def test_s3_conditional_writes_are_found_by_a_probe_that_leaves_nothing(s3, storage):
+    bucket = s3.make_bucket("out")
+    place = storage.place("s3://out/run/")
+    assert place.conditional_writes() is True
+    assert place.conditional_writes() is True    # probed once
+    assert s3.keys(bucket) == {}
+
+
+def test_s3_create_twice_keeps_the_first_content(s3, storage):
+    bucket = s3.make_bucket("out")
+    place = storage.place("s3://out/run/")
+    assert place.create("manifest/done/a.json", b"first") is True
+    assert place.create("manifest/done/a.json", b"second") is False
+    assert s3.get(bucket, "run/manifest/done/a.json") == b"first"
+    s3.put(bucket, "run/x.json", b"written")                   # an object written plainly: no create over it
+    assert place.create("x.json", b"created") is False
+    assert s3.get(bucket, "run/x.json") == b"written"
+
+
+def test_s3_replace_with_the_tag_read_succeeds_and_a_stale_tag_is_refused(s3, storage):
+    bucket = s3.make_bucket("out")
+    place = storage.place("s3://out/run/")
+    assert place.read_tagged("lease") is None
+    s3.put(bucket, "run/lease", b"v1")
+    first = place.read_tagged("lease")
+    assert isinstance(first, Tagged) and first.data == b"v1" and first.tag
+    new_tag = place.replace("lease", b"v2", first.tag)
+    assert new_tag is not None and new_tag != first.tag
+    assert place.read_tagged("lease") == Tagged(b"v2", new_tag)
+    assert place.replace("lease", b"mine", first.tag) is None   # stale: another writer came first
+    assert s3.get(bucket, "run/lease") == b"v2"
+    assert place.replace("lease", b"v3", new_tag) is not None
+    assert s3.get(bucket, "run/lease") == b"v3"
+    s3.client().delete_object(Bucket=bucket, Key="run/lease")
+    assert place.replace("lease", b"mine", new_tag) is None     # gone meanwhile: not recreated
+    assert s3.keys(bucket) == {}
+
+
+def test_s3_replace_without_a_tag_only_creates(s3, storage):
+    bucket = s3.make_bucket("out")
+    place = storage.place("s3://out/run/")
+    tag = place.replace("a/b.json", b"new", None)
+    assert tag is not None and place.read_tagged("a/b.json") == Tagged(b"new", tag)
+    assert place.replace("a/b.json", b"again", None) is None
+    assert s3.get(bucket, "run/a/b.json") == b"new"
+
+
+def test_s3_conditional_write_failures_that_are_not_conflicts_are_errors(s3, storage):
+    place = storage.place("s3://nobucket/run/")
+    with pytest.raises(StorageError, match=r"^s3://nobucket/run/a\.json: cannot write: NoSuchBucket"):
+        place.create("a.json", b"{}")
+    with pytest.raises(StorageError, match=r"^s3://nobucket/run/a\.json: cannot read: NoSuchBucket"):
+        place.read_tagged("a.json")
+
+
+def _racer(endpoint: str, url: str, rounds: list[tuple[str, object]], n: int, start, results) -> None:
+    """One racer: per round (name, tag), wait for every racer, then one conditional write, with bytes of
+    its own (tag None: `create`; else `replace` from that tag); (round, n, outcome) to `results`."""
+    place = Storage(S3Options(endpoint_url=endpoint)).place(url)
+    place.client  # made before the start, so that the requests go out together
+    for round_, (name, tag) in enumerate(rounds):
+        data = f"writer {n}".encode() * (n + 1)
+        start.wait()
+        outcome = place.create(name, data) if tag is None else place.replace(name, data, tag)
+        results.put((round_, n, outcome))
+
+
+def race(endpoint: str, url: str, rounds: list[tuple[str, object]], racers: int) -> list[dict]:
+    """`racers` processes (their own clients, this test's credentials from the environment), made once,
+    racing a conditional write per round, released together by a barrier; per round, racer -> outcome."""
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(racers), context.Queue()
+    processes = [context.Process(target=_racer, args=(endpoint, url, rounds, n, start, results))
+                 for n in range(racers)]
+    for process in processes:
+        process.start()
+    found: list[dict] = [{} for _ in rounds]
+    for _ in range(len(rounds) * racers):
+        round_, n, outcome = results.get(timeout=120)
+        found[round_][n] = outcome
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+    return found
+
+
+RACERS = 6
+ROUNDS = 4
+
+
+def test_s3_processes_racing_create_on_one_name_one_wins(s3, storage):
+    bucket = s3.make_bucket("out")
+    names = [f"manifest/done/unit-{r}.json" for r in range(ROUNDS)]
+    for name, won in zip(names, race(s3.endpoint, "s3://out/run/", [(name, None) for name in names], RACERS)):
+        winners = [n for n, created in won.items() if created]
+        assert len(won) == RACERS and len(winners) == 1, won
+        assert s3.get(bucket, f"run/{name}") == f"writer {winners[0]}".encode() * (winners[0] + 1)
+
+
+def test_s3_processes_racing_replace_from_one_tag_one_wins(s3, storage):
+    s3.make_bucket("out")
+    place = storage.place("s3://out/run/")
+    rounds = []
+    for r in range(ROUNDS):
+        name = f"manifest/parts/p-{r}.lease"
+        place.write(name, b"the old holder")
+        rounds.append((name, place.read_tagged(name).tag))
+    for (name, _tag), won in zip(rounds, race(s3.endpoint, "s3://out/run/", rounds, RACERS)):
+        winners = [n for n, new_tag in won.items() if new_tag is not None]
+        assert len(won) == RACERS and len(winners) == 1, won
+        winner = winners[0]
+        assert place.read_tagged(name) == Tagged(f"writer {winner}".encode() * (winner + 1), won[winner])

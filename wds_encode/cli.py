@@ -78,7 +78,9 @@ def format_summary(stats) -> str:
     lines = [
         "wds-encode summary",
         f"  units      {d['units_done']} encoded, {d['units_skipped']} already done, "
-        f"{d['units_failed']} broken (of {d['units_total']})",
+        f"{d['units_failed']} broken (of {d['units_total']})"
+        + (f", {d['units_refused']} committed first by another attempt (its outputs stand)"
+           if d.get("units_refused") else ""),
         f"  samples    {d['samples']}  windows written {d['windows']}  rejected {d['rejected']}",
         f"  audio      {d['audio_hours']:.4f} h in {d['elapsed_seconds']:.1f} s "
         f"(real-time factor {d['realtime_factor']:.1f}x)",

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -35,15 +36,15 @@ from .models import load_autoencoder
 from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
 from .plan import RunInputs, plan_inputs, prepare_output, units_fingerprint
-from .job.parts import PARTS_DIR, LeaseLost, PartLease
-from .job.preemption import GracefulStop, ignore_stop_signals, stop_workers
+from .job.parts import PARTS_DIR, Lease, LeaseLost, NoConditionalWrites
+from .job.preemption import GracefulStop, decode_worker_init, stop_workers
 from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .job.progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .pipeline.batching import LengthBatcher
 from .pipeline.reader import Reader, ShardEnd, WindowItem, error_record
 from .pipeline.sources import Shard
 from .storage import Place, StorageError, redact
-from .pipeline.writers import FolderWriter, LatentShardWriter, npy_bytes
+from .pipeline.writers import FolderWriter, LatentShardWriter, new_writer_id, npy_bytes
 
 WRITE_QUEUE_DEPTH = 8
 TRIM_EVERY_BATCHES = 8   # --chunking full on a CPU: batches between heap trims (measured: RSS flat, no slowdown)
@@ -60,6 +61,7 @@ class RunStats:
     units_skipped: int = 0        # already done in an earlier run
     units_done: int = 0
     units_failed: int = 0         # could not be read to the end (still committed with what was read)
+    units_refused: int = 0        # encoded, but another attempt had committed them first (its outputs stand)
     samples: int = 0
     windows: int = 0
     rejected: int = 0
@@ -133,14 +135,14 @@ class _WriterThread(threading.Thread):
     (`_stitch`) and the file is written as one window when its last chunk comes, before its unit's end."""
 
     def __init__(self, config: EncodeConfig, log: RankLog, folder: FolderWriter, encoder: BatchEncoder,
-                 output_dtype: torch.dtype, latent_metadata: dict, on_unit_done):
+                 output_dtype: torch.dtype, latent_metadata: dict, on_unit_done,
+                 abandoned: Optional[threading.Event] = None):
         super().__init__(name="wds-encode-writer", daemon=True)
         self.config = config
         self.encoder = encoder
         self.sample_rate = encoder.model.sample_rate
         self.progress: list[tuple[float, float]] = []  # (time, audio seconds written so far) per batch
         self.log = log
-        self.batch_end = folder.first_batch_index   # one past the last batch written: where ids continue
         self.folder = folder
         self.output_dtype = output_dtype
         self.latent_metadata = latent_metadata
@@ -148,6 +150,8 @@ class _WriterThread(threading.Thread):
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_DEPTH)
         self.pending: dict[str, _Pending] = {}
         self.error: Optional[BaseException] = None
+        # set past the grace period, or by the main loop when it stops without finishing: nothing more is committed
+        self.abandoned = abandoned if abandoned is not None else threading.Event()
 
     def run(self) -> None:
         try:
@@ -157,6 +161,8 @@ class _WriterThread(threading.Thread):
                 job = self.queue.get()
                 if job is None:
                     return
+                if self.abandoned.is_set():
+                    continue   # the loop failed or ran out of grace: nothing more is written or committed
                 kind, payload = job
                 if kind == "batch":
                     self._write_batch(*payload)
@@ -176,7 +182,7 @@ class _WriterThread(threading.Thread):
 
     def _write_batch(self, batch_index: int, items: list[WindowItem], pending: PendingBatch) -> None:
         encoded = self.encoder.collect(pending)  # waits for the device here, not in the main loop
-        self.batch_end = max(self.batch_end, batch_index + 1)
+        self.log.fence()
         arrays = encoded.latents.to(self.output_dtype).numpy() if encoded.latents is not None else None
         masks = encoded.padding_masks.tolist()
         audio = 0.0
@@ -212,7 +218,7 @@ class _WriterThread(threading.Thread):
             if pend.shard_writer is None:
                 dataset_id, name = item.shard_id.split("/", 1)
                 pend.shard_writer = LatentShardWriter(
-                    self.folder.place, dataset_id, name,
+                    self.folder.place, dataset_id, name, writer=self.folder.writer,
                     maxcount=self.config.shard_maxcount, maxsize=self.config.shard_maxsize)
             pend.shard_writer.write(item.key, array, md)
         pend.written += 1
@@ -246,8 +252,12 @@ class _WriterThread(threading.Thread):
         return acc.latents  # None when a chunk failed
 
     def _commit(self, end: ShardEnd) -> None:
-        """Make a unit's outputs visible, then record it done. A crash before the record leaves
-        objects no record lists; the next run removes them (`RunManifest.prepare`)."""
+        """Make a unit's outputs visible, then commit it by creating its record. A crash before the record
+        leaves objects no record lists; the next holder removes them (`RunManifest.prepare`). A commit
+        refused (another attempt committed the unit first) removes this writer's outputs of the unit."""
+        if self.abandoned.is_set():
+            return   # past --grace-seconds: the unit stays open, and is discarded with the others
+        self.log.fence()   # a writer whose lease is lost publishes nothing more
         pend = self.pending.pop(end.shard.shard_id, _Pending())
         # every chunk of the unit came before its end (LengthBatcher holds the end back): a file still in
         # `pend.stitching` stopped decoding part-way, which the reader reported; nothing of it is written
@@ -255,17 +265,19 @@ class _WriterThread(threading.Thread):
         self.folder.commit(pend.folder_files)
         errors = end.errors + pend.errors
         n_errors = sum(1 for e in errors if e["level"] == "error")
-        self.log.commit({
+        committed = self.log.commit({
             "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank, "worker": end.worker,
             "samples": end.samples, "windows": pend.written, "rejected": end.rejected,
             "audio_seconds": end.audio_seconds, "input_bytes": end.shard.size,
             "errors": n_errors, "warnings": len(errors) - n_errors,
             "failed": end.failed, "latent_shards": tars,
             "folder_ids": sorted(rel.rsplit("/", 1)[1][:-4] for rel in pend.folder_files if rel.endswith(".npy")),
-            "batch_end": self.batch_end, "part": self.log.part,
+            "part": self.log.part,
             "problems": errors,
         })
-        self.on_unit_done(end, pend.written, n_errors, len(errors) - n_errors)
+        if not committed:
+            self.folder.place.delete([*pend.folder_files, *tars])   # this writer's own names: no one else's
+        self.on_unit_done(end, pend.written, n_errors, len(errors) - n_errors, committed)
 
     def discard_open_units(self, quietly: bool = False) -> int:
         """Remove what units still open have written (a stop at --limit-batches, or a failure: then
@@ -346,7 +358,7 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
     """The job's stats from every rank's: counts add up, times are the longest rank's."""
     merged = RunStats(units_total=units_total, units_skipped=units_skipped, elapsed_seconds=elapsed)
     for stats in per_rank:
-        for name in ("units_done", "units_failed", "samples", "windows", "rejected", "errors", "warnings",
+        for name in ("units_done", "units_failed", "units_refused", "samples", "windows", "rejected", "errors", "warnings",
                      "audio_seconds", "batches", "fp32_retries", "oom_splits", "retries", "resumes",
                      "steady_audio_seconds", "real_samples", "padding_samples"):
             setattr(merged, name, getattr(merged, name) + stats[name])
@@ -440,9 +452,13 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     precision_check = encoder.check_precision(window_size, limit=config.precision_check_limit)
     lease = None
     try:
-        if job.rank == 0 and not inputs.part.whole:  # no other process writes this part while this one does
-            lease = PartLease(place, inputs.part, lease_seconds=config.lease_seconds)
-            lease.acquire(on_wait=job.raise_if_failed)
+        if job.rank == 0:  # no other attempt of this part (or job) works beside this one
+            lease = Lease(place, inputs.part, lease_seconds=config.lease_seconds, on_lost=job.abort)
+            try:
+                lease.acquire(on_wait=job.raise_if_failed)
+            except NoConditionalWrites as exc:
+                lease = None
+                raise ConfigError(str(exc)) from None
         return _run_part(inputs, job, device, cpus, started, manifest, encoder, window_size, precision_check, lease)
     finally:
         if lease is not None:
@@ -451,12 +467,13 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
 
 def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, started: float,
               manifest: RunManifest, encoder: BatchEncoder, window_size: int, precision_check: dict,
-              lease: Optional[PartLease]) -> RunStats:
+              lease: Optional[Lease]) -> RunStats:
     """Rank 0 plans (the output's state, what is left of this part), every rank encodes its claims,
     rank 0 sums up (errors.jsonl, filelist.txt, one index of every record, details.json)."""
     config, place, model, part = inputs.config, manifest.place, encoder.model, inputs.part
     if job.rank == 0:
-        identity, todo_order, state, part_total = prepare_output(inputs, manifest)
+        identity, todo_order, state, part_total = prepare_output(
+            inputs, manifest, lease.marker_fields() if lease is not None else None)
     details: dict = {}
     if job.rank == 0:
         details = {
@@ -484,8 +501,7 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
                                              "host": socket.gethostname(), "pid": os.getpid()})
         job.publish("plan", {"units": units_fingerprint(inputs.units), "todo": todo_order,
                              "total": part_total, "skipped": part_total - len(todo_order),
-                             "next_batch": {str(rank): n for rank, n in state.next_batch.items()},
-                             "next_seq": {str(rank): n for rank, n in state.next_seq.items()}})
+                             "lease": lease.marker_fields() if lease is not None else {}})
     plan = job.wait_for("plan")
     if plan["units"] != units_fingerprint(inputs.units):
         raise ConfigError(f"rank {job.rank} ({socket.gethostname()}) lists different input units than rank 0 "
@@ -493,8 +509,7 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
                           "nodes do not see the same files")
     todo = [inputs.units[i] for i in plan["todo"]]
     out_rank = part.output_rank(job.rank)   # the id this rank writes under: its folder, batch ids, records
-    first_batch = int(plan["next_batch"].get(str(out_rank), 0))
-    first_seq = int(plan["next_seq"].get(str(out_rank), 0))
+    writer_id = new_writer_id(out_rank, int(plan["lease"].get("generation", 0)))  # in every name it writes
     if use_compile(config, device, todo):
         bound_compile_workers(max(1, int(cpus.cpus)))
         encoder.use_compile(True)
@@ -517,10 +532,11 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
         monitor.start()
     finished = False
     try:
-        with GracefulStop(job.request_stop, config.grace_seconds):
-            log = RankLog(manifest, out_rank, first_batch=first_batch, first_seq=first_seq,
-                          part="" if part.whole else part.label, check=lease.check if lease is not None else None)
-            _encode_units(inputs, todo, encoder, stats, job, log, cpus.workers)
+        abandoned = threading.Event()   # past the grace period: the writer commits nothing more
+        with GracefulStop(job.request_stop, config.grace_seconds, on_deadline=abandoned.set):
+            log = RankLog(manifest, writer_id, out_rank, part="" if part.whole else part.label,
+                          lease=plan["lease"], check=lease.check if lease is not None else job.raise_if_failed)
+            _encode_units(inputs, todo, encoder, stats, job, log, cpus.workers, abandoned)
         stats.stopped_by = job.stop_reason() or ""
         stats.elapsed_seconds = time.time() - started
         per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(), "device": str(device)})
@@ -531,10 +547,9 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
     merged = merge_stats(per_rank, units_total=plan["total"], units_skipped=plan["skipped"],
                          elapsed=time.time() - started)
     if job.rank == 0:  # every rank has finished: the records list exactly the committed units
-        found = manifest.read_records()
-        manifest.write_error_log(found.records)
-        manifest.write_filelist(found.records)
-        manifest.compact(found, rank=out_rank)
+        manifest.write_error_log()
+        manifest.write_filelist()
+        manifest.compact()
         finished_at = time.time()
         ranks = [{k: r[k] for k in ("rank", "host", "device", "units_done", "windows", "samples",
                                     "errors", "batches", "batch_size", "cpus", "loop_seconds", "warmup_seconds",
@@ -557,7 +572,7 @@ def write_part_details(place: Place, part, details: dict) -> None:
 
 
 def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, stats: RunStats,
-                  job: Job, log: RankLog, max_workers: int) -> None:
+                  job: Job, log: RankLog, max_workers: int, abandoned: threading.Event) -> None:
     """The loop: claimed units -> loader -> batches -> encoder -> writer thread; fills `stats`.
 
     The loop never waits for the device: it submits a batch and goes on collating the next one;
@@ -574,12 +589,16 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     prefetch = prefetch_windows(inputs.chunking, batch_size, window_bytes, num_workers,
                                 shared_memory_free() // max(1, job.launch.local_world_size)) if num_workers else None
     loader = DataLoader(reader, batch_size=None, num_workers=num_workers, in_order=False, prefetch_factor=prefetch,
-                        worker_init_fn=ignore_stop_signals if num_workers else None)
+                        worker_init_fn=partial(decode_worker_init, parent_pid=os.getpid()) if num_workers else None)
     manifest = log.manifest
-    folder = FolderWriter(manifest.place, log.rank, log.first_batch, enabled=config.folder)
+    folder = FolderWriter(manifest.place, log.rank, log.writer, enabled=config.folder)
     counter = ProgressCounter(job.add_progress)
 
-    def on_unit_done(end: ShardEnd, written: int, errors: int, warnings: int) -> None:
+    def on_unit_done(end: ShardEnd, written: int, errors: int, warnings: int, committed: bool) -> None:
+        if not committed:
+            stats.units_refused += 1
+            counter.add(units=1, bytes=end.input_bytes)
+            return
         stats.units_done += 1
         stats.units_failed += int(end.failed)
         stats.samples += end.samples
@@ -592,7 +611,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
         stats.resumes += end.resumes
         counter.add(units=1, bytes=end.input_bytes, samples=end.samples, errors=errors)
 
-    writer = _WriterThread(config, log, folder, encoder, *latent_format(config, model), on_unit_done)
+    writer = _WriterThread(config, log, folder, encoder, *latent_format(config, model), on_unit_done, abandoned)
     writer.start()
 
     def wait_on_writer(attempt):
@@ -624,7 +643,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     batcher = LengthBatcher(batch_size, config.bucket_buffer)
     # windows of every length fragment the kept heap of a CPU run: give its free pages back now and then
     trim_heap = device.type == "cpu" and inputs.chunking == "full"
-    batch_index = folder.first_batch_index
+    batch_index = 0
 
     def send(released: list) -> None:
         """Batches to the device and on to the writer; unit ends to the writer after their batches."""
@@ -669,6 +688,8 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             send(batcher.drain())
         completed = True
     finally:
+        if not completed:   # a failure, or past --grace-seconds: what is still queued is not committed
+            writer.abandoned.set()
         writer.queue.put(None)
         writer.join()
         stop_workers(batches_in)

@@ -8,8 +8,11 @@ scheduler's variables). Part K:
 - writes under rank ids no other part uses (`Part.output_rank`: K, K+N, K+2N, ... for its ranks 0, 1, 2),
   so its folders, batch ids, records and writing markers are its own, and its clean-up of an
   interrupted run touches only what it owns (`Part.owns`);
-- holds the part's lease (`PartLease`) while it runs, so a retry racing a slow original waits for it
-  instead of writing beside it.
+- holds the part's lease (`Lease`) while it runs, so a retry racing a slow original waits for it
+  instead of doing the same work beside it. A whole job holds a lease too, so the same job started
+  twice on one output runs once. Exactly once does not depend on the lease (a unit commits by a
+  create-if-absent, `pipeline.manifest`); the lease saves duplicate work and says whose objects
+  the clean-up may remove.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from ..storage import Place
 PART_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 PARTS_DIR = "manifest/parts"
 LEASE_SECONDS = 60.0       # a holder not heard from for this long (on the waiter's clock) is taken to be gone
-SETTLE_SECONDS = 2.0       # between writing a claim and reading it back: far longer than one request takes
 
 T = TypeVar("T")
 
@@ -150,6 +152,9 @@ def process_start(pid: int) -> Optional[int]:
 
 
 def lease_name(part: Part) -> str:
+    """The lease object of a part, or of a whole job (Part(0, 1))."""
+    if part.whole:
+        return f"{PARTS_DIR}/job.lease"
     return f"{PARTS_DIR}/part-{part.index}-of-{part.count}.lease"
 
 
@@ -157,129 +162,188 @@ class LeaseLost(RuntimeError):
     """Another process holds this part now: this one stops before committing more."""
 
 
-class PartLease:
-    """Who runs part K now, so that a retry racing a slow original (or a task started twice) never writes
-    beside it: two writers of one part would share rank ids, and one's clean-up would remove the other's
-    work in flight.
+class NoConditionalWrites(RuntimeError):
+    """The output's store does not honour conditional writes, which array parts need."""
 
-    The lease is one small object per part, `manifest/parts/part-K-of-N.lease`, holding its owner (a
-    random id), host, pid and a beat number that the holder rewrites every LEASE_SECONDS/4. A newcomer
-    takes a lease that is free (released, or absent), or whose holder is gone: on the same host, its pid is
-    no longer alive; elsewhere, the beat has not changed for LEASE_SECONDS on the newcomer's own clock (no
-    two hosts' clocks are compared). It writes its claim, waits SETTLE_SECONDS and reads the lease back: it
-    holds the part only if the claim is still its own. Two newcomers that both found the lease free both
-    write; the later claim stands, the earlier one reads it back and waits. A newcomer that came after the
-    settle time finds the first claim and waits. That needs only read-after-write consistency (S3 has it,
-    as has every local disk), no conditional write, which not every S3-compatible store has.
 
-    The holder checks at each beat that the lease is still its own, and commits a unit only while its last
-    beat is recent (`check`: less than half the lease time ago, on its own clock): a holder that stalled
-    long enough to be taken over finds out before its next commit and stops (`LeaseLost`)."""
+def pid_namespace() -> Optional[str]:
+    """This process's PID namespace and boot (two containers on one host share a hostname and may
+    both be pid 1: only the same namespace on the same boot makes a pid comparable), or None."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def read_lease(place: Place, name: str) -> Optional[dict]:
+    tagged = place.read_tagged(name)
+    return None if tagged is None else _parse_lease(tagged.data)
+
+
+def lease_alive(place: Place, name: str, generation: int) -> bool:
+    """Whether the lease `name` is still held by generation `generation` (not released, not taken over)."""
+    lease = read_lease(place, name)
+    return lease is not None and not lease.get("released") and int(lease.get("generation", 0)) == generation
+
+
+def _parse_lease(data: bytes) -> Optional[dict]:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Lease:
+    """Who runs part K (or the whole job) now, so that a retry racing a slow original, or a job started
+    twice, does not do the same work twice, and so that the clean-up knows which writers are dead.
+
+    The lease is one small object, `manifest/parts/part-K-of-N.lease` (`job.lease` for a whole job),
+    holding its owner (a random id), a generation number, host, pid and a beat number. It is taken,
+    renewed and taken over only by conditional writes: created if absent, else replaced if unchanged
+    since read (S3's If-None-Match / If-Match on the ETag; locally a link, and a compare-and-rename
+    under a lock). Of two newcomers, one write wins and the other sees the new holder. A newcomer takes
+    a lease that is released, or whose holder is gone: the beat has not changed for `lease_seconds` on
+    the newcomer's own clock (no two hosts' clocks are compared), or, in the same PID namespace of the
+    same boot, its process no longer exists. Each take-over raises the generation, which goes into the
+    names of everything the new holder writes (`writers.new_writer_id`) and into its writing markers.
+
+    The holder renews the lease every `lease_seconds`/4 (a renewal that finds it changed means it was
+    taken over), and commits a unit only while its last renewal is under half the lease time old
+    (`check`): a holder that stalled long enough to be taken over finds out before its next commit.
+
+    On a store that ignores conditional writes (`Place.conditional_writes`), a whole job warns and goes
+    on (its lease is then advisory); array parts are refused (`NoConditionalWrites`)."""
 
     def __init__(self, place: Place, part: Part, *, lease_seconds: float = LEASE_SECONDS,
-                 settle_seconds: float = SETTLE_SECONDS, say: Callable[[str], None] = None):
+                 say: Optional[Callable[[str], None]] = None, on_lost: Optional[Callable[[str], None]] = None):
         self.place = place
         self.part = part
         self.name = lease_name(part)
         self.lease_seconds = lease_seconds
-        self.settle_seconds = settle_seconds
         self.owner = uuid.uuid4().hex
+        self.generation = 0
         self.say = say or (lambda line: print(f"wds-encode: {line}", file=sys.stderr, flush=True))
+        self._tag: Optional[str] = None
         self._beat = 0
-        self._beat_at = 0.0            # monotonic time of the last beat that found the lease ours
+        self._beat_at = 0.0            # monotonic time of the last renewal that found the lease ours
         self._lost: Optional[str] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._advisory = False         # the store ignores conditional writes: nothing is fenced
+        self.on_lost = on_lost         # told at once when a renewal finds the lease taken over (the other ranks)
 
-    # -- what the lease object says
-    def _read(self) -> Optional[dict]:
-        data = self.place.read(self.name)
-        if data is None:
-            return None
-        try:
-            value = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
+    @property
+    def what(self) -> str:
+        return "the job" if self.part.whole else f"part {self.part.label}"
 
-    def _write(self, released: bool = False) -> None:
-        self.place.write(self.name, json.dumps({
-            "owner": self.owner, "part": self.part.label, "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_started": process_start(os.getpid()),
-            "beat": self._beat, "written_at": time.time(), "released": released}).encode("utf-8"))
+    def marker_fields(self) -> dict:
+        """What every writing marker of this attempt says about its lease."""
+        return {"lease": self.name, "generation": self.generation}
+
+    def _claim(self, released: bool = False) -> bytes:
+        return json.dumps({
+            "owner": self.owner, "generation": self.generation, "part": self.part.label,
+            "host": socket.gethostname(), "pid": os.getpid(), "pid_started": process_start(os.getpid()),
+            "pid_namespace": pid_namespace(), "beat": self._beat, "written_at": time.time(),
+            "released": released}).encode("utf-8")
 
     # -- taking it
     def acquire(self, on_wait: Optional[Callable[[], None]] = None) -> float:
-        """Wait until this process holds the part; returns the seconds waited. `on_wait` is called while
+        """Wait until this process holds the lease; returns the seconds waited. `on_wait` is called while
         waiting (to notice a stop signal or a failed job)."""
+        if not self.place.conditional_writes():
+            if not self.part.whole:
+                raise NoConditionalWrites(
+                    f"{self.place.url}: this store ignores conditional writes (If-None-Match), so two tasks of "
+                    f"one part could not be kept apart: array parts (--part {self.part.label}) need a store that "
+                    "has them (AWS S3, MinIO, a local disk); run the job whole (no --part) here")
+            self._advisory = True
+            self.say(f"warning: {self.place.url}: this store ignores conditional writes (If-None-Match), so "
+                     "nothing keeps a second run on this output from writing beside this one: start one run at "
+                     "a time here")
         started = time.monotonic()
-        seen: Optional[tuple] = None       # (owner, beat) of the other holder, and since when unchanged
+        seen: Optional[tuple] = None       # (owner, generation, beat) of the holder, and since when unchanged
         seen_since = 0.0
         told = False
         while True:
-            current = self._read()
-            holder = None if current is None or current.get("released") else (current.get("owner"), current.get("beat"))
-            free = holder is None or holder[0] == self.owner or self._gone(current)
+            current = self.place.read_tagged(self.name)
+            lease = None if current is None else _parse_lease(current.data)
+            holder = None if lease is None or lease.get("released") else (
+                lease.get("owner"), lease.get("generation"), lease.get("beat"))
+            free = holder is None or self._gone(lease)
             if not free:
                 if holder != seen:
                     seen, seen_since = holder, time.monotonic()
                 elif time.monotonic() - seen_since >= self.lease_seconds:
                     free = True
             if free:
-                self._write()
-                time.sleep(self.settle_seconds)
-                back = self._read()
-                if back is not None and back.get("owner") == self.owner and not back.get("released"):
-                    self._beat_at = time.monotonic()
+                self.generation = int((lease or {}).get("generation", 0)) + 1
+                self._beat = 0
+                if self._advisory:
+                    self.place.write(self.name, self._claim())
+                    tag = ""
+                else:
+                    tag = self.place.replace(self.name, self._claim(), current.tag if current else None)
+                if tag is not None:
+                    self._tag, self._beat_at = tag, time.monotonic()
                     self._start_beating()
                     return time.monotonic() - started
-                seen, seen_since = None, 0.0     # another claim won: wait for it like any holder
-                continue
+                continue   # another claim came first: look again
             if not told:
                 told = True
-                self.say(f"part {self.part.label} is being written by {current.get('host')} pid {current.get('pid')}; "
+                self.say(f"{self.what} is being written by {lease.get('host')} pid {lease.get('pid')}; "
                          f"waiting until it finishes, or until it has not been heard from for "
-                         f"{self.lease_seconds:g} s (a retry racing its original never writes beside it)")
+                         f"{self.lease_seconds:g} s (a retry racing its original never does the same work twice)")
             if on_wait is not None:
                 on_wait()
             time.sleep(min(1.0, self.lease_seconds / 8))
 
     def _gone(self, lease: dict) -> bool:
-        """The holder ran on this host and its process is no longer alive (a pid with another start
-        time is another process: pids are reused, and in a container every first process is pid 1)."""
-        if lease.get("host") != socket.gethostname():
+        """The holder's process no longer exists, as seen from the same PID namespace of the same boot
+        (elsewhere, or in another container with the same hostname, only the lease time tells)."""
+        namespace = pid_namespace()
+        if namespace is None or lease.get("pid_namespace") != namespace or lease.get("host") != socket.gethostname():
             return False
         try:
             pid = int(lease.get("pid"))
         except (TypeError, ValueError):
             return False
-        started = process_start(pid)
-        if started is not None or lease.get("pid_started") is not None:
-            return started != lease.get("pid_started")
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return process_start(pid) != lease.get("pid_started")
 
     # -- holding it
     def _start_beating(self) -> None:
         self._thread = threading.Thread(target=self._beat_loop, name="wds-encode-lease", daemon=True)
         self._thread.start()
 
+    def _renew(self, released: bool = False) -> bool:
+        """Write the lease again if it is still this holder's version; False when it was taken over."""
+        if self._advisory:
+            current = read_lease(self.place, self.name)
+            if current is None or current.get("owner") != self.owner:
+                return False
+            self.place.write(self.name, self._claim(released))
+            return True
+        tag = self.place.replace(self.name, self._claim(released), self._tag)
+        if tag is None:
+            return False
+        self._tag = tag
+        return True
+
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.lease_seconds / 4):
             try:
-                current = self._read()
-                if current is None or current.get("owner") != self.owner:
-                    self._lost = (f"part {self.part.label} was taken over by "
-                                  f"{(current or {}).get('host')} pid {(current or {}).get('pid')}")
-                    return
                 started = time.monotonic()
                 self._beat += 1
-                self._write()
+                if not self._renew():
+                    current = read_lease(self.place, self.name) or {}
+                    self._lost = (f"{self.what} was taken over by {current.get('host')} pid {current.get('pid')} "
+                                  f"(this process had not renewed its lease for {time.monotonic() - self._beat_at:.0f} s)")
+                    if self.on_lost is not None:
+                        self.on_lost(self._lost)
+                    return
                 self._beat_at = started
             except Exception:  # a flaky store: keep trying; `check` stops commits if it lasts
                 continue
@@ -290,17 +354,17 @@ class PartLease:
             raise LeaseLost(self._lost)
         silent = time.monotonic() - self._beat_at
         if silent > self.lease_seconds / 2:
-            raise LeaseLost(f"part {self.part.label}: the lease was not renewed for {silent:.0f} s "
-                            "(the output's store did not answer); another task may take the part over")
+            raise LeaseLost(f"{self.what}: the lease was not renewed for {silent:.0f} s "
+                            "(the process stalled, or the output's store did not answer); another task may take it over")
 
     def release(self) -> None:
         """Let a waiting retry go on at once (it finds the part done, or resumes it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        try:
-            current = self._read()
-            if current is not None and current.get("owner") == self.owner:
-                self._write(released=True)
-        except Exception:
-            pass  # the lease lapses on its own
+        if self._lost is None and self._tag is not None:
+            try:
+                self._renew(released=True)
+            except Exception:
+                pass  # the lease lapses on its own
+

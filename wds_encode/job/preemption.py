@@ -3,19 +3,22 @@
 On the first stop signal a rank tells the job to claim no more units (`distributed.STOP_KEY`, so every
 rank and every decode worker stops claiming); the units already in flight are decoded, encoded and
 committed as usual, the loop ends, and the run exits 128 + the signal's number (143 for SIGTERM) with
-what it committed and what is left. If that takes longer than the grace period, or a second signal
-comes, the main thread is interrupted: the units still open are discarded (their files removed, as
-after any failure) and the rerun does them. Decode workers ignore the signals: their rank decides.
+what it committed and what is left. The grace period is a deadline: past it, or on a second signal,
+the main thread is interrupted, nothing more is committed (the writer thread drops what is still
+queued), the units still open are discarded (their files removed, as after any failure) and the rerun
+does them. Decode workers ignore the signals (their rank decides) and die with their rank.
 """
 
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import threading
 from typing import Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)   # SIGUSR1: `sbatch --signal=USR1@60`, which signals the job steps
+PR_SET_PDEATHSIG = 1           # prctl(2)
 DEFAULT_GRACE_SECONDS = 25.0   # inside the usual 30 s notice (Kubernetes, SLURM's KillWait, torch's agent)
 
 
@@ -39,6 +42,21 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def decode_worker_init(worker_id: int = 0, parent_pid: Optional[int] = None) -> None:
+    """DataLoader `worker_init_fn`: ignore the stop signals (`ignore_stop_signals`), and die with the rank:
+    a rank SIGKILLed (the OOM killer, a spot reclaim) cannot end its workers itself, so each asks the kernel
+    for a SIGKILL when its parent goes (Linux's PR_SET_PDEATHSIG; elsewhere it notices on its next claim)."""
+    ignore_stop_signals(worker_id)
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if parent_pid is not None and os.getppid() != parent_pid:   # the rank died before the request took effect
+        os._exit(1)
+
+
 def stop_workers(iterator, wait_seconds: float = 5.0) -> None:
     """Shut down a DataLoader iterator's workers: the DataLoader's own shutdown (a sentinel, then SIGTERM,
     which they ignore), then SIGKILL for any still alive, e.g. one blocked on a job store that is gone."""
@@ -59,8 +77,9 @@ class GracefulStop:
     `request_stop(name)` is called (on a helper thread, never inside the handler) with the signal's name;
     it must tell the job to stop claiming."""
 
-    def __init__(self, request_stop, grace_seconds: float = DEFAULT_GRACE_SECONDS):
+    def __init__(self, request_stop, grace_seconds: float = DEFAULT_GRACE_SECONDS, on_deadline=None):
         self.request_stop = request_stop
+        self.on_deadline = on_deadline   # called (off the main thread) when the grace period ends: stop committing
         self.grace_seconds = grace_seconds
         self.signal_name: Optional[str] = None
         self.timed_out = False
@@ -74,6 +93,8 @@ class GracefulStop:
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is not None:   # a second signal, or the grace timer (through SIGINT): stop now
+            if self.on_deadline is not None:
+                self.on_deadline()
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
         threading.Thread(target=self.request_stop, args=(self.signal_name,), daemon=True,
@@ -84,6 +105,8 @@ class GracefulStop:
 
     def _out_of_time(self) -> None:
         self.timed_out = True
+        if self.on_deadline is not None:
+            self.on_deadline()     # at once: the main thread may take a moment to see the interrupt
         _thread.interrupt_main()   # runs the SIGINT handler (ours) in the main thread
 
     def __exit__(self, exc_type, exc, _tb) -> bool:

@@ -1,16 +1,22 @@
-"""Run identity, details.json, per-unit completion records, and the clean-up of interrupted runs;
+"""Run identity, details.json, the commit of each unit, and the clean-up after dead writers;
 errors.jsonl and filelist.txt, rewritten from the records.
 
-A unit counts as done only when its record exists under `OUT/manifest/log/`: it is written last,
-atomically, after the unit's outputs, and it lists them. While a rank writes, it keeps a marker
-under `OUT/manifest/writing/`; a marker left behind means that rank was interrupted, and the next
-run removes from that rank's folder, and from `shards/`, every object no record lists. So a rerun
-ends with exactly the committed outputs of every unit, locally and on S3 (which has no rename).
-A rerun with another model, checkpoint or encode option is refused unless `--overwrite`.
+The commit protocol (exactly once does not depend on leases, timing or the store's listing):
+- a writer (one rank of one attempt, `writers.new_writer_id`) writes only names no other writer can
+  produce: its window files and latent tars carry its id;
+- before it commits a unit it notes the unit in its journal, `manifest/journal/{writer}/{seq}.json`;
+- a unit commits by one create-if-absent of its record, `manifest/done/{unit}.json`
+  (`Place.create`: S3's If-None-Match, a hard link locally). The first commit of a unit wins; a later
+  one is refused, and its writer deletes what it wrote for the unit. A record is never overwritten,
+  and removed only by --overwrite.
+While a writer writes it keeps a marker under `manifest/writing/`; it names the lease its attempt
+holds (`job.parts.Lease`) and the lease's generation. A marker whose lease has since been taken over
+or released belongs to a dead writer: the next holder removes every object that no record names and
+whose writer is not alive, then the marker.
 
-Records are numbered per rank and listed again in index objects (`RankLog`, `RunManifest.compact`),
-so that whoever reads the output needs a few requests, not one per unit (`read_records`). With array
-jobs (`job.parts`) the clean-up after an interrupted rank touches only what its part owns.
+Readers need a few requests, not one per unit (`read_records`): index objects list records and which
+journal entries they cover; a marked writer's journal past that is read, each entry resolved to its
+unit's record. A rerun with another model, checkpoint or encode option is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -28,22 +34,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..job.parts import Part
+from ..job.parts import Part, lease_alive
 from ..storage import PROBE_DIR, Place, StorageError, redact
-from .writers import SHARDS_DIR, folder_file_id, folder_files, latent_shard_unit, parse_latent_id
+from .writers import SHARDS_DIR, folder_file_id, folder_files, latent_shard_unit, writer_of
 
 # Options that change what is written; anything else (workers, batch size, progress) does not.
 IDENTITY_OPTIONS = ("sample_size", "chunking", "max_chunks", "latent_mode", "is_discrete", "seed",
                     "latent_dtype", "effective_precision", "ckpt_prefix")
 DETAILS = "details.json"
 RECORDS_DIR = "manifest"
-LOG_DIR = "manifest/log"          # the unit records, LOG_DIR/{rank}/{seq}.json: the source of truth
+DONE_DIR = "manifest/done"        # the unit records, DONE_DIR/{unit}.json: created once, the commit
+JOURNAL_DIR = "manifest/journal"  # per writer, the units it commits, in order: JOURNAL_DIR/{writer}/{seq}.json
 INDEX_DIR = "manifest/index"      # index objects: gzip'd JSON lines of records, so readers need not GET each
 WRITING_DIR = "manifest/writing"
+LEGACY_LOG_DIR = "manifest/log"   # records of the previous version: LEGACY_LOG_DIR/{rank}/{seq}.json
 INDEX_READ_TRIES = 5
-INDEX_EVERY_SECONDS = 120.0       # a rank still writing lists its records in an index at least this often
+VIEW_WRITE_TRIES = 20             # filelist.txt / errors.jsonl rewritten while other parts rewrite them too
+INDEX_EVERY_SECONDS = 120.0       # a writer still writing lists its records in an index at least this often
 WHOLE_JOB = Part()
-_LOG_RANK_RE = re.compile(r"^manifest/log/(\d+)/")
+_LEGACY_LOG_RANK_RE = re.compile(r"^manifest/log/(\d+)/")
 ERRORS_LOG = "errors.jsonl"
 FILELIST = "filelist.txt"    # the committed windows of the folder layout, as PreEncodedDataset reads them
 SILENCE = "silence.npy"      # the latents of silence, with which SA3's PreEncodedDataset pads short latents
@@ -91,27 +100,30 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def record_name(rank: int, seq: int) -> str:
-    """Rank `rank`'s `seq`-th record: the names of one rank sort in commit order, so what came after
-    an index is one listing (`start_after`) of the rank's folder."""
-    return f"{LOG_DIR}/{rank}/{seq:09d}.json"
+def done_name(unit: str) -> str:
+    """A unit's record: the one object whose creation commits the unit."""
+    return f"{DONE_DIR}/{unit}.json"
 
 
-def index_name(rank: int) -> str:
+def journal_name(writer: str, seq: int) -> str:
+    """A writer's `seq`-th journal entry: one writer's entries sort in commit order, so what came after
+    an index is one listing (`start_after`) of its folder."""
+    return f"{JOURNAL_DIR}/{writer}/{seq:09d}.json"
+
+
+def index_name(owner: str) -> str:
     """A new index object's name (never reused: index objects are written once, deleted after a merge)."""
-    return f"{INDEX_DIR}/{time.time_ns():020d}-r{rank}-{uuid.uuid4().hex[:8]}.json.gz"
+    return f"{INDEX_DIR}/{time.time_ns():020d}-{owner}-{uuid.uuid4().hex[:8]}.json.gz"
 
 
 @dataclass
 class OutputState:
-    """What `prepare` found: units done, where each rank's batch ids and record numbers continue,
-    what it removed."""
+    """What `prepare` found: units done, the writers it found dead and cleaned up after, what it removed."""
 
     done: set[str] = field(default_factory=set)
-    next_batch: dict[int, int] = field(default_factory=dict)
-    next_seq: dict[int, int] = field(default_factory=dict)
-    removed: int = 0              # objects of unfinished units, partial files, open uploads
+    removed: int = 0              # objects of dead writers that no record names, partial files, open uploads
     interrupted_ranks: list[int] = field(default_factory=list)
+    dead_writers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -120,21 +132,18 @@ class RecordSet:
 
     records: list[dict]
     index_names: list[str]        # the index objects read
-    uncompacted: list[dict]       # records no index lists yet (the tails of ranks still marked as writing)
+    uncompacted: list[dict]       # records no index lists yet (found through the journals of marked writers)
     markers: list[dict]
-
-    def next_seq(self) -> dict[int, int]:
-        """Per rank, one past the highest record number found."""
-        return {rank: seq + 1 for rank, seq in _last_seq(self.records).items()}
+    covers: dict[str, int] = field(default_factory=dict)   # per writer, the last journal entry these records cover
+    tails: dict[str, list[dict]] = field(default_factory=dict)  # marker name -> the records found past its index
 
 
 class RunManifest:
-    """Reads and writes details.json, the unit records and their index, the writing markers and
-    errors.jsonl of a Place."""
+    """Reads and writes details.json, the unit records, journals and their index, the writing markers,
+    errors.jsonl and filelist.txt of a Place."""
 
     def __init__(self, place: Place):
         self.place = place
-        self._seq: dict[int, int] = {}   # write_record without a seq: where this rank's numbers continue
 
     # ------------------------------------------------------------------ details.json
     def load_details(self) -> Optional[dict]:
@@ -150,13 +159,15 @@ class RunManifest:
         return self.read_records().records
 
     def read_records(self) -> RecordSet:
-        """The index objects, then the records written after them: in O(1) requests (a listing of the
-        index, one of the writing markers, one per marked rank), however many units are done.
+        """The writing markers, then the index objects, then the records past them: in O(1) requests (a
+        listing of the markers, one of the index, one per marked writer), however many units are done.
 
-        Records are written only while their rank's marker exists, and a marker is removed only once an
-        index lists its rank's records (`RankLog.close`, `prepare`): so what no index lists is in the
-        folder of a marked rank, after the last record an index lists. With no index at all (a first run
-        still going, or an output of an older version) every record is listed and read."""
+        Markers are listed first: a writer removes its marker only after an index lists its records
+        (`RankLog.close`, `prepare`), so a marker gone before the listing means its index is there, and
+        a marker seen means its journal is read past whatever index was read. Journal entries are never
+        removed, and index objects only after a merged one lists their records (a reader that finds one
+        gone lists again). With no index at all, every record is listed."""
+        markers = self.writing_markers()
         for _attempt in range(INDEX_READ_TRIES):
             names = sorted(self.place.list(INDEX_DIR))
             indexed = self.place.read_many(names) if names else {}
@@ -165,61 +176,81 @@ class RunManifest:
         else:
             raise StorageError(self.place.child(INDEX_DIR), "the index objects kept changing while read; retry")
         by_unit: dict[str, dict] = {}
+        covers: dict[str, int] = {}
         for data in indexed.values():
-            for record in _index_records(data):
+            header, records = _index_content(data)
+            for writer, seq in header.get("covers", {}).items():
+                covers[writer] = max(covers.get(writer, -1), int(seq))
+            for record in records:
                 by_unit.setdefault(record["shard"], record)
-        markers = self.writing_markers()
-        if names:
-            covered = _last_seq(by_unit.values())
-            tails = []
-            for rank in sorted({int(m["rank"]) for m in markers if "rank" in m}):
-                after = record_name(rank, covered[rank]) if rank in covered else ""
-                tails.extend(rel for rel in self.place.list(f"{LOG_DIR}/{rank}/", start_after=after)
-                             if rel.endswith(".json"))
-        else:
-            tails = [rel for rel in self.place.list(RECORDS_DIR)
-                     if rel.endswith(".json") and (rel.count("/") == 1 or rel.startswith(f"{LOG_DIR}/"))]
-        uncompacted = []
-        for data in self.place.read_many(sorted(tails)).values():
-            record = _parse_record(data)
-            if record is not None and record["shard"] not in by_unit:
-                by_unit[record["shard"]] = record
-                uncompacted.append(record)
+        tails: dict[str, list[dict]] = {}
+        uncompacted: list[dict] = []
+
+        def take(source: str, records) -> None:
+            for record in records:
+                if record is not None and record["shard"] not in by_unit:
+                    by_unit[record["shard"]] = record
+                    uncompacted.append(record)
+                    tails.setdefault(source, []).append(record)
+
+        for marker in markers:
+            writer = marker.get("writer")
+            if writer:
+                after = journal_name(writer, covers[writer]) if writer in covers else ""
+                entries = sorted(self.place.list(f"{JOURNAL_DIR}/{writer}/", start_after=after))
+                if entries:
+                    covers[writer] = max(covers.get(writer, -1), _journal_seq(entries[-1]))
+                units = [_parse_unit(data) for data in self.place.read_many(entries).values()]
+                wanted = [u for u in dict.fromkeys(units) if u is not None and u not in by_unit]
+                take(marker["name"], (_parse_record(data) for data in
+                                      self.place.read_many([done_name(u) for u in wanted]).values()))
+            elif "rank" in marker:   # a rank of the previous version: records numbered per rank
+                rank = int(marker["rank"])
+                done = [int(r["seq"]) for r in by_unit.values()
+                        if "seq" in r and "writer" not in r and int(r.get("rank", 0)) == rank]
+                after = f"{LEGACY_LOG_DIR}/{rank}/{max(done):09d}.json" if done and names else ""
+                tail = [rel for rel in self.place.list(f"{LEGACY_LOG_DIR}/{rank}/", start_after=after)
+                        if rel.endswith(".json")]
+                take(marker["name"], map(_parse_record, self.place.read_many(tail).values()))
+        if not names:   # no index yet: a first run still going, or an output of an older version
+            listed = [rel for rel in self.place.list(RECORDS_DIR) if rel.endswith(".json") and (
+                rel.startswith(f"{DONE_DIR}/") or rel.startswith(f"{LEGACY_LOG_DIR}/") or rel.count("/") == 1)]
+            take("", map(_parse_record, self.place.read_many(sorted(listed)).values()))
         records = sorted(by_unit.values(), key=lambda r: r["shard"])
-        return RecordSet(records=records, index_names=names, uncompacted=uncompacted, markers=markers)
+        return RecordSet(records=records, index_names=names, uncompacted=uncompacted, markers=markers,
+                         covers=covers, tails=tails)
 
-    def write_record(self, record: dict) -> dict:
-        """Commit one unit: its record, written last, after the unit's outputs (`rank` and `seq` name it;
-        without a `seq`, the rank's next number); returns the record as written."""
-        rank = int(record.get("rank", 0))
-        if "seq" not in record:
-            if rank not in self._seq:
-                self._seq[rank] = self.read_records().next_seq().get(rank, 0)
-            record = {**record, "seq": self._seq[rank]}
-        self._seq[rank] = int(record["seq"]) + 1
-        record = {"rank": rank, **record, "finished_at": time.time()}
-        self.place.write(record_name(rank, int(record["seq"])), json.dumps(record).encode("utf-8"))
-        return record
+    def write_record(self, record: dict) -> Optional[dict]:
+        """Commit one unit: create its record, after the unit's outputs are visible; returns it as written.
+        None when the unit was committed already (by another attempt): this one's outputs for it are
+        then garbage."""
+        record = {"rank": int(record.get("rank", 0)), **record, "finished_at": time.time()}
+        created = self.place.create(done_name(record["shard"]), json.dumps(record).encode("utf-8"))
+        return record if created else None
 
-    def write_index(self, records: list[dict], rank: int = 0) -> Optional[str]:
+    def read_record(self, unit: str) -> Optional[dict]:
+        return _parse_record(self.place.read(done_name(unit)))
+
+    def write_index(self, records: list[dict], covers: Optional[dict[str, int]] = None,
+                    owner: str = "merged") -> Optional[str]:
         """One new index object listing `records` (records that exist: an index never lists a unit whose
-        record is missing); None when there is nothing to list."""
-        if not records:
+        record is missing) and the journal entries it covers; None when there is nothing to list."""
+        if not records and not covers:
             return None
-        name = index_name(rank)
-        lines = "".join(json.dumps(record, default=str) + "\n" for record in records)
-        self.place.write(name, gzip.compress(lines.encode("utf-8"), compresslevel=6, mtime=0))
+        name = index_name(owner)
+        lines = [json.dumps({"covers": covers or {}})] + [json.dumps(record, default=str) for record in records]
+        self.place.write(name, gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=6, mtime=0))
         return name
 
-    def compact(self, found: Optional[RecordSet] = None, rank: int = 0) -> int:
+    def compact(self, found: Optional[RecordSet] = None) -> int:
         """Merge every index object and the records no index lists yet into one index object, then remove
         the objects it replaces (after: a crash in between leaves two indexes that agree). Safe while other
-        ranks or parts run: it removes only index objects it has read, and index objects never change.
+        writers run: it removes only index objects it has read, and index objects never change.
         Returns how many index objects it replaced."""
         found = self.read_records() if found is None else found
         if len(found.index_names) <= 1 and not found.uncompacted:
             return 0
-        if self.write_index(found.records, rank) is not None:
+        if self.write_index(found.records, found.covers) is not None:
             self.place.delete(found.index_names)
         return len(found.index_names)
 
@@ -227,19 +258,22 @@ class RunManifest:
         names = sorted(self.place.list(WRITING_DIR))
         markers = []
         for rel, data in self.place.read_many(names).items():
+            if data is None:
+                continue   # removed since the listing: its writer is done
             try:
-                marker = json.loads(data.decode("utf-8")) if data else {}
+                marker = json.loads(data.decode("utf-8"))
             except (ValueError, UnicodeDecodeError):
                 marker = {}
-            markers.append({**marker, "name": rel})
+            markers.append({**(marker if isinstance(marker, dict) else {}), "name": rel})
         return markers
 
-    def start_writing(self, rank: int, first_batch: int, first_seq: int = 0, part: str = "") -> str:
-        """Mark that `rank` is writing: if it never calls `done_writing`, the next run cleans up after it."""
-        name = f"{WRITING_DIR}/rank-{rank:03d}.json"
-        self.place.write(name, json.dumps({"rank": rank, "first_batch": first_batch, "first_seq": first_seq,
-                                           "part": part, "host": socket.gethostname(),
-                                           "pid": os.getpid(), "started_at": time.time()}).encode("utf-8"))
+    def start_writing(self, writer: str, rank: int, part: str = "", lease: Optional[dict] = None) -> str:
+        """Mark that `writer` is writing: until `done_writing`, no one removes its objects while its lease
+        (`lease`: the lease object's name and generation) is its attempt's."""
+        name = f"{WRITING_DIR}/{writer}.json"
+        self.place.write(name, json.dumps({"writer": writer, "rank": rank, "part": part, **(lease or {}),
+                                           "host": socket.gethostname(), "pid": os.getpid(),
+                                           "started_at": time.time()}).encode("utf-8"))
         return name
 
     def done_writing(self, name: str) -> None:
@@ -247,10 +281,10 @@ class RunManifest:
 
     # ------------------------------------------------------------------ a run starts
     def prepare(self, identity: dict, overwrite: bool, part: Part = WHOLE_JOB,
-                units: Optional[set[str]] = None) -> OutputState:
-        """Check the output belongs to this run (or clear it with --overwrite), clean up after this part's
-        interrupted ranks (`units`: this part's unit ids; None: every unit), and say which units are done
-        and where each rank's batch ids and record numbers continue."""
+                units: Optional[set[str]] = None, lease: Optional[dict] = None) -> OutputState:
+        """Check the output belongs to this run (or clear it with --overwrite), clean up after dead writers
+        (`units`: this part's unit ids, None: every unit; `lease`: the lease this attempt holds, its name
+        and generation), and say which units are done."""
         details = self.load_details()
         old = (details or {}).get("run_identity")
         if old and old.get("hash") != identity["hash"]:
@@ -265,41 +299,56 @@ class RunManifest:
         if overwrite:
             return OutputState(removed=self.clear())
         found = self.read_records()
-        state = OutputState(done={r["shard"] for r in found.records}, next_seq=found.next_seq())
+        dead = [m for m in found.markers if self._dead(m, part, lease)]
+        state = OutputState(done={r["shard"] for r in found.records},
+                            interrupted_ranks=sorted({int(m["rank"]) for m in dead if "rank" in m}),
+                            dead_writers=sorted(m["writer"] for m in dead if m.get("writer")))
+        if not found.index_names and found.tails.get(""):
+            # no index yet: index what was found (records of an older version, which no journal names)
+            self.write_index(found.tails[""], owner="prepare")
+        if not dead:
+            return state
+        # list first, then read records and markers again: whatever a writer committed meanwhile is named by
+        # a record, and a writer that started meanwhile made its marker before any object
+        candidates: dict[str, int] = {}
+        for rank in state.interrupted_ranks:
+            candidates.update(self.place.list(f"{rank}/"))
+        candidates.update(self.place.list(f"{SHARDS_DIR}/"))
+        if part.whole:
+            candidates.update({rel: size for rel, size in self.place.list(f"{PROBE_DIR}/").items()
+                               if "/conditional-" not in rel})   # a probe in flight is its prober's
+        found = self.read_records()
+        dead_names = {m["name"] for m in dead}
+        live = {m["writer"] for m in found.markers if m.get("writer") and m["name"] not in dead_names}
         claimed: set[str] = set()
         for record in found.records:
-            rank = int(record.get("rank", 0))
             for latent_id in record.get("folder_ids", ()):
-                claimed.update(folder_files(rank, latent_id))
-                _note_batch(state.next_batch, latent_id)
-            if "batch_end" in record:
-                state.next_batch[rank] = max(state.next_batch.get(rank, 0), int(record["batch_end"]))
+                claimed.update(folder_files(int(record.get("rank", 0)), latent_id))
             claimed.update(record.get("latent_shards", ()))
-        markers = [m for m in found.markers if "rank" in m and part.owns(int(m["rank"]))]
-        state.interrupted_ranks = sorted({int(m["rank"]) for m in markers})
-        # before a marker goes, an index must list its rank's records (so do the records of an older
-        # version, which no index lists; with no index yet, every record found goes into the first one)
-        self.write_index([r for r in found.uncompacted
-                          if not found.index_names or "seq" not in r or int(r.get("rank", 0)) in state.interrupted_ranks])
-        if markers:
-            owned = owned_by(part, units)
-            candidates: dict[str, int] = {}
-            for rank in state.interrupted_ranks:
-                candidates.update(self.place.list(f"{rank}/"))
-            candidates.update(self.place.list(f"{SHARDS_DIR}/"))
-            if part.whole:
-                candidates.update(self.place.list(f"{PROBE_DIR}/"))
-            orphans = []
-            for rel in candidates:
-                folder_file = folder_file_id(rel)
-                if folder_file is not None:
-                    _note_batch(state.next_batch, folder_file[1])  # never reuse even a removed object's id
-                ours = folder_file is not None or rel.startswith((f"{SHARDS_DIR}/", f"{PROBE_DIR}/"))
-                if ours and rel not in claimed and owned(rel):
-                    orphans.append(rel)
-            state.removed = self.place.delete(orphans) + self.place.remove_unfinished(owned)
-            self.place.delete(m["name"] for m in markers)
+        garbage = dead_objects(part, units, live)
+        ours = [rel for rel in candidates if folder_file_id(rel) is not None or latent_shard_unit(rel) is not None
+                or rel.startswith(f"{PROBE_DIR}/")]   # never a file a user put beside the outputs
+        state.removed = self.place.delete(rel for rel in ours if rel not in claimed and garbage(rel))
+        state.removed += self.place.remove_unfinished(garbage)
+        # before a marker goes, an index must list what its writer committed (records no index lists are
+        # found through the markers)
+        tails = [r for m in dead for r in found.tails.get(m["name"], ())]
+        covers = {m["writer"]: found.covers[m["writer"]] for m in dead if m.get("writer") in found.covers}
+        self.write_index(tails, covers, owner="prepare")
+        self.place.delete(m["name"] for m in dead)
+        state.done = {r["shard"] for r in found.records}
         return state
+
+    def _dead(self, marker: dict, part: Part, lease: Optional[dict]) -> bool:
+        """Whether a marker's writer can no longer write: its attempt's lease was taken over or released.
+        A marker of the previous version (no lease) of this part is dead: this run holds the part."""
+        if not marker.get("writer"):
+            return "rank" in marker and part.owns(int(marker["rank"]))
+        if lease is not None and marker.get("lease") == lease.get("lease"):
+            return int(marker.get("generation", 0)) < int(lease.get("generation", 0))
+        if not marker.get("lease"):
+            return False
+        return not lease_alive(self.place, marker["lease"], int(marker.get("generation", 0)))
 
     def clear(self) -> int:
         """--overwrite: remove every object the writers and the manifest made; returns how many
@@ -313,97 +362,137 @@ class RunManifest:
                 or rel in (ERRORS_LOG, DETAILS, FILELIST, SILENCE)]
         return removed + self.place.delete(rel for rel in ours if rel not in index) + self.place.remove_unfinished()
 
-    # ------------------------------------------------------------------ errors.jsonl
-    def write_error_log(self, records: Optional[list[dict]] = None) -> int:
+    # ------------------------------------------------------------------ derived views
+    def _rewrite_view(self, name: str, render: Callable[[list[dict]], bytes]) -> int:
+        """Rewrite a view of the records (filelist.txt, errors.jsonl) so that no writer's update is lost:
+        read its version, then the records, then write it only if its version is unchanged (If-Match);
+        a view that changed meanwhile (another part rewrote it) is done again. Returns the records' count."""
+        for _attempt in range(VIEW_WRITE_TRIES):
+            current = self.place.read_tagged(name)
+            records = self.records()
+            if self.place.replace(name, render(records), current.tag if current else None) is not None:
+                return len(records)
+        raise StorageError(self.place.child(name), f"kept changing while rewritten ({VIEW_WRITE_TRIES} tries); rerun")
+
+    def write_error_log(self) -> int:
         """Rewrite errors.jsonl from the records (every problem of every done unit); returns lines."""
-        records = self.records() if records is None else records
-        lines = [json.dumps(problem, default=str) + "\n"
-                 for record in sorted(records, key=lambda r: r["shard"]) for problem in record.get("problems", ())]
-        if lines or self.place.read(ERRORS_LOG) is not None:
-            self.place.write(ERRORS_LOG, "".join(lines).encode("utf-8"))
+        lines: list[str] = []
+
+        def render(records: list[dict]) -> bytes:
+            lines[:] = [json.dumps(problem, default=str) + "\n" for record in sorted(records, key=lambda r: r["shard"])
+                        for problem in record.get("problems", ())]
+            return "".join(lines).encode("utf-8")
+        if not any(r.get("problems") for r in self.records()) and self.place.read(ERRORS_LOG) is None:
+            return 0
+        self._rewrite_view(ERRORS_LOG, render)
         return len(lines)
 
-    # ------------------------------------------------------------------ filelist.txt
-    def write_filelist(self, records: Optional[list[dict]] = None) -> int:
+    def write_filelist(self) -> int:
         """Rewrite filelist.txt from the records: one `RANK/ID.npy` per committed window, relative to the
         output, sorted; Stable Audio 3's and stable-audio-tools' PreEncodedDataset then read exactly these
-        windows, never an interrupted run's uncommitted files. Atomic (`Place.write`); returns lines."""
-        records = self.records() if records is None else records
-        paths = sorted(folder_files(int(record["rank"]), latent_id)[1]
-                       for record in records for latent_id in record.get("folder_ids") or ())
-        self.place.write(FILELIST, "".join(f"{path}\n" for path in paths).encode("utf-8"))
+        windows, never an interrupted run's uncommitted files. Atomic, and no part's update is lost
+        (`_rewrite_view`); returns lines."""
+        paths: list[str] = []
+
+        def render(records: list[dict]) -> bytes:
+            paths[:] = sorted(folder_files(int(record["rank"]), latent_id)[1]
+                              for record in records for latent_id in record.get("folder_ids") or ())
+            return "".join(f"{path}\n" for path in paths).encode("utf-8")
+        self._rewrite_view(FILELIST, render)
         return len(paths)
 
-
-def _note_batch(next_batch: dict[int, int], latent_id: str) -> None:
-    parsed = parse_latent_id(latent_id)
-    if parsed is not None:
-        rank, batch, _ = parsed
-        next_batch[rank] = max(next_batch.get(rank, 0), batch + 1)
+    def start_filelist(self) -> None:
+        """An empty filelist.txt for an output with none yet, so even an interrupted first run exposes no
+        uncommitted window (create-if-absent: never over another part's)."""
+        self.place.create(FILELIST, b"")
 
 
 class RankLog:
-    """One rank's commits in one run: its writing marker while it writes, its records in order
-    (`LOG_DIR/{rank}/{seq}.json`), and an index of them, renewed every `index_every` seconds and at
-    the end, before the marker goes: so a reader finds this run's records in one index object plus
-    the few written since it. `check` (a part's lease) is asked before every commit."""
+    """One writer's commits: its writing marker while it writes, its journal and unit records in order,
+    and an index of them, renewed every `index_every` seconds and at the end, before the marker goes: so
+    a reader finds this writer's records in one index object plus the few written since it. `check`
+    (the attempt's lease) is asked before every commit."""
 
-    def __init__(self, manifest: RunManifest, rank: int, *, first_batch: int = 0, first_seq: int = 0,
-                 part: str = "", check: Optional[Callable[[], None]] = None,
+    def __init__(self, manifest: RunManifest, writer: str, rank: int, *, part: str = "",
+                 lease: Optional[dict] = None, check: Optional[Callable[[], None]] = None,
                  index_every: float = INDEX_EVERY_SECONDS):
         self.manifest = manifest
+        self.writer = writer
         self.rank = rank
-        self.first_batch = first_batch
         self.part = part
         self.check = check
         self.index_every = index_every
-        self.next_seq = first_seq
+        self.next_seq = 0
         self.records: list[dict] = []
+        self.refused = 0                     # commits refused: another attempt had committed the unit
         self._index: Optional[str] = None
-        self._indexed = 0                    # records the current index object lists
+        self._indexed = 0                    # journal entries the current index object covers
         self._indexed_at = time.monotonic()
-        self.marker = manifest.start_writing(rank, first_batch, first_seq, part)
+        self.marker = manifest.start_writing(writer, rank, part, lease)
 
-    def commit(self, record: dict) -> None:
-        """Write one unit's record (its outputs are already visible)."""
+    def fence(self) -> None:
+        """Raise (LeaseLost, JobAborted) when this writer may no longer write: before every batch it writes,
+        every unit it publishes and every commit."""
         if self.check is not None:
             self.check()
-        record = self.manifest.write_record({**record, "rank": self.rank, "seq": self.next_seq})
+
+    def commit(self, record: dict) -> bool:
+        """Commit one unit (its outputs are already visible): note it in the journal, then create its
+        record. False when another attempt committed it first: the caller removes its outputs."""
+        unit = record["shard"]
+        seq = self.next_seq
+        self.manifest.place.write(journal_name(self.writer, seq), json.dumps({"shard": unit}).encode("utf-8"))
         self.next_seq += 1
-        self.records.append(record)
+        self.fence()
+        created = self.manifest.write_record({**record, "rank": self.rank, "writer": self.writer, "seq": seq})
+        if created is not None:
+            self.records.append(created)
+        else:
+            self.refused += 1
+            winner = self.manifest.read_record(unit)
+            if winner is not None:
+                self.records.append(winner)   # its journal names this unit now: the index lists its record
         if time.monotonic() - self._indexed_at >= self.index_every:
             self._reindex()
+        return created is not None
 
     def _reindex(self) -> None:
-        """A new index of every record of this run, then the previous one removed (a merge may have removed
-        it already: it had read it, and its merged index lists those records too)."""
-        name = self.manifest.write_index(self.records, self.rank)
+        """A new index of every record of this writer, then the previous one removed (a merge may have
+        removed it already: it had read it, and its merged index lists those records too)."""
+        name = self.manifest.write_index(self.records, {self.writer: self.next_seq - 1}, owner=self.writer)
         if self._index is not None:
             self.manifest.place.delete([self._index])
-        self._index, self._indexed, self._indexed_at = name, len(self.records), time.monotonic()
+        self._index, self._indexed, self._indexed_at = name, self.next_seq, time.monotonic()
 
     def close(self) -> None:
-        """Every unit this rank opened is committed or removed: index what is not yet, then drop the marker."""
-        if len(self.records) > self._indexed:
+        """Every unit this writer opened is committed or removed: index what is not yet, then drop the marker."""
+        if self.next_seq > self._indexed:
             self._reindex()
         self.manifest.done_writing(self.marker)
 
 
-def owned_by(part: Part, units: Optional[set[str]]) -> Callable[[str], bool]:
-    """Whether an object (a relative path) is one that `part` writes: its ranks' folders and records,
-    the latent tars of its units (`units`: None, every unit); probe leftovers only for a whole job."""
-    def owned(rel: str) -> bool:
+def dead_objects(part: Part, units: Optional[set[str]], live: set[str]) -> Callable[[str], bool]:
+    """Whether an object no record names is garbage: its name carries a writer id that is not alive (a
+    dead writer, or one that finished: what it did not commit it left behind); for the names of older
+    versions, which carry none, whether `part` wrote it (its ranks' folders and records, the latent tars
+    of `units`, None: every unit; probe leftovers only for a whole job). Temporary files of the
+    manifest's own objects (records, journals, indexes) are never touched: another writer may be
+    creating one now, and none is ever read."""
+    def garbage(rel: str) -> bool:
+        writer = writer_of(rel)
+        if writer is not None:
+            return writer not in live
+        if rel.startswith(f"{RECORDS_DIR}/"):
+            legacy = _LEGACY_LOG_RANK_RE.match(rel)
+            return legacy is not None and part.owns(int(legacy.group(1)))
         folder_file = folder_file_id(rel)
         if folder_file is not None:
             return part.owns(folder_file[0])
         unit = latent_shard_unit(rel)
         if unit is not None:
             return units is None or unit in units
-        rank = _LOG_RANK_RE.match(rel)
-        if rank is not None:
-            return part.owns(int(rank.group(1)))
         return part.whole
-    return owned
+    return garbage
 
 
 def _parse_record(data: Optional[bytes]) -> Optional[dict]:
@@ -415,17 +504,27 @@ def _parse_record(data: Optional[bytes]) -> Optional[dict]:
     return record if isinstance(record, dict) and "shard" in record else None
 
 
-def _index_records(data: bytes) -> list[dict]:
-    """The records an index object lists (gzip'd JSON lines)."""
+def _parse_unit(data: Optional[bytes]) -> Optional[str]:
+    """The unit a journal entry names."""
+    entry = _parse_record(data)
+    return entry["shard"] if entry is not None else None
+
+
+def _journal_seq(relative: str) -> int:
+    return int(relative.rsplit("/", 1)[1].split(".", 1)[0])
+
+
+def _index_content(data: bytes) -> tuple[dict, list[dict]]:
+    """An index object's header (which journal entries it covers; none in an older version's) and the
+    records it lists (gzip'd JSON lines)."""
     lines = gzip.decompress(data).decode("utf-8").splitlines()
-    return [record for record in map(lambda line: _parse_record(line.encode("utf-8")), lines) if record is not None]
-
-
-def _last_seq(records) -> dict[int, int]:
-    """Per rank, the highest record number among `records` (records of an older version have none)."""
-    last: dict[int, int] = {}
-    for record in records:
-        if "seq" in record:
-            rank = int(record.get("rank", 0))
-            last[rank] = max(last.get(rank, -1), int(record["seq"]))
-    return last
+    header: dict = {}
+    if lines:
+        try:
+            first = json.loads(lines[0])
+        except ValueError:
+            first = None
+        if isinstance(first, dict) and "covers" in first and "shard" not in first:
+            header, lines = first, lines[1:]
+    records = [_parse_record(line.encode("utf-8")) for line in lines]
+    return header, [record for record in records if record is not None]

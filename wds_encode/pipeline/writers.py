@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import uuid
 from typing import Optional
 
 import numpy as np
@@ -22,9 +23,26 @@ import webdataset
 from ..storage import ObjectWriter, Place
 
 SHARDS_DIR = "shards"
-_ID_RE = re.compile(r"^(\d{3,})(\d{6})(\d{4})$")
-_FOLDER_FILE_RE = re.compile(r"^(\d+)/(\d{13,})\.(npy|json)(\.partial)?$")
-_LATENT_SHARD_RE = re.compile(r"^shards/([^/]+)/(.+)-\d{3,}\.tar(\.partial)?$")
+_WRITER = r"r\d+-g\d+-[0-9a-f]{6}"
+_WRITER_FILE_RE = re.compile(rf"^\d+/({_WRITER})-\d{{6}}-\d{{4}}\.(?:npy|json)(?:\.partial)?$")
+_WRITER_TAR_RE = re.compile(rf"\.({_WRITER})-\d{{3,}}\.tar(?:\.partial)?$")
+_ID_RE = re.compile(r"^(\d{3,})(\d{6})(\d{4})$")                                  # ids of older versions
+_FOLDER_FILE_RE = re.compile(rf"^(\d+)/((?:{_WRITER}-\d{{6}}-\d{{4}})|\d{{13,}})\.(npy|json)(\.partial)?$")
+_LATENT_SHARD_RE = re.compile(rf"^shards/([^/]+)/(.+?)(?:\.{_WRITER})?-\d{{3,}}\.tar(\.partial)?$")
+
+
+def new_writer_id(rank: int, generation: int) -> str:
+    """The name of one rank's writing in one attempt: `r{rank}-g{generation}-{6 random hex}`. Every object
+    the writer makes carries it (window files, latent tars, its journal), so two attempts of one unit,
+    part or job never write the same name, and the clean-up knows whose an object is."""
+    return f"r{rank}-g{generation}-{uuid.uuid4().hex[:6]}"
+
+
+def writer_of(relative: str) -> Optional[str]:
+    """The writer id in the name of a window file or a latent tar (whatever its unit is called), or None
+    for other names and for the names of older versions, which had none."""
+    match = _WRITER_FILE_RE.match(relative) or _WRITER_TAR_RE.search(relative)
+    return match.group(1) if match else None
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -38,19 +56,21 @@ def json_bytes(metadata: dict) -> bytes:
 
 
 def parse_latent_id(latent_id: str) -> Optional[tuple[int, int, int]]:
-    """`f"{rank:03d}{batch:06d}{i:04d}"` -> (rank, batch, i), or None for another name."""
+    """An older version's id, `f"{rank:03d}{batch:06d}{i:04d}"` -> (rank, batch, i); None for another name."""
     match = _ID_RE.match(latent_id)
     return (int(match.group(1)), int(match.group(2)), int(match.group(3))) if match else None
 
 
 def folder_file_id(relative: str) -> Optional[tuple[int, str]]:
-    """`"3/0030000120001.npy"` -> (3, "0030000120001"): a folder-layout file written by the writers."""
+    """`"3/r3-g1-a1b2c3-000012-0001.npy"` -> (3, "r3-g1-a1b2c3-000012-0001"): a folder-layout file
+    written by the writers (older versions' all-digit ids too)."""
     match = _FOLDER_FILE_RE.match(relative)
     return (int(match.group(1)), match.group(2)) if match else None
 
 
 def latent_shard_unit(relative: str) -> Optional[str]:
-    """`"shards/music/part-000001-002.tar"` -> `"music/part-000001"`: the unit whose latent tar it is."""
+    """`"shards/music/part-000001.r0-g1-a1b2c3-002.tar"` -> `"music/part-000001"`: the unit whose latent
+    tar it is."""
     match = _LATENT_SHARD_RE.match(relative)
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
@@ -61,22 +81,22 @@ def folder_files(rank: int, latent_id: str) -> list[str]:
 
 
 class FolderWriter:
-    """The per-rank folder layout, with ids `f"{rank:03d}{batch:06d}{i:04d}"`.
+    """The per-rank folder layout, `OUT/{rank}/{writer}-{batch:06d}-{i:04d}.npy` (and `.json`).
 
-    `first_batch_index` comes from the run's plan: one past every batch index this rank's folder
-    has held, so a resumed run never reuses an id. With `enabled=False` (`--no-folder`) nothing is
-    written: ids are still made (they go into every window's metadata), `stage` returns no files and
-    `commit` / `discard` have nothing to do.
+    The writer id makes every name this attempt's own (`new_writer_id`), so a retry racing its
+    original, or a resumed run, never writes over another's file. With `enabled=False` (`--no-folder`)
+    nothing is written: ids are still made (they go into every window's metadata), `stage` returns no
+    files and `commit` / `discard` have nothing to do.
     """
 
-    def __init__(self, place: Place, rank: int, first_batch_index: int = 0, enabled: bool = True):
+    def __init__(self, place: Place, rank: int, writer: str, enabled: bool = True):
         self.place = place
         self.rank = rank
-        self.first_batch_index = first_batch_index
+        self.writer = writer
         self.enabled = enabled
 
     def latent_id(self, batch_index: int, sample_index: int) -> str:
-        return f"{self.rank:03d}{batch_index:06d}{sample_index:04d}"
+        return f"{self.writer}-{batch_index:06d}-{sample_index:04d}"
 
     def stage(self, latent_id: str, latent: np.ndarray, metadata: dict) -> list[str]:
         """Stage both files; returns their relative paths (json first), none when disabled."""
@@ -97,16 +117,16 @@ class FolderWriter:
 
 
 class LatentShardWriter:
-    """Latent tars for one input unit: `shards/{dataset_id}/{name}-{part:03d}.tar`.
+    """Latent tars for one input unit: `shards/{dataset_id}/{name}.{writer}-{part:03d}.tar`.
 
     A new part starts when the current one holds `maxcount` samples or `maxsize` bytes. Members
     have a fixed mtime/owner/mode, so identical latents give byte-identical tars.
     """
 
-    def __init__(self, place: Place, dataset_id: str, name: str, *, maxcount: int, maxsize: int):
+    def __init__(self, place: Place, dataset_id: str, name: str, *, writer: str, maxcount: int, maxsize: int):
         self.place = place
         self.folder = f"{SHARDS_DIR}/{dataset_id}"
-        self.name = name
+        self.name = f"{name}.{writer}"
         self.maxcount = maxcount
         self.maxsize = maxsize
         self.parts: list[str] = []          # relative paths of the parts, in order

@@ -6,6 +6,7 @@ of the temporary file (it fails when the name exists); a write-if-unchanged hold
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import socket
@@ -75,41 +76,30 @@ class LocalPlace(Place):
         path = self._path(relative)
         try:
             with open(path, "rb") as f:
-                return Tagged(f.read(), _tag(os.fstat(f.fileno())))
+                data = f.read()
+                return Tagged(data, _tag(os.fstat(f.fileno()), data))
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise local_error(str(path), exc, "cannot read") from None
 
-    def create(self, relative: str, data: bytes) -> bool:
-        """A hard link of a synced temporary file: atomic, and it fails when the name exists."""
-        final = self._path(relative)
-        tmp = self._temporary(final, data, sync=True)
-        try:
-            os.link(tmp, final)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            raise local_error(str(final), exc, "cannot create") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-
     def replace(self, relative: str, data: bytes, tag: Optional[str]) -> Optional[str]:
-        if tag is None:
-            return _tag(os.stat(self._path(relative))) if self.create(relative, data) else None
         final = self._path(relative)
         tmp = self._temporary(final, data, sync=True)
+        new_tag = _tag(os.stat(tmp), data)   # a link or a rename keeps the inode, its mtime and size
         try:
-            with _folder_lock(final.parent):
+            if tag is None:
                 try:
-                    current = _tag(os.stat(final))
-                except FileNotFoundError:
+                    os.link(tmp, final)
+                    return new_tag
+                except FileExistsError:
                     return None
-                if current != tag:
+            with _folder_lock(final.parent):
+                current = self.read_tagged(relative)
+                if current is None or current.tag != tag:
                     return None
                 _rename_into_place(tmp, final)
-                return _tag(os.stat(final))
+                return new_tag
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise
@@ -188,9 +178,10 @@ class LocalPlace(Place):
         return self.delete(partials)
 
 
-def _tag(stat: os.stat_result) -> str:
-    """A local file's version: every write renames a new file (a new inode) into place."""
-    return f"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"
+def _tag(stat: os.stat_result, data: bytes) -> str:
+    """A local file's version: every write renames a new file into place, but inode numbers are reused
+    and mtimes can be coarse, so the content's hash too (as S3's ETag)."""
+    return f"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{hashlib.blake2b(data, digest_size=12).hexdigest()}"
 
 
 @contextmanager
