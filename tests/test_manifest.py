@@ -190,6 +190,7 @@ def commit_units(manifest, writer, names, close=True, **kw):
     log = RankLog(manifest, writer, int(writer[1:].split("-")[0]), **kw)
     for name in names:
         log.commit({"shard": f"ds/{name}", "samples": 1, "windows": 1, "folder_ids": [], "latent_shards": []})
+        log.index_if_due()
     if close:
         log.close()
     return log

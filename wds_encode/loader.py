@@ -45,6 +45,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .pipeline.encoder import key_seed
 from .pipeline.manifest import RunManifest
+from .pipeline.records import UnitRecord
 from .storage import Storage
 from .pipeline.writers import folder_files
 
@@ -64,7 +65,7 @@ def _expand(urls: Iterable[str]) -> list[str]:
     return out
 
 
-def _committed_records(source: str, storage: Storage) -> list[dict]:
+def _committed_records(source: str, storage: Storage) -> list[UnitRecord]:
     place = storage.place(source)
     manifest = RunManifest(place)
     if manifest.load_details() is None:

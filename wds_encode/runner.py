@@ -32,10 +32,11 @@ from .config import ConfigError, EncodeConfig
 from .job.distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
 from .pipeline.encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
 from .pipeline.manifest import SILENCE, RankLog, RunManifest, versions
+from .pipeline.records import output_files, unit_record
 from .models import load_autoencoder
 from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
-from .plan import RunInputs, plan_inputs, prepare_output, units_fingerprint
+from .plan import RunInputs, adopt_kept_listing, plan_inputs, prepare_output, units_fingerprint
 from .job.parts import PARTS_DIR, Lease, LeaseLost, NoConditionalWrites
 from .job.preemption import GracefulStop, decode_worker_init, stop_workers
 from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
@@ -261,23 +262,26 @@ class _WriterThread(threading.Thread):
         pend = self.pending.pop(end.shard.shard_id, _Pending())
         # every chunk of the unit came before its end (LengthBatcher holds the end back): a file still in
         # `pend.stitching` stopped decoding part-way, which the reader reported; nothing of it is written
-        tars = pend.shard_writer.commit() if pend.shard_writer is not None else []
-        self.folder.commit(pend.folder_files)
-        errors = end.errors + pend.errors
-        n_errors = sum(1 for e in errors if e["level"] == "error")
-        committed = self.log.commit({
-            "shard": end.shard.shard_id, "url": end.shard.url, "rank": self.folder.rank, "worker": end.worker,
-            "samples": end.samples, "windows": pend.written, "rejected": end.rejected,
-            "audio_seconds": end.audio_seconds, "input_bytes": end.shard.size,
-            "errors": n_errors, "warnings": len(errors) - n_errors,
-            "failed": end.failed, "latent_shards": tars,
-            "folder_ids": sorted(rel.rsplit("/", 1)[1][:-4] for rel in pend.folder_files if rel.endswith(".npy")),
-            "part": self.log.part,
-            "problems": errors,
-        })
+        written = [*pend.folder_files, *(pend.shard_writer.parts if pend.shard_writer is not None else ())]
+        try:
+            tars = pend.shard_writer.commit() if pend.shard_writer is not None else []
+            self.folder.commit(pend.folder_files)
+            record = unit_record(
+                shard=end.shard.shard_id, url=end.shard.url, rank=self.folder.rank, part=self.log.part,
+                worker=end.worker, samples=end.samples, windows=pend.written, rejected=end.rejected,
+                audio_seconds=end.audio_seconds, input_bytes=end.shard.size, failed=end.failed, latent_shards=tars,
+                folder_ids=[rel.rsplit("/", 1)[1][:-4] for rel in pend.folder_files if rel.endswith(".npy")],
+                problems=end.errors + pend.errors)
+            committed = self.log.commit(record)
+        except BaseException:   # the record was not created (it is the last step): the unit is not committed
+            if pend.shard_writer is not None:
+                pend.shard_writer.discard()
+            _delete_quietly(self.folder.place, written)   # this writer's own names: no one else's
+            raise
         if not committed:
-            self.folder.place.delete([*pend.folder_files, *tars])   # this writer's own names: no one else's
-        self.on_unit_done(end, pend.written, n_errors, len(errors) - n_errors, committed)
+            self.folder.place.delete(written)
+        self.log.index_if_due()
+        self.on_unit_done(end, pend.written, record["errors"], record["warnings"], committed)
 
     def discard_open_units(self, quietly: bool = False) -> int:
         """Remove what units still open have written (a stop at --limit-batches, or a failure: then
@@ -503,6 +507,8 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
                              "total": part_total, "skipped": part_total - len(todo_order),
                              "lease": lease.marker_fields() if lease is not None else {}})
     plan = job.wait_for("plan")
+    if plan["units"] != units_fingerprint(inputs.units):
+        adopt_kept_listing(inputs)   # rank 0 deals from the listing another part kept first
     if plan["units"] != units_fingerprint(inputs.units):
         raise ConfigError(f"rank {job.rank} ({socket.gethostname()}) lists different input units than rank 0 "
                           f"({len(inputs.units)} units here): the input changed while the job started, or the "
@@ -733,6 +739,14 @@ def shared_memory_free(path: str = SHM_PATH) -> int:
     except OSError:
         return 1 << 62
     return stat.f_bavail * stat.f_frsize
+
+
+def _delete_quietly(place: Place, relatives: list[str]) -> None:
+    """Remove objects on the way out of a failure (the next holder's clean-up removes what is left)."""
+    try:
+        place.delete(relatives)
+    except Exception:
+        pass
 
 
 def _writer_failure(error: BaseException) -> BaseException:

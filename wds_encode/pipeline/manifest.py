@@ -36,7 +36,8 @@ from typing import Any, Callable, Optional
 
 from ..job.parts import Part, lease_alive
 from ..storage import PROBE_DIR, Place, StorageError, redact
-from .writers import SHARDS_DIR, folder_file_id, folder_files, latent_shard_unit, writer_of
+from .records import UnitRecord, output_files, parse_record, window_paths
+from .writers import SHARDS_DIR, folder_file_id, latent_shard_unit, writer_of
 
 # Options that change what is written; anything else (workers, batch size, progress) does not.
 IDENTITY_OPTIONS = ("sample_size", "chunking", "max_chunks", "latent_mode", "is_discrete", "seed",
@@ -130,9 +131,9 @@ class OutputState:
 class RecordSet:
     """Every committed unit's record as `RunManifest.read_records` found it, and how it found them."""
 
-    records: list[dict]
+    records: list[UnitRecord]
     index_names: list[str]        # the index objects read
-    uncompacted: list[dict]       # records no index lists yet (found through the journals of marked writers)
+    uncompacted: list[UnitRecord]       # records no index lists yet (found through the journals of marked writers)
     markers: list[dict]
     covers: dict[str, int] = field(default_factory=dict)   # per writer, the last journal entry these records cover
     tails: dict[str, list[dict]] = field(default_factory=dict)  # marker name -> the records found past its index
@@ -154,7 +155,7 @@ class RunManifest:
         self.place.write(DETAILS, json.dumps(redact(details), indent=1, default=str).encode("utf-8"))
 
     # ------------------------------------------------------------------ records
-    def records(self) -> list[dict]:
+    def records(self) -> list[UnitRecord]:
         """Every unit record, one per unit (see `read_records`)."""
         return self.read_records().records
 
@@ -202,7 +203,7 @@ class RunManifest:
                     covers[writer] = max(covers.get(writer, -1), _journal_seq(entries[-1]))
                 units = [_parse_unit(data) for data in self.place.read_many(entries).values()]
                 wanted = [u for u in dict.fromkeys(units) if u is not None and u not in by_unit]
-                take(marker["name"], (_parse_record(data) for data in
+                take(marker["name"], (parse_record(data) for data in
                                       self.place.read_many([done_name(u) for u in wanted]).values()))
             elif "rank" in marker:   # a rank of the previous version: records numbered per rank
                 rank = int(marker["rank"])
@@ -211,16 +212,16 @@ class RunManifest:
                 after = f"{LEGACY_LOG_DIR}/{rank}/{max(done):09d}.json" if done and names else ""
                 tail = [rel for rel in self.place.list(f"{LEGACY_LOG_DIR}/{rank}/", start_after=after)
                         if rel.endswith(".json")]
-                take(marker["name"], map(_parse_record, self.place.read_many(tail).values()))
+                take(marker["name"], map(parse_record, self.place.read_many(tail).values()))
         if not names:   # no index yet: a first run still going, or an output of an older version
             listed = [rel for rel in self.place.list(RECORDS_DIR) if rel.endswith(".json") and (
                 rel.startswith(f"{DONE_DIR}/") or rel.startswith(f"{LEGACY_LOG_DIR}/") or rel.count("/") == 1)]
-            take("", map(_parse_record, self.place.read_many(sorted(listed)).values()))
+            take("", map(parse_record, self.place.read_many(sorted(listed)).values()))
         records = sorted(by_unit.values(), key=lambda r: r["shard"])
         return RecordSet(records=records, index_names=names, uncompacted=uncompacted, markers=markers,
                          covers=covers, tails=tails)
 
-    def write_record(self, record: dict) -> Optional[dict]:
+    def write_record(self, record: UnitRecord) -> Optional[UnitRecord]:
         """Commit one unit: create its record, after the unit's outputs are visible; returns it as written.
         None when the unit was committed already (by another attempt): this one's outputs for it are
         then garbage."""
@@ -228,8 +229,8 @@ class RunManifest:
         created = self.place.create(done_name(record["shard"]), json.dumps(record).encode("utf-8"))
         return record if created else None
 
-    def read_record(self, unit: str) -> Optional[dict]:
-        return _parse_record(self.place.read(done_name(unit)))
+    def read_record(self, unit: str) -> Optional[UnitRecord]:
+        return parse_record(self.place.read(done_name(unit)))
 
     def write_index(self, records: list[dict], covers: Optional[dict[str, int]] = None,
                     owner: str = "merged") -> Optional[str]:
@@ -320,11 +321,7 @@ class RunManifest:
         found = self.read_records()
         dead_names = {m["name"] for m in dead}
         live = {m["writer"] for m in found.markers if m.get("writer") and m["name"] not in dead_names}
-        claimed: set[str] = set()
-        for record in found.records:
-            for latent_id in record.get("folder_ids", ()):
-                claimed.update(folder_files(int(record.get("rank", 0)), latent_id))
-            claimed.update(record.get("latent_shards", ()))
+        claimed = {rel for record in found.records for rel in output_files(record)}
         garbage = dead_objects(part, units, live)
         ours = [rel for rel in candidates if folder_file_id(rel) is not None or latent_shard_unit(rel) is not None
                 or rel.startswith(f"{PROBE_DIR}/")]   # never a file a user put beside the outputs
@@ -394,9 +391,8 @@ class RunManifest:
         (`_rewrite_view`); returns lines."""
         paths: list[str] = []
 
-        def render(records: list[dict]) -> bytes:
-            paths[:] = sorted(folder_files(int(record["rank"]), latent_id)[1]
-                              for record in records for latent_id in record.get("folder_ids") or ())
+        def render(records: list[UnitRecord]) -> bytes:
+            paths[:] = sorted(path for record in records for path in window_paths(record))
             return "".join(f"{path}\n" for path in paths).encode("utf-8")
         self._rewrite_view(FILELIST, render)
         return len(paths)
@@ -436,9 +432,10 @@ class RankLog:
         if self.check is not None:
             self.check()
 
-    def commit(self, record: dict) -> bool:
+    def commit(self, record: UnitRecord) -> bool:
         """Commit one unit (its outputs are already visible): note it in the journal, then create its
-        record. False when another attempt committed it first: the caller removes its outputs."""
+        record, the last step (anything raised here means the unit is not committed). False when another
+        attempt committed it first: the caller removes its outputs."""
         unit = record["shard"]
         seq = self.next_seq
         self.manifest.place.write(journal_name(self.writer, seq), json.dumps({"shard": unit}).encode("utf-8"))
@@ -447,14 +444,21 @@ class RankLog:
         created = self.manifest.write_record({**record, "rank": self.rank, "writer": self.writer, "seq": seq})
         if created is not None:
             self.records.append(created)
-        else:
-            self.refused += 1
+            return True
+        self.refused += 1
+        try:
             winner = self.manifest.read_record(unit)
-            if winner is not None:
-                self.records.append(winner)   # its journal names this unit now: the index lists its record
+        except StorageError:
+            winner = None   # the winner's own journal and index name it anyway
+        if winner is not None:
+            self.records.append(winner)   # its journal names this unit now: the index lists its record
+        return False
+
+    def index_if_due(self) -> None:
+        """Renew this writer's index when `index_every` has passed since the last (after a commit: a
+        failure here never makes a committed unit look uncommitted)."""
         if time.monotonic() - self._indexed_at >= self.index_every:
             self._reindex()
-        return created is not None
 
     def _reindex(self) -> None:
         """A new index of every record of this writer, then the previous one removed (a merge may have
@@ -495,18 +499,9 @@ def dead_objects(part: Part, units: Optional[set[str]], live: set[str]) -> Calla
     return garbage
 
 
-def _parse_record(data: Optional[bytes]) -> Optional[dict]:
-    """A record's JSON (damaged ones, which atomic writes should never leave, are None)."""
-    try:
-        record = json.loads(data.decode("utf-8")) if data is not None else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) and "shard" in record else None
-
-
 def _parse_unit(data: Optional[bytes]) -> Optional[str]:
     """The unit a journal entry names."""
-    entry = _parse_record(data)
+    entry = parse_record(data)
     return entry["shard"] if entry is not None else None
 
 
@@ -526,5 +521,5 @@ def _index_content(data: bytes) -> tuple[dict, list[dict]]:
             first = None
         if isinstance(first, dict) and "covers" in first and "shard" not in first:
             header, lines = first, lines[1:]
-    records = [_parse_record(line.encode("utf-8")) for line in lines]
+    records = [parse_record(line.encode("utf-8")) for line in lines]
     return header, [record for record in records if record is not None]

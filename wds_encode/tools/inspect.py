@@ -32,6 +32,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional
 
 import numpy as np
 
+from ..pipeline.records import UnitRecord
 from .status import read_output, record_totals, run_state
 from ..storage import Place, Storage, StorageError
 
@@ -397,7 +398,7 @@ def tar_members(stream: BinaryIO, where: str, problems: list[str]) -> Iterator[t
         problems.append(f"{where}: {len(pending)} keys without both .json and .npy (first: {next(iter(pending))})")
 
 
-def output_windows(place: Place, records: list[dict], *, max_windows: Optional[int], seed: int,
+def output_windows(place: Place, records: list[UnitRecord], *, max_windows: Optional[int], seed: int,
                    missing: list[str], problems: Optional[list[str]] = None
                    ) -> Iterator[tuple[np.ndarray, dict, str]]:
     """(latent, metadata, where) of the windows the records list, in unit order, or a seeded sample of

@@ -15,6 +15,7 @@ import json
 
 from ..job.parts import PARTS_DIR
 from ..pipeline.manifest import RunManifest
+from ..pipeline.records import UnitRecord
 from ..storage import Place
 
 
@@ -40,7 +41,7 @@ def run_state(markers: list[dict], total: Optional[int], done: int) -> str:
     return "incomplete: rerun the same command to finish"
 
 
-def record_totals(records: list[dict]) -> dict:
+def record_totals(records: list[UnitRecord]) -> dict:
     """What a set of unit records adds up to: units, files (samples), windows, audio, problems."""
     return {
         "units": len(records),
@@ -54,7 +55,7 @@ def record_totals(records: list[dict]) -> dict:
     }
 
 
-def part_status(place: Place, parts: int, records: list[dict], markers: list[dict]) -> list[dict]:
+def part_status(place: Place, parts: int, records: list[UnitRecord], markers: list[dict]) -> list[dict]:
     """Per part of an array job: its units (from its plan), done, state and who last ran it."""
     names = sorted(rel for rel in place.list(PARTS_DIR) if rel.endswith(".json"))
     plans = {}
