@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import write_dataset_config
+from conftest import assert_exactly_once, run_cli, write_dataset_config, write_tar
 
 
 def _ratio_4096_config(tmp_path) -> tuple[str, str]:
@@ -71,3 +71,75 @@ def test_the_units_of_the_first_listing_are_kept_and_used_until_relist(demo_mode
     assert plan_inputs(encode_config_from(None, {**given, "dataset_config": str(other)})).listing == "listed"
     with pytest.raises(ConfigError, match="listed from another dataset config"):
         plan_inputs(encode_config_from(None, {**given, "dataset_config": str(other), "part": "1/2"}))
+
+
+def test_listing_an_audio_folder_again_keeps_the_units_of_the_kept_listing(demo_model, tmp_path):
+    """Files added to an audio_dir only add units, at --relist or a new --files-per-unit alike: a unit id
+    committed before never comes to mean other files, and every file is in exactly one unit."""
+    from wds_encode.config import encode_config_from
+    from wds_encode.pipeline.manifest import RunManifest
+    from wds_encode.plan import plan_inputs, prepare_output
+    from wds_encode.synth import write_audio_folder
+    audio = tmp_path / "audio"
+    write_audio_folder(audio / "first", 5, seed=0, formats=("wav",), min_seconds=0.05, max_seconds=0.1)
+    dataset = write_dataset_config(tmp_path / "d.json", "audio_dir", [{"id": "a", "path": str(audio)}])
+    given = {"model_config": str(demo_model[0]), "ckpt_path": str(demo_model[1]), "dataset_config": str(dataset),
+             "output_path": str(tmp_path / "out"), "sample_size": 8192, "files_per_unit": 2}
+    first = plan_inputs(encode_config_from(None, given))
+    prepare_output(first, RunManifest(first.output_place()))           # rank 0 keeps the listing
+    write_audio_folder(audio / "added", 3, seed=1, formats=("wav",), min_seconds=0.05, max_seconds=0.1)
+    every_file = sorted(str(p.relative_to(audio)) for p in audio.rglob("*.wav"))
+    assert len(every_file) == 8 and len(first.units) == 3
+
+    def check(units, size):
+        assert [u for u in units if u in first.units] == first.units
+        added = [u for u in units if u not in first.units]
+        assert sorted(f for u in added for f in u.files) == [f for f in every_file if f.startswith("added/")]
+        assert [len(u.files) for u in added] == [size] * (3 // size) + [3 % size] * bool(3 % size)
+        assert sorted(f for u in units for f in u.files) == every_file
+
+    assert plan_inputs(encode_config_from(None, given)).units == first.units     # kept until --relist
+    relisted = plan_inputs(encode_config_from(None, {**given, "relist": True}))
+    assert relisted.listing == "listed"
+    check(relisted.units, 2)
+    resized = plan_inputs(encode_config_from(None, {**given, "files_per_unit": 3}))   # another unit size: listed anew
+    assert resized.listing == "listed"
+    check(resized.units, 3)
+
+
+def _encode(demo_model, dataset, out, *extra):
+    return run_cli("--model-config", demo_model[0], "--ckpt-path", demo_model[1], "--dataset-config", dataset,
+                   "--output-path", out, "--sample-size", 4096, "--num-workers", 0, "--no-progress", *extra)
+
+
+def test_files_added_to_an_audio_folder_are_encoded_exactly_once_by_the_runs_that_list_again(demo_model, tmp_path):
+    """The real command: encode a folder, add files (they sort first: every position shifts), rerun with
+    --relist, add more, rerun with another --files-per-unit; every file's windows come out once."""
+    from wds_encode.synth import write_audio_folder
+    audio = tmp_path / "audio"
+    options = dict(nested=False, formats=("wav",), min_seconds=0.05, max_seconds=0.3)
+    samples = write_audio_folder(audio, 5, seed=0, **options)
+    dataset = write_dataset_config(tmp_path / "d.json", "audio_dir", [{"id": "a", "path": str(audio)}],
+                                   random_crop=False)
+    out = tmp_path / "out"
+    first = _encode(demo_model, dataset, out, "--files-per-unit", 2)
+    assert first.returncode == 0, first.stderr
+    samples += write_audio_folder(audio, 3, seed=1, key_prefix="added", **options)
+    relisted = _encode(demo_model, dataset, out, "--files-per-unit", 2, "--relist")
+    assert relisted.returncode == 0, relisted.stderr
+    assert_exactly_once(out, samples)
+    samples += write_audio_folder(audio, 4, seed=2, key_prefix="more", **options)
+    resized = _encode(demo_model, dataset, out, "--files-per-unit", 3)
+    assert resized.returncode == 0, resized.stderr
+    assert_exactly_once(out, samples)
+
+
+def test_inputs_that_would_share_a_unit_id_stop_the_command_before_any_work(demo_model, tmp_path):
+    for name in ("a b.tar", "a_b.tar"):
+        write_tar(tmp_path / "in" / name, [("k.flac", b"x")])
+    dataset = write_dataset_config(tmp_path / "d.json", "wds", [{"id": "d", "path": str(tmp_path / "in")}])
+    result = _encode(demo_model, dataset, tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "a b.tar" in line]
+    assert str(tmp_path / "in" / "a_b.tar") in line and "rename one of them" in line
+    assert not (tmp_path / "out").exists()   # nothing written, nothing loaded

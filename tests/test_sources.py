@@ -3,7 +3,8 @@
 import pytest
 
 from wds_encode.config import ConfigError, DatasetConfig
-from wds_encode.pipeline.sources import claim_order, list_shards, safe_name, sidecar_caption
+from wds_encode.pipeline.sources import (claim_order, group_files, list_shards, safe_name, sidecar_caption,
+                                         unit_name)
 from wds_encode.storage import S3Options, Storage
 
 
@@ -73,7 +74,8 @@ def test_audio_dir_units(tmp_path):
     config = DatasetConfig(dataset_type="audio_dir", datasets=[{"id": "dir", "path": str(tmp_path),
                                                                  "custom_metadata_module": "/m.py"}])
     units = list_shards(config, files_per_unit=2)
-    assert [u.name for u in units] == ["files-000000", "files-000001", "files-000002"]
+    assert [u.name for u in units] == [unit_name(["g0/f0.wav", "g0/f2.wav"]), unit_name(["g0/f4.wav", "g1/f1.wav"]),
+                                       unit_name(["g1/f3.wav"])]
     assert [u.size for u in units] == [0, 0, 0]
     assert [f for u in units for f in u.files] == ["g0/f0.wav", "g0/f2.wav", "g0/f4.wav", "g1/f1.wav", "g1/f3.wav"]
     assert all(not u.is_tar and u.custom_metadata_module == "/m.py" for u in units)
@@ -94,6 +96,88 @@ def test_audio_dir_units_carry_the_sidecar_captions_of_their_files(tmp_path):
         (("b/four.ogg", "b/three.mp3"), ("b/three.txt",)),  # each unit lists its own files' captions only
     ]
     assert sidecar_caption("x/song.v2.flac") == "x/song.v2.txt"
+
+
+def _audio_folder(root, names):
+    for rel in names:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" * len(rel))
+    return DatasetConfig(dataset_type="audio_dir", datasets=[{"id": "dir", "path": str(root)}])
+
+
+def _each_file_once(units, root):
+    files = [f for u in units for f in u.files]
+    assert sorted(files) == sorted(str(p.relative_to(root)) for p in root.rglob("*.wav"))
+    assert len(files) == len(set(files))
+    assert len({u.shard_id for u in units}) == len(units)
+
+
+def test_an_audio_dir_unit_is_named_by_its_files_whatever_the_call():
+    assert unit_name(["b.wav", "a/c.wav"]) == unit_name(("a/c.wav", "b.wav")) == "files-" + __import__(
+        "hashlib").sha256(b"a/c.wav\nb.wav").hexdigest()[:16]
+    assert unit_name(["a/c.wav"]) != unit_name(["a/c.wav", "b.wav"]) != unit_name(["a/c.wav", "b.flac"])
+
+
+def test_the_same_files_make_the_same_unit_ids_in_every_listing(tmp_path):
+    config = _audio_folder(tmp_path, [f"s{i}.wav" for i in range(7)])
+    first, again = list_shards(config, files_per_unit=3), list_shards(config, files_per_unit=3)
+    assert first == again and [u.name for u in first] == [unit_name(u.files) for u in first]
+    assert [u.files for u in first] == [("s0.wav", "s1.wav", "s2.wav"), ("s3.wav", "s4.wav", "s5.wav"), ("s6.wav",)]
+    assert list_shards(config, files_per_unit=3, previous=first) == first   # nothing changed: the same units
+
+
+def test_files_added_to_an_audio_dir_only_add_units(tmp_path):
+    config = _audio_folder(tmp_path, [f"a/{i:02d}.wav" for i in range(0, 10, 2)])
+    first = list_shards(config, files_per_unit=2)
+    _audio_folder(tmp_path, [f"a/{i:02d}.wav" for i in range(1, 10, 2)] + ["0.wav", "z/9.wav"])   # before, between, after
+    again = list_shards(config, files_per_unit=2, previous=first)
+    kept = [u for u in again if u in first]
+    assert kept == first                                          # every old unit: same id, same files, same size
+    added = [u for u in again if u not in first]
+    assert sorted(f for u in added for f in u.files) == ["0.wav"] + [f"a/{i:02d}.wav" for i in range(1, 10, 2)] + [
+        "z/9.wav"]
+    assert [u.files for u in added] == [("0.wav", "a/01.wav"), ("a/03.wav", "a/05.wav"), ("a/07.wav", "a/09.wav"),
+                                        ("z/9.wav",)]
+    _each_file_once(again, tmp_path)
+    assert [min(u.files) for u in again] == sorted(min(u.files) for u in again)   # in path order
+    assert list_shards(config, files_per_unit=2) != again          # (listed from nothing, other groups)
+
+
+def test_a_new_files_per_unit_keeps_the_old_units_and_groups_only_new_files(tmp_path):
+    config = _audio_folder(tmp_path, [f"{i:02d}.wav" for i in range(5)])
+    first = list_shards(config, files_per_unit=2)
+    _audio_folder(tmp_path, [f"{i:02d}.wav" for i in range(5, 12)])
+    again = list_shards(config, files_per_unit=4, previous=first)
+    assert [u for u in again if u in first] == first
+    assert [u.files for u in again if u not in first] == [("05.wav", "06.wav", "07.wav", "08.wav"),
+                                                          ("09.wav", "10.wav", "11.wav")]
+    _each_file_once(again, tmp_path)
+
+
+def test_a_vanished_file_drops_its_unit_and_regroups_the_rest(tmp_path, capsys):
+    config = _audio_folder(tmp_path, [f"{i:02d}.wav" for i in range(6)])
+    first = list_shards(config, files_per_unit=3)
+    (tmp_path / "01.wav").unlink()
+    _audio_folder(tmp_path, ["06.wav"])
+    again = list_shards(config, files_per_unit=3, previous=first)
+    assert [u for u in again if u in first] == [first[1]]
+    assert [u.files for u in again if u not in first] == [("00.wav", "02.wav", "06.wav")]
+    _each_file_once(again, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wds-encode: warning: unit dir/{first[0].name} dropped: 1 of its files gone (first: 01.wav); "
+                   "its other files are grouped into new units"]
+
+
+def test_regrouping_keeps_only_previous_units_of_the_same_folder_and_is_pure(tmp_path):
+    config = _audio_folder(tmp_path / "one", ["a.wav", "b.wav"])
+    other = list_shards(_audio_folder(tmp_path / "two", ["a.wav", "b.wav"]), files_per_unit=1)
+    assert list_shards(config, files_per_unit=2, previous=other) == list_shards(config, files_per_unit=2)
+    previous = [("files-000001", ("b.wav", "c.wav")), ("files-000000", ("a.wav",)), ("x", ("a.wav", "d.wav"))]
+    units, dropped = group_files(["d.wav", "c.wav", "b.wav", "a.wav"], 10, previous)
+    assert units == [("files-000000", ("a.wav",)), ("files-000001", ("b.wav", "c.wav")),
+                     (unit_name(["d.wav"]), ("d.wav",))]                 # old positional names kept as they were
+    assert dropped == [("x", ("a.wav",))]                               # a damaged listing: a file in two units
+    assert previous[0] == ("files-000001", ("b.wav", "c.wav"))
 
 
 @pytest.mark.parametrize("rel, name", [("a/b/c.tar", "a__b__c"), ("../x.tar", "x"), ("we ird.tar", "we_ird")])
@@ -179,3 +263,37 @@ def test_a_kept_listing_gives_back_the_same_units_with_the_options_of_the_datase
     assert units_from_listing(data, config, fingerprint) == units
     assert units_from_listing(data, config, listing_fingerprint(config, 32)) is None   # another unit size
     assert units_from_listing(data[:-5], config, fingerprint) is None                  # damaged
+
+
+@pytest.mark.parametrize("first, second", [("a b.tar", "a_b.tar"), ("a/b.tar", "a__b.tar")])
+def test_inputs_whose_unit_ids_collide_are_refused_naming_both(tmp_path, first, second):
+    from conftest import write_tar
+    for rel in (first, second, "c.tar"):
+        write_tar(tmp_path / "in" / rel, [("k.txt", b"x")])
+    with pytest.raises(ConfigError) as refused:
+        list_shards(wds(tmp_path / "in"))
+    message = str(refused.value)
+    assert str(tmp_path / "in" / first) in message and str(tmp_path / "in" / second) in message
+    assert "rename one of them" in message and "\n" not in message
+
+
+def test_a_shard_named_twice_is_refused(tree):
+    with pytest.raises(ConfigError, match=r"x-001.tar is listed twice; name each shard once"):
+        list_shards(wds(f"{tree}/a/x-{{000,001,001}}.tar"))
+
+
+def test_synthetic_shards_that_collide_are_refused(tmp_path):
+    from wds_encode.synth import write_tar_shards
+    write_tar_shards(tmp_path / "in", 1, 1, seed=1, name="x y", min_seconds=0.1, max_seconds=0.1)
+    write_tar_shards(tmp_path / "in", 1, 1, seed=2, name="x_y", min_seconds=0.1, max_seconds=0.1)
+    with pytest.raises(ConfigError, match="x y-000000.tar and .*x_y-000000.tar both make the unit 'd/x_y-000000'"):
+        list_shards(wds(tmp_path / "in"))
+
+
+def test_s3_inputs_whose_unit_ids_collide_are_refused(s3_in_process, storage):
+    s3_in_process.make_bucket("clash")
+    for key in ("p/a b.tar", "p/a_b.tar", "p/c.tar"):
+        s3_in_process.put("clash", key, b"x")
+    with pytest.raises(ConfigError, match=r"s3://clash/p/a b.tar and s3://clash/p/a_b.tar both make the unit "
+                                          r"'d/a_b'.*rename one of them"):
+        list_shards(s3_config("s3://clash/p/"), storage)

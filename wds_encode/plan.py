@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
 from .job.parts import Part, PartError, parse_part, part_from_scheduler
@@ -16,8 +17,8 @@ from .pipeline.manifest import OutputState, RunManifest, json_sha256, run_identi
 from .models import resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
 from .pipeline.reader import ReaderOptions, load_custom_metadata_fn
-from .pipeline.sources import (LISTING, Shard, claim_order, list_shards, listing_bytes, listing_fingerprint,
-                               units_from_listing)
+from .pipeline.sources import (LISTING, Shard, claim_order, file_groups_from_listing, list_shards, listing_bytes,
+                               listing_fingerprint, units_from_listing)
 from .storage import Place, S3Options, Storage, StorageError, redact_url
 
 
@@ -82,10 +83,17 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
                                 region=config.s3_region))
     units, listing = output_listing(config, dataset_config, storage, part)
     try:
-        storage.place(config.output_path).check_writable()
+        place = storage.place(config.output_path)
+        place.check_writable()
+        conditional = part.whole or place.conditional_writes()
     except StorageError as exc:
         raise ConfigError(f"--output-path {redact_url(config.output_path)}: {exc.reason} "
                           f"(at {exc.place}); fix the path, the bucket or its permissions") from None
+    if not conditional:
+        raise ConfigError(f"--output-path {redact_url(config.output_path)}: this store ignores conditional writes "
+                          f"(If-None-Match), which array parts need to keep two tasks of a part apart (--part "
+                          f"{part.label}); use a store that has them (AWS S3, MinIO, a local disk), or run the job "
+                          "whole (no --part)")
     model_config, ckpt_path = resolve_model_source(config)
     ratio = int(resolve_autoencoder_config(model_config).ae_config["downsampling_ratio"])
     if config.chunking == "full":
@@ -119,25 +127,26 @@ def output_listing(config: EncodeConfig, dataset_config: DatasetConfig, storage:
                    ) -> tuple[list[Shard], str]:
     """The units to encode, and whether they came from the listing the output keeps ("kept") or a new
     one ("listed": a first run, --relist, or a changed dataset config; rank 0 keeps it, `prepare_output`).
-    One object to read instead of a listing of the whole corpus, for every rerun and every array part."""
-    fingerprint = listing_fingerprint(dataset_config, config.files_per_unit)
-    if not config.relist:
-        try:
-            data = storage.place(config.output_path).read(LISTING)
-        except StorageError:
-            data = None   # the output's own check (check_writable) says what is wrong with it
-        if data is not None:
-            units = units_from_listing(data, dataset_config, fingerprint)
-            if units is not None:
-                return units, "kept"
-            if not part.whole:
-                raise ConfigError(f"--output-path {redact_url(config.output_path)}: its units were listed from "
-                                  "another dataset config, and array parts must all deal the same units: give every "
-                                  "part the dataset config of the first run, or use a new --output-path")
-    elif not part.whole:
+    One object to read instead of a listing of the whole corpus, for every rerun and every array part.
+    A new listing keeps the audio_dir units of the kept one whose files all remain (`group_files`): a
+    committed unit id never comes to mean other files, and added files go into new units."""
+    if config.relist and not part.whole:
         raise ConfigError("--relist with --part: parts listing at different times could deal different units; "
                           "list again from one run without --part (--relist) while no part runs")
-    return list_shards(dataset_config, storage, files_per_unit=config.files_per_unit), "listed"
+    try:
+        data = storage.place(config.output_path).read(LISTING)
+    except StorageError:
+        data = None   # the output's own check (check_writable) says what is wrong with it
+    if data is not None and not config.relist:
+        units = units_from_listing(data, dataset_config, listing_fingerprint(dataset_config, config.files_per_unit))
+        if units is not None:
+            return units, "kept"
+        if not part.whole:
+            raise ConfigError(f"--output-path {redact_url(config.output_path)}: its units were listed from "
+                              "another dataset config, and array parts must all deal the same units: give every "
+                              "part the dataset config of the first run, or use a new --output-path")
+    previous = file_groups_from_listing(data) if data is not None else []
+    return list_shards(dataset_config, storage, files_per_unit=config.files_per_unit, previous=previous), "listed"
 
 
 def resolve_part(config: EncodeConfig, env=None) -> tuple[Part, str]:
@@ -159,10 +168,34 @@ def resolve_part(config: EncodeConfig, env=None) -> tuple[Part, str]:
 
 
 
-def keep_listing(inputs: RunInputs, manifest: RunManifest) -> None:
-    """Keep the units just listed with the output, for the reruns and array parts to come."""
+def keep_listing(inputs: RunInputs, place: Place) -> None:
+    """Keep the units just listed with the output, for the reruns and array parts to come. The output's
+    first listing is kept by a create-if-absent: a part (or run) that listed at the same moment and came
+    second deals from the listing that was kept (`inputs.units` become those), so every part deals the
+    same units however the input changes. --relist and a changed dataset config (whole jobs only)
+    replace it."""
     fingerprint = listing_fingerprint(inputs.dataset_config, inputs.config.files_per_unit)
-    manifest.place.write(LISTING, listing_bytes(inputs.units, fingerprint))
+    data = listing_bytes(inputs.units, fingerprint)
+    if place.create(LISTING, data):
+        return
+    current = place.read(LISTING)
+    if current == data:
+        return
+    kept = units_from_listing(current, inputs.dataset_config, fingerprint) if current is not None else None
+    if kept is not None and not inputs.config.relist:
+        inputs.units, inputs.listing = kept, "kept"
+        return
+    place.write(LISTING, data)
+
+
+def adopt_kept_listing(inputs: RunInputs) -> None:
+    """A rank other than 0 whose listing is not the one rank 0 deals from: rank 0 kept another part's
+    listing (`keep_listing`); read it too."""
+    data = inputs.output_place().read(LISTING)
+    fingerprint = listing_fingerprint(inputs.dataset_config, inputs.config.files_per_unit)
+    kept = units_from_listing(data, inputs.dataset_config, fingerprint) if data is not None else None
+    if kept is not None:
+        inputs.units, inputs.listing = kept, "kept"
 
 
 def units_fingerprint(units: list[Shard]) -> str:
@@ -191,21 +224,24 @@ def check_parts(manifest: RunManifest, part: Part) -> None:
                           "then another count may go on")
 
 
-def prepare_output(inputs: RunInputs, manifest: RunManifest) -> tuple[dict, list[int], OutputState, int]:
+def prepare_output(inputs: RunInputs, manifest: RunManifest, lease: Optional[dict] = None
+                   ) -> tuple[dict, list[int], OutputState, int]:
     """Rank 0, before anyone claims work: check the output is this run's (or clear it with
-    --overwrite), remove what interrupted runs left, and order what is left to do.
+    --overwrite), remove what dead writers left (`lease`: the lease this attempt holds, its name and
+    generation), and order what is left to do.
     Returns (run identity, unit indices in claim order, the output's state, units in this part)."""
     config = inputs.config
     options = {**config.model_dump(), "effective_precision": config.effective_precision}
     identity = run_identity(inputs.model_config, inputs.ckpt_path, options, inputs.dataset_config.random_crop)
     check_parts(manifest, inputs.part)
+    if inputs.listing == "listed" and not config.overwrite:
+        keep_listing(inputs, manifest.place)   # may deal from another part's listing instead
     mine = part_units(inputs)
     state = manifest.prepare(identity, config.overwrite, inputs.part,
-                             units=None if inputs.part.whole else {u.shard_id for u in mine})
-    if inputs.listing == "listed" or config.overwrite:   # (--overwrite has just removed the one kept)
-        keep_listing(inputs, manifest)
-    if not state.done:  # nothing committed yet (a first run, --overwrite): an interrupted run lists no window
-        manifest.write_filelist([])
+                             units=None if inputs.part.whole else {u.shard_id for u in mine}, lease=lease)
+    if config.overwrite:   # it has just removed the one kept
+        keep_listing(inputs, manifest.place)
+    manifest.start_filelist()  # a first run's (or --overwrite's): an interrupted run lists no window
     index = {id(u): i for i, u in enumerate(inputs.units)}
     todo = claim_order([u for u in mine if u.shard_id not in state.done],
                        shuffle=config.shuffle, seed=config.seed)

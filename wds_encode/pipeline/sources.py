@@ -2,13 +2,15 @@
 
 A work unit is either one input tar shard, or (for `audio_dir` datasets) a fixed group of audio
 files, with the `.txt` captions found beside them. Its `shard_id` (`dataset_id/name`) is stable
-across runs, so outputs and manifest records can be named after it. Units carry their size on disk:
-the job claims the largest first (a short tail) and measures progress in bytes. Tar shards may live
-on S3 (`s3://bucket/prefix/`, brace patterns, globs), listed through `storage`.
+across runs, so outputs and manifest records can be named after it (two inputs that would share one
+are refused), and an audio_dir unit is named by its files, not its place. Units carry their size on
+disk: the job claims the largest first (a short tail) and measures progress in bytes. Tar shards may
+live on S3 (`s3://bucket/prefix/`, brace patterns, globs), listed through `storage`.
 
 An output keeps the units of its first listing (`LISTING`): reruns, array parts and their retries
 read them back instead of listing the corpus again, so every part deals the same units, however
-the input changes while the job runs (`--relist` lists again).
+the input changes while the job runs (`--relist` lists again, keeping the audio_dir units whose
+files all remain: files added only add units).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import hashlib
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import braceexpand
 
@@ -133,7 +136,45 @@ def _s3_tar_shards(entry: DatasetEntry, spec: str, module: str | None, storage: 
                   size=size, s3=options) for url, size in found]
 
 
-def _audio_dir_units(entry: DatasetEntry, files_per_unit: int, module: str | None) -> list[Shard]:
+def unit_name(files: Iterable[str]) -> str:
+    """An audio_dir unit is named by what it holds (`files-` and 16 hex digits of the sha256 of its
+    sorted relative paths), never by its place in the listing: once files are added (or
+    --files-per-unit changes) and the folder is listed again, a place would name other files, and a
+    unit committed under that name would stand for files never encoded."""
+    digest = hashlib.sha256("\n".join(sorted(files)).encode("utf-8")).hexdigest()
+    return f"files-{digest[:16]}"
+
+
+FileGroup = tuple[str, tuple[str, ...]]   # an audio_dir unit's (name, relative paths of its files)
+
+
+def group_files(files: Iterable[str], files_per_unit: int, previous: Sequence[FileGroup] = ()
+                ) -> tuple[list[FileGroup], list[FileGroup]]:
+    """The units of an audio folder holding `files`, around the units a previous listing made of it:
+    listing again only adds units. A previous unit whose files all remain is kept as it was (its name,
+    its files), so a unit committed under a name still means the same files; the files in no kept unit
+    are grouped, sorted, `files_per_unit` at a time. A previous unit with a file gone is dropped and its
+    other files are grouped anew. Returns the units, in path order, and the (name, files gone) of each
+    previous unit dropped."""
+    present = set(files)
+    kept: list[FileGroup] = []
+    dropped: list[FileGroup] = []
+    taken: set[str] = set()
+    for name, group in previous:
+        gone = tuple(f for f in group if f not in present or f in taken)   # (in another kept unit: a damaged listing)
+        if gone:
+            dropped.append((name, gone))
+            continue
+        kept.append((name, tuple(group)))
+        taken.update(group)
+    rest = sorted(present - taken)
+    added = [tuple(rest[start:start + files_per_unit]) for start in range(0, len(rest), files_per_unit)]
+    units = kept + [(unit_name(group), group) for group in added]
+    return sorted(units, key=lambda unit: min(unit[1])), dropped
+
+
+def _audio_dir_units(entry: DatasetEntry, files_per_unit: int, module: str | None,
+                     previous: Sequence[Shard] = ()) -> list[Shard]:
     root = entry.path or ""
     if not os.path.isdir(root):
         raise ConfigError(f"dataset {entry.id!r}: audio folder {root!r} does not exist")
@@ -144,22 +185,39 @@ def _audio_dir_units(entry: DatasetEntry, files_per_unit: int, module: str | Non
             sizes[os.path.relpath(str(p), root)] = p.stat().st_size
         elif p.suffix == "." + CAPTION_SUFFIX and p.is_file():
             texts.add(os.path.relpath(str(p), root))
-    files = sorted(sizes)
-    if not files:
+    if not sizes:
         raise ConfigError(f"dataset {entry.id!r}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
+    before = [(u.name, u.files) for u in previous if u.dataset_id == entry.id and u.url == root and u.files]
+    groups, dropped = group_files(sizes, files_per_unit, before)
+    for name, gone in dropped:
+        print(f"wds-encode: warning: unit {entry.id}/{name} dropped: {len(gone)} of its files gone "
+              f"(first: {gone[0]}); its other files are grouped into new units", file=sys.stderr)
     units = []
-    for start in range(0, len(files), files_per_unit):
-        group = tuple(files[start:start + files_per_unit])
+    for name, group in groups:
         captions = tuple(sorted({sidecar_caption(f) for f in group} & texts))
-        units.append(Shard(url=root, dataset_id=entry.id, name=f"files-{start // files_per_unit:06d}",
-                           files=group, custom_metadata_module=module, size=sum(sizes[f] for f in group),
-                           captions=captions))
+        units.append(Shard(url=root, dataset_id=entry.id, name=name, files=group, custom_metadata_module=module,
+                           size=sum(sizes[f] for f in group), captions=captions))
     return units
 
 
-def list_shards(config: DatasetConfig, storage: Optional[Storage] = None, *, files_per_unit: int = 64
-                ) -> list[Shard]:
-    """Every work unit of every dataset, in a deterministic order (by dataset, then path)."""
+def _check_unique_ids(units: list[Shard]) -> None:
+    """Two inputs named apart only by characters `safe_name` replaces (`a b.tar`, `a_b.tar`) would be
+    one unit id, and one unit's outputs would overwrite the other's: refused before any work."""
+    seen: dict[str, Shard] = {}
+    for unit in units:
+        first = seen.setdefault(unit.shard_id, unit)
+        if first is not unit and first.url == unit.url:
+            raise ConfigError(f"dataset {unit.dataset_id!r}: {unit.url} is listed twice; name each shard once")
+        if first is not unit:
+            raise ConfigError(f"dataset {unit.dataset_id!r}: {first.url} and {unit.url} both make the unit "
+                              f"{unit.shard_id!r} (unit names replace separators and unsafe characters); "
+                              "rename one of them")
+
+
+def list_shards(config: DatasetConfig, storage: Optional[Storage] = None, *, files_per_unit: int = 64,
+                previous: Sequence[Shard] = ()) -> list[Shard]:
+    """Every work unit of every dataset, in a deterministic order (by dataset, then path). `previous`:
+    the units of the output's kept listing, whose audio_dir units are kept (`group_files`)."""
     shards: list[Shard] = []
     for entry in config.datasets:
         module = config.metadata_module_for(entry)
@@ -167,13 +225,14 @@ def list_shards(config: DatasetConfig, storage: Optional[Storage] = None, *, fil
             if is_s3(entry.path or ""):
                 raise ConfigError(f"dataset {entry.id!r}: audio_dir datasets are read from a local folder; "
                                   "for audio on S3, pack it into tar shards and use dataset_type wds or s3")
-            shards.extend(_audio_dir_units(entry, files_per_unit, module))
+            shards.extend(_audio_dir_units(entry, files_per_unit, module, previous))
             continue
         spec = entry.s3_path or entry.path or ""
         if is_s3(spec):
             shards.extend(_s3_tar_shards(entry, spec, module, storage or Storage()))
         else:
             shards.extend(_tar_shards(entry, spec, module))
+    _check_unique_ids(shards)
     return shards
 
 
@@ -209,17 +268,24 @@ def listing_bytes(units: list[Shard], fingerprint: str) -> bytes:
     return gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=6, mtime=0)
 
 
+def _listing_records(data: bytes) -> tuple[dict, list[dict]]:
+    """(header, unit records) of a kept listing; ValueError (and its kin) when it is damaged."""
+    lines = gzip.decompress(data).decode("utf-8").splitlines()
+    header = json.loads(lines[0])
+    if header.get("units") != len(lines) - 1:
+        raise ValueError("truncated listing")
+    return header, [json.loads(line) for line in lines[1:]]
+
+
 def units_from_listing(data: bytes, config: DatasetConfig, fingerprint: str) -> Optional[list[Shard]]:
     """The units a kept listing holds, or None when it was made from another dataset config (or is damaged)."""
     try:
-        lines = gzip.decompress(data).decode("utf-8").splitlines()
-        header = json.loads(lines[0])
-        if header.get("fingerprint") != fingerprint or header.get("units") != len(lines) - 1:
+        header, records = _listing_records(data)
+        if header.get("fingerprint") != fingerprint:
             return None
         entries = {entry.id: entry for entry in config.datasets}
         units = []
-        for line in lines[1:]:
-            unit = json.loads(line)
+        for unit in records:
             entry = entries[unit["dataset"]]
             s3 = (S3Options(profile=entry.profile, endpoint_url=entry.endpoint_url, region=entry.region)
                   if is_s3(unit["url"]) else None)
@@ -229,3 +295,14 @@ def units_from_listing(data: bytes, config: DatasetConfig, fingerprint: str) -> 
         return units
     except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+def file_groups_from_listing(data: bytes) -> list[Shard]:
+    """The audio_dir units a kept listing holds, whatever dataset config or unit size it was made with:
+    what listing the folders again keeps (`list_shards(previous=)`); none when the listing is damaged."""
+    try:
+        _, records = _listing_records(data)
+        return [Shard(url=unit["url"], dataset_id=unit["dataset"], name=unit["name"],
+                      files=tuple(unit["files"]), size=int(unit["size"])) for unit in records if unit.get("files")]
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError):
+        return []
