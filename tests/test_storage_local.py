@@ -1,10 +1,10 @@
 """storage/local.py: files written under a temporary name, renamed into place; OSErrors as StorageErrors;
 conditional writes (create-if-absent, write-if-unchanged) that hold between processes."""
 
-import multiprocessing
 
 import pytest
 
+from race_support import race
 from wds_encode.storage import PARTIAL, PROBE_DIR, LocalPlace, Storage, StorageError, Tagged
 
 
@@ -173,36 +173,6 @@ def test_local_replace_without_a_tag_only_creates(tmp_path):
     assert tag is not None and place.read_tagged("a/b.json") == Tagged(b"new", tag)
     assert place.replace("a/b.json", b"again", None) is None
     assert place.read("a/b.json") == b"new"
-
-
-def _racer(root: str, rounds: list[tuple[str, object]], n: int, start, results) -> None:
-    """One racer: per round (name, tag), wait for every racer, then one conditional write, with bytes of
-    its own (tag None: `create`; else `replace` from that tag); (round, n, outcome) to `results`."""
-    place = LocalPlace(root)
-    for round_, (name, tag) in enumerate(rounds):
-        data = f"writer {n}".encode() * (n + 1)
-        start.wait()
-        outcome = place.create(name, data) if tag is None else place.replace(name, data, tag)
-        results.put((round_, n, outcome))
-
-
-def race(root: str, rounds: list[tuple[str, object]], racers: int) -> list[dict]:
-    """`racers` processes, made once, racing a conditional write per round, released together by a
-    barrier; per round, racer -> its outcome."""
-    context = multiprocessing.get_context("spawn")
-    start, results = context.Barrier(racers), context.Queue()
-    processes = [context.Process(target=_racer, args=(root, rounds, n, start, results))
-                 for n in range(racers)]
-    for process in processes:
-        process.start()
-    found: list[dict] = [{} for _ in rounds]
-    for _ in range(len(rounds) * racers):
-        round_, n, outcome = results.get(timeout=120)
-        found[round_][n] = outcome
-    for process in processes:
-        process.join(30)
-        assert process.exitcode == 0
-    return found
 
 
 RACERS = 8

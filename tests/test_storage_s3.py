@@ -1,6 +1,5 @@
 """storage/s3.py: listing, places and multipart objects on a real S3 protocol (moto, FaultProxy)."""
 
-import multiprocessing
 
 import pytest
 
@@ -9,6 +8,7 @@ from wds_encode.storage import PROBE_DIR, S3Options, Storage, StorageError, Tagg
 
 from conftest import MiB, random_bytes
 from s3_support import fast_retries, record_requests
+from race_support import race
 
 
 def test_slow_down_answers_are_retried_and_counted(s3, fault_proxy, proxied, monkeypatch):
@@ -236,37 +236,6 @@ def test_s3_conditional_write_failures_that_are_not_conflicts_are_errors(s3, sto
         place.read_tagged("a.json")
 
 
-def _racer(endpoint: str, url: str, rounds: list[tuple[str, object]], n: int, start, results) -> None:
-    """One racer: per round (name, tag), wait for every racer, then one conditional write, with bytes of
-    its own (tag None: `create`; else `replace` from that tag); (round, n, outcome) to `results`."""
-    place = Storage(S3Options(endpoint_url=endpoint)).place(url)
-    place.client  # made before the start, so that the requests go out together
-    for round_, (name, tag) in enumerate(rounds):
-        data = f"writer {n}".encode() * (n + 1)
-        start.wait()
-        outcome = place.create(name, data) if tag is None else place.replace(name, data, tag)
-        results.put((round_, n, outcome))
-
-
-def race(endpoint: str, url: str, rounds: list[tuple[str, object]], racers: int) -> list[dict]:
-    """`racers` processes (their own clients, this test's credentials from the environment), made once,
-    racing a conditional write per round, released together by a barrier; per round, racer -> outcome."""
-    context = multiprocessing.get_context("spawn")
-    start, results = context.Barrier(racers), context.Queue()
-    processes = [context.Process(target=_racer, args=(endpoint, url, rounds, n, start, results))
-                 for n in range(racers)]
-    for process in processes:
-        process.start()
-    found: list[dict] = [{} for _ in rounds]
-    for _ in range(len(rounds) * racers):
-        round_, n, outcome = results.get(timeout=120)
-        found[round_][n] = outcome
-    for process in processes:
-        process.join(30)
-        assert process.exitcode == 0
-    return found
-
-
 RACERS = 6
 ROUNDS = 4
 
@@ -274,7 +243,7 @@ ROUNDS = 4
 def test_s3_processes_racing_create_on_one_name_one_wins(s3, storage):
     bucket = s3.make_bucket("out")
     names = [f"manifest/done/unit-{r}.json" for r in range(ROUNDS)]
-    for name, won in zip(names, race(s3.endpoint, "s3://out/run/", [(name, None) for name in names], RACERS)):
+    for name, won in zip(names, race("s3://out/run/", [(name, None) for name in names], RACERS, s3.endpoint)):
         winners = [n for n, created in won.items() if created]
         assert len(won) == RACERS and len(winners) == 1, won
         assert s3.get(bucket, f"run/{name}") == f"writer {winners[0]}".encode() * (winners[0] + 1)
@@ -288,7 +257,7 @@ def test_s3_processes_racing_replace_from_one_tag_one_wins(s3, storage):
         name = f"manifest/parts/p-{r}.lease"
         place.write(name, b"the old holder")
         rounds.append((name, place.read_tagged(name).tag))
-    for (name, _tag), won in zip(rounds, race(s3.endpoint, "s3://out/run/", rounds, RACERS)):
+    for (name, _tag), won in zip(rounds, race("s3://out/run/", rounds, RACERS, s3.endpoint)):
         winners = [n for n, new_tag in won.items() if new_tag is not None]
         assert len(won) == RACERS and len(winners) == 1, won
         winner = winners[0]
