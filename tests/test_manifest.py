@@ -322,3 +322,43 @@ def test_parts_rewriting_the_filelist_at_once_lose_no_window(tmp_path):
         assert process.exitcode == 0
     lines = (tmp_path / "filelist.txt").read_text().splitlines()
     assert lines == sorted(f"0/{w}-{i:06d}-0000.npy" for w in writers for i in range(6))
+
+
+def _commit_close_and_merge(root: str, writers: int, units: int) -> None:
+    """Writers one after another, each committing, indexing as it goes, closing; a merge after each."""
+    manifest = RunManifest(LocalPlace(root))
+    for w in range(writers):
+        log = RankLog(manifest, f"r0-g{w + 1}-{w:06x}", 0, index_every=0.0)
+        for i in range(units):
+            log.commit({"shard": f"ds/w{w}-u{i}", "folder_ids": [], "latent_shards": []})
+            log.index_if_due()
+        log.close()
+        manifest.compact()
+
+
+def test_a_reader_racing_writers_that_close_and_merges_never_sees_a_unit_vanish(tmp_path):
+    """Readers read a snapshot: however a read interleaves with a writer removing its marker after its index
+    and with merges removing index objects, a unit committed before a read began is in it."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")   # the child only writes files
+    writer = context.Process(target=_commit_close_and_merge, args=(str(tmp_path), 40, 4))
+    writer.start()
+    import time
+
+    class Lingering(LocalPlace):
+        """A reader slow between its requests, so that writers and merges move while it reads."""
+
+        def list(self, prefix="", start_after=""):
+            found = super().list(prefix, start_after)
+            time.sleep(0.01)
+            return found
+
+    seen: set[str] = set()
+    while writer.is_alive():
+        before = {r["shard"] for r in RunManifest(LocalPlace(tmp_path)).records()}  # committed before the next read
+        found = {r["shard"] for r in RunManifest(Lingering(str(tmp_path))).records()}
+        assert before <= found, f"{len(before - found)} committed units vanished: {sorted(before - found)[:3]}"
+        seen |= found
+    writer.join()
+    assert writer.exitcode == 0
+    assert len({r["shard"] for r in RunManifest(LocalPlace(tmp_path)).records()}) == 40 * 4

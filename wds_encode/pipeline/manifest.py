@@ -49,7 +49,7 @@ JOURNAL_DIR = "manifest/journal"  # per writer, the units it commits, in order: 
 INDEX_DIR = "manifest/index"      # index objects: gzip'd JSON lines of records, so readers need not GET each
 WRITING_DIR = "manifest/writing"
 LEGACY_LOG_DIR = "manifest/log"   # records of the previous version: LEGACY_LOG_DIR/{rank}/{seq}.json
-INDEX_READ_TRIES = 5
+INDEX_READ_TRIES = 50            # listings of the index while writers replace their index objects
 VIEW_WRITE_TRIES = 20             # filelist.txt / errors.jsonl rewritten while other parts rewrite them too
 INDEX_EVERY_SECONDS = 120.0       # a writer still writing lists its records in an index at least this often
 WHOLE_JOB = Part()
@@ -169,13 +169,18 @@ class RunManifest:
         removed, and index objects only after a merged one lists their records (a reader that finds one
         gone lists again). With no index at all, every record is listed."""
         markers = self.writing_markers()
+        indexed: dict[str, bytes] = {}
         for _attempt in range(INDEX_READ_TRIES):
             names = sorted(self.place.list(INDEX_DIR))
-            indexed = self.place.read_many(names) if names else {}
-            if all(data is not None for data in indexed.values()):
-                break  # else a merge removed one after the listing: list again (the merged one is there)
+            fresh = self.place.read_many([name for name in names if name not in indexed])
+            indexed.update((name, data) for name, data in fresh.items() if data is not None)
+            if all(data is not None for data in fresh.values()):
+                break
+            # one was removed after the listing: whoever removed it (a merge, its writer's newer index) had
+            # written one that lists as much before; list again and read what is new
         else:
             raise StorageError(self.place.child(INDEX_DIR), "the index objects kept changing while read; retry")
+        names = sorted(indexed)
         by_unit: dict[str, dict] = {}
         covers: dict[str, int] = {}
         for data in indexed.values():
