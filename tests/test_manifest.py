@@ -301,26 +301,28 @@ def test_overwrite_removes_the_index_with_the_records(tmp_path, ckpt):
     assert RunManifest(place).records() == [] and not list((tmp_path / "manifest").rglob("*.json*"))
 
 
-def _commit_and_rewrite_the_filelist(root: str, writer: str, count: int) -> None:
-    manifest = RunManifest(LocalPlace(root))
+def _commit_and_rewrite_the_filelist(url: str, endpoint: "str | None", writer: str, count: int) -> None:
+    from race_support import open_place
+    manifest = RunManifest(open_place(url, endpoint))
     for i in range(count):
         manifest.write_record({"shard": f"ds/{writer}-{i}", "rank": 0, "folder_ids": [f"{writer}-{i:06d}-0000"]})
         manifest.write_filelist()
 
 
-def test_parts_rewriting_the_filelist_at_once_lose_no_window(tmp_path):
+def test_parts_rewriting_the_filelist_at_once_lose_no_window(place):
     """Row 8: several parts commit and rewrite filelist.txt at the same moments; the last view written holds
     every window committed before it (each rewrite is conditional on the version it read)."""
     import multiprocessing
     writers = [f"r{k}-g1-{k:06x}" for k in range(4)]
-    context = multiprocessing.get_context("fork")   # the children only write files
-    processes = [context.Process(target=_commit_and_rewrite_the_filelist, args=(str(tmp_path), w, 6)) for w in writers]
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_commit_and_rewrite_the_filelist, args=(place.url, None, w, 6))   # S3: the test's AWS_* environment
+                 for w in writers]
     for process in processes:
         process.start()
     for process in processes:
         process.join(120)
         assert process.exitcode == 0
-    lines = (tmp_path / "filelist.txt").read_text().splitlines()
+    lines = place.read("filelist.txt").decode().splitlines()
     assert lines == sorted(f"0/{w}-{i:06d}-0000.npy" for w in writers for i in range(6))
 
 
