@@ -1,6 +1,6 @@
 """Soak test of exactly once under races (issue 27): for a set time, round after round on one output,
 start two tasks of one array part, the other part, and a whole run beside them; SIGKILL and SIGSTOP
-(then SIGCONT) them at random moments; then rerun the whole job to the end. After every round the
+(then SIGCONT) them at random moments; then rerun both parts and the whole job to the end. After every round the
 output must hold every input sample exactly once, every record's files must exist and hold that
 unit's windows (equal to a clean run's latents), filelist.txt must list exactly the committed windows,
 and no window file may be left that no record names.
@@ -128,9 +128,10 @@ def main() -> int:
                 totals["waited"] += "is being written by" in err
                 totals["lease_lost"] += "taken over" in err or "not renewed" in err
                 totals["refused_commits"] += sum(int(n) for n in REFUSED.findall(err))
-            final = subprocess.run(command(model, dataset, out), capture_output=True, text=True)
-            try:
-                assert final.returncode == 0, final.stderr[-2000:]
+            try:   # the parts first (an output is finished in the part count it was left in), then the whole job
+                for extra in (("--part", "0/2"), ("--part", "1/2"), ()):
+                    final = subprocess.run(command(model, dataset, out, *extra), capture_output=True, text=True)
+                    assert final.returncode == 0, final.stderr[-2000:]
                 check(out, reference, args.units)
                 verdict = "exactly once"
             except AssertionError as exc:

@@ -208,22 +208,6 @@ def part_units(inputs: RunInputs) -> list[Shard]:
     return inputs.part.select(inputs.units, size=lambda u: u.size, name=lambda u: u.shard_id)
 
 
-def check_parts(manifest: RunManifest, part: Part) -> None:
-    """An output is written in one number of parts at a time: parts of another count would own other
-    ranks and units, and could clean up each other's work in flight. Changing the count is fine once no
-    rank of the old one is writing (or was interrupted: finish those first)."""
-    details = manifest.load_details() or {}
-    before = int(details.get("parts", 1))
-    if before == part.count:
-        return
-    markers = manifest.writing_markers()
-    if markers:
-        ranks = sorted({int(m["rank"]) for m in markers if "rank" in m})
-        raise ConfigError(f"{manifest.place.url} is being written in {before} part(s) (ranks {ranks} writing, or "
-                          f"interrupted), not {part.count}: run the parts as --part K/{before} until they finish, "
-                          "then another count may go on")
-
-
 def prepare_output(inputs: RunInputs, manifest: RunManifest, lease: Optional[dict] = None
                    ) -> tuple[dict, list[int], OutputState, int]:
     """Rank 0, before anyone claims work: check the output is this run's (or clear it with
@@ -233,7 +217,6 @@ def prepare_output(inputs: RunInputs, manifest: RunManifest, lease: Optional[dic
     config = inputs.config
     options = {**config.model_dump(), "effective_precision": config.effective_precision}
     identity = run_identity(inputs.model_config, inputs.ckpt_path, options, inputs.dataset_config.random_crop)
-    check_parts(manifest, inputs.part)
     if inputs.listing == "listed" and not config.overwrite:
         keep_listing(inputs, manifest.place)   # may deal from another part's listing instead
     mine = part_units(inputs)
