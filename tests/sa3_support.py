@@ -121,7 +121,7 @@ def read_like_pre_encoded_datasets(out, latent_crop_length: int = 80) -> list[di
 
 
 def records(out) -> list[dict]:
-    return [json.loads(p.read_text()) for p in (out / "manifest").glob("log/*/*.json")]
+    return [json.loads(p.read_text()) for p in (out / "manifest").glob("done/**/*.json")]
 
 
 def committed_npys(out) -> set[str]:

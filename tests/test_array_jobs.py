@@ -17,6 +17,8 @@ import pytest
 
 from conftest import WDS_ENCODE, assert_exactly_once, write_dataset_config
 from s3_support import s3_env
+from wds_encode.pipeline.manifest import RunManifest
+from wds_encode.storage import LocalPlace
 from wds_encode.synth import write_tar_shards
 
 SAMPLE_SIZE = 16384
@@ -76,8 +78,15 @@ def check_job(results: dict, status: dict, samples) -> None:
     assert sum(p["units"]["total"] for p in parts) == 12
 
 
+def part_records(records: list[dict], part: int) -> int:
+    """How many of the records part `part` (of PARTS, one rank each: it writes as rank `part`) committed."""
+    return sum(1 for r in records if r["part"] == f"{part}/{PARTS}" and r["rank"] == part)
+
+
 def local_committed(out: Path):
-    return lambda part: len(list((out / "manifest" / "log").glob(f"{part}/*.json")))
+    """Units part K has committed: a unit commits by creating `manifest/done/{unit}.json`."""
+    return lambda part: part_records([json.loads(p.read_text()) for p in (out / "manifest").glob("done/**/*.json")],
+                                     part)
 
 
 def test_three_parts_local_one_killed_and_retried_one_started_twice(twelve_units, demo_model, tmp_path):
@@ -89,8 +98,9 @@ def test_three_parts_local_one_killed_and_retried_one_started_twice(twelve_units
                                        check=True).stdout)
     check_job(results, status, samples)
     assert_exactly_once(out, samples)                          # the folder layout and the latent shards
-    records = [json.loads(p.read_text()) for p in (out / "manifest" / "log").glob("*/*.json")]
+    records = RunManifest(LocalPlace(str(out))).records()
     assert len(records) == len({r["shard"] for r in records}) == 12
+    assert len(list((out / "manifest").glob("done/**/*.json"))) == 12
     assert {r["rank"] % PARTS for r in records} == {0, 1, 2} and all(r["part"].endswith("/3") for r in records)
     assert (out / "filelist.txt").read_text().splitlines() == sorted(
         f"{r['rank']}/{i}.npy" for r in records for i in r["folder_ids"])
@@ -112,7 +122,8 @@ def test_three_parts_on_s3_one_killed_and_retried_one_started_twice(twelve_units
     out = "s3://latents/array/"
 
     def committed(part: int) -> int:
-        return len(s3.keys("latents", f"array/manifest/log/{part}/"))
+        records = [json.loads(s3.get("latents", key)) for key in s3.keys("latents", "array/manifest/done/")]
+        return part_records(records, part)
 
     env = s3_env(s3.endpoint)
     results = run_array_job(demo_model, dataset, out, committed, env)
@@ -136,8 +147,8 @@ def test_parts_of_two_ranks_each_write_under_their_own_rank_ids(twelve_units, de
         code, _out, err = finish(process)
         assert code == 0, err
     assert_exactly_once(out, samples)
-    records = [json.loads(p.read_text()) for p in (out / "manifest" / "log").glob("*/*.json")]
-    assert len(records) == 12
+    records = RunManifest(LocalPlace(str(out))).records()
+    assert len(records) == len({r["shard"] for r in records}) == 12
     # part K's ranks 0 and 1 write as K and K + 2
     assert {r["rank"]: r["part"] for r in records} == {0: "0/2", 2: "0/2", 1: "1/2", 3: "1/2"}
     assert sorted(p.name for p in out.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import WDS_ENCODE, read_folder_layout, read_latent_shards, run_cli, write_dataset_config, write_tar
+from wds_encode.pipeline.manifest import RunManifest
+from wds_encode.storage import LocalPlace
 
 SAMPLE_SIZE = 4096
 SEED_OPTIONS = ["--model-config", "--ckpt-path", "--pretrained-name", "--dataset-config", "--output-path",
@@ -21,6 +23,11 @@ SEED_OPTIONS = ["--model-config", "--ckpt-path", "--pretrained-name", "--dataset
 CONTRACT_FIELDS = ["audio_channels", "sample_rate", "padding_mask", "path", "__key__", "duration", "start_time",
                    "end_time", "seconds_start", "seconds_total", "timestamps", "chunk_index", "num_chunks",
                    "latent_shape", "dataset_id", "source_shard"]
+
+
+def unit_records(out) -> list[dict]:
+    """Every committed unit record (`manifest/done/{unit}.json`)."""
+    return RunManifest(LocalPlace(str(out))).records()
 
 
 def encode(demo_model, dataset_config, out, *extra):
@@ -90,7 +97,7 @@ def test_details_json_and_manifest(mixed_run):
     assert details["sample_size"] == SAMPLE_SIZE
     assert details["args"]["dataset_config"] == str(dataset)
     assert details["stats"]["windows"] == 60 and details["stats"]["errors"] == 0
-    records = [json.loads(p.read_text()) for p in (out / "manifest").glob("log/*/*.json")]
+    records = unit_records(out)
     assert sorted(r["shard"] for r in records) == ["mix/mix-000000", "mix/mix-000001", "mix/mix-000002"]
     assert sum(r["windows"] for r in records) == 60
 
@@ -219,7 +226,8 @@ def test_corrupt_members_are_recorded_and_the_rest_is_written(corrupt_dataset, d
     assert any("tar read failed" in r["reason"] and r["shard"] == "bad/b" for r in records)
     # the sanitised key never escapes the output folders
     assert not list(tmp_path.glob("escape*")) and not list((tmp_path / "out").glob("*/escape*"))
-    names = tarfile.open(tmp_path / "out" / "shards" / "bad" / "a-000.tar").getnames()
+    first_tar = next(r for r in unit_records(tmp_path / "out") if r["shard"] == "bad/a")["latent_shards"][0]
+    names = tarfile.open(tmp_path / "out" / first_tar).getnames()
     assert "escape.npy" in names and all("/" not in n and ".." not in n for n in names)
     assert "errors" in result.stdout and "see errors.jsonl" in result.stdout
 
@@ -259,8 +267,10 @@ def test_audio_dir_with_custom_metadata_and_split(tmp_path, demo_model):
         if n > 1:
             assert [m["key"] for m in mds] == [f"{mds[0]['key'].rsplit('_', 1)[0]}_{i:04d}" for i in range(n)]
     assert sum(len(v) for v in by_source.values()) > 9  # some files really were split
-    units = sorted(json.loads(p.read_text())["shard"] for p in (tmp_path / "out" / "manifest").glob("log/*/*.json"))
-    assert units == ["dir/files-000000", "dir/files-000001", "dir/files-000002"]
+    units = sorted(r["shard"] for r in unit_records(tmp_path / "out"))
+    from wds_encode.config import load_dataset_config
+    from wds_encode.pipeline.sources import list_shards
+    assert units == sorted(u.shard_id for u in list_shards(load_dataset_config(dataset), files_per_unit=4))  # by their files
 
 
 def test_limit_batches_leaves_unfinished_units_for_a_rerun(mixed_shards, demo_model, tmp_path):
@@ -356,7 +366,8 @@ def test_overwrite_replaces_outputs_instead_of_adding_to_them(mixed_run, demo_mo
     _, _, _, dataset = mixed_run
     first = encode(demo_model, dataset, tmp_path / "out", "--num-workers", 0, "--batch-size", 20)
     assert first.returncode == 0, first.stderr
-    stale = tmp_path / "out" / "shards" / "mix" / "gone-000.tar.partial"
+    writer = unit_records(tmp_path / "out")[0]["writer"]
+    stale = tmp_path / "out" / "shards" / "mix" / f"gone.{writer}-000.tar.partial"
     stale.write_bytes(b"left by a crash")
     second = encode(demo_model, dataset, tmp_path / "out", "--num-workers", 0, "--batch-size", 20,
                     "--latent-mode", "mean", "--overwrite")
@@ -382,11 +393,11 @@ def test_killed_run_resumes_to_exactly_once(mixed_run, demo_model, tmp_path):
             "--no-progress"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((out / "manifest").glob("log/*/*.json")):
+    while time.time() < deadline and not list((out / "manifest").glob("done/**/*.json")):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    committed = len(list((out / "manifest").glob("log/*/*.json")))
+    committed = len(list((out / "manifest").glob("done/**/*.json")))
     assert 1 <= committed < 3, "the kill should land after the first unit and before the last"
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
@@ -394,7 +405,7 @@ def test_killed_run_resumes_to_exactly_once(mixed_run, demo_model, tmp_path):
     found = read_folder_layout(out)  # fails on any duplicate
     assert sorted(md["__key__"] for _, md in found.values()) == sorted(s.key for s in samples)
     assert read_latent_shards(out).keys() == found.keys()
-    assert not list(out.rglob("*.partial")) and not list((out / "manifest" / "commits").glob("*"))
+    assert not list(out.rglob("*.partial")) and not list((out / "manifest" / "writing").glob("*"))
 
 
 def test_ckpt_prefix_selects_the_ema_copy(mixed_run, demo_model, tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import golden_model, run_cli, write_dataset_config, write_tar
+from wds_encode.pipeline.manifest import RunManifest
 from wds_encode.tools.inspect import ChannelMoments, Reservoir, format_inspection, inspect_output, inspect_shards, \
     reason_kind
 from wds_encode.tools.status import output_status
@@ -27,8 +28,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def committed_windows(out: Path) -> list[tuple[np.ndarray, dict]]:
     """(latent, metadata) of every window the unit records list, read with np.load from the folder layout."""
     found = []
-    for record_path in sorted((out / "manifest").glob("log/*/*.json")):
-        record = json.loads(record_path.read_text())
+    for record in records(out):
         for latent_id in record["folder_ids"]:
             base = out / str(record["rank"]) / latent_id
             found.append((np.load(f"{base}.npy"), json.loads(Path(f"{base}.json").read_text())))
@@ -42,7 +42,21 @@ def unpadded(windows: list[tuple[np.ndarray, dict]]) -> np.ndarray:
 
 
 def records(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "manifest").glob("log/*/*.json"))]
+    """Every committed unit record, in commit order (per rank, per writer, by journal number)."""
+    return sorted(RunManifest(LocalPlace(str(out))).records(), key=lambda r: (r["rank"], r["writer"], r["seq"]))
+
+
+def shard_pattern(out: Path, units: list[str], brace: str) -> str:
+    """A brace pattern naming the first latent tar of each of `units` (one writer wrote them all): the
+    names come from the records, `shards/{dataset}/{unit name}.{writer}-{part:03d}.tar`."""
+    by_unit = {r["shard"]: r for r in records(out)}
+    firsts = [by_unit[u]["latent_shards"][0] for u in units]
+    writers = {by_unit[u]["writer"] for u in units}
+    assert len(writers) == 1, writers
+    writer = writers.pop()
+    dataset = units[0].split("/")[0]
+    assert firsts == [f"shards/{dataset}/{u.split('/', 1)[1]}.{writer}-000.tar" for u in units]
+    return f"{out}/shards/{dataset}/{dataset}-{brace}.{writer}-000.tar"
 
 
 def inspect_json(*args) -> dict:
@@ -169,16 +183,19 @@ def test_the_text_report_is_an_aligned_table(demo_output):
 def test_uncommitted_leftovers_are_not_counted(demo_output, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(demo_output, out)
-    np.save(out / "0" / "0000009990000.npy", np.full((16, 1024), 1e6, np.float32))  # no record lists it
-    (out / "0" / "0000009990000.json").write_text(json.dumps({"padding_mask": [1] * 1024}))
+    stray = f"{records(out)[0]['writer']}-000999-0000"   # a writer's window file that no record lists
+    np.save(out / "0" / f"{stray}.npy", np.full((16, 1024), 1e6, np.float32))
+    (out / "0" / f"{stray}.json").write_text(json.dumps({"padding_mask": [1] * 1024}))
     before = inspect_output(LocalPlace(str(demo_output))).report
     after = inspect_output(LocalPlace(str(out))).report
     assert after["global"] == before["global"] and after["latent"]["frames"] == before["latent"]["frames"]
-    removed = records(out)[0]["folder_ids"][0]
-    (out / "0" / f"{removed}.npy").unlink()  # a file a record lists but the output lacks: said, not fatal
+    first = records(out)[0]
+    rank, removed = first["rank"], first["folder_ids"][0]
+    (out / str(rank) / f"{removed}.npy").unlink()  # a file a record lists but the output lacks: said, not fatal
     damaged = inspect_output(LocalPlace(str(out))).report
     assert damaged["sampling"]["windows_read"] == 92
-    assert damaged["problems"] == [f"1 files listed by unit records are missing (first: {out}/0/{removed}.npy)"]
+    assert damaged["problems"] == [
+        f"1 files listed by unit records are missing (first: {out}/{rank}/{removed}.npy)"]
 
 
 def test_max_windows_samples_and_says_so(demo_output):
@@ -237,7 +254,8 @@ def test_errors_are_one_actionable_line(tmp_path):
 # ---------------------------------------------------------------------------------------- latent shards, S3
 
 def test_shard_urls_give_the_same_statistics_without_unit_counts(demo_output):
-    pattern = f"{demo_output}/shards/demo/demo-{{000000..000002}}-000.tar"
+    pattern = shard_pattern(demo_output, ["demo/demo-000000", "demo/demo-000001", "demo/demo-000002"],
+                            "{000000..000002}")
     shards = inspect_json(pattern)
     full = inspect_output(LocalPlace(str(demo_output))).report
     assert shards["manifest"] is False and "no manifest" in shards["note"]
@@ -264,7 +282,8 @@ def test_an_s3_output_reads_exactly_like_the_local_folder(demo_output, s3_in_pro
     remote = inspect_output(Storage().place("s3://out/run/")).report
     assert remote.pop("output") == "s3://out/run/" and local.pop("output") == str(demo_output)
     assert remote == local
-    shards = inspect_shards(Storage(), ["s3://out/run/shards/demo/demo-{000000,000001}-000.tar"]).report
+    pattern = shard_pattern(demo_output, ["demo/demo-000000", "demo/demo-000001"], "{000000,000001}")
+    shards = inspect_shards(Storage(), ["s3://out/run/" + pattern[len(f"{demo_output}/"):]]).report
     assert shards["total"]["tars"] == 2 and shards["total"]["windows"] == sum(
         r["windows"] for r in records(demo_output) if r["shard"] in ("demo/demo-000000", "demo/demo-000001"))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from conftest import golden_model, read_folder_layout, write_dataset_config
 from wds_encode.config import EncodeConfig
 from wds_encode.loader import (LatentFolder, LatentReading, LatentSourceError, collate_latents, latent_dataset,
                                latent_loader, latent_shard_urls)
+from wds_encode.pipeline.manifest import RunManifest, done_name
 from wds_encode.runner import run
+from wds_encode.storage import LocalPlace
 
 SAMPLE_SIZE = 8192       # 128 latent frames with the demo model
 CROP = 32
@@ -61,6 +64,11 @@ def params_out(inputs, demo_model, tmp_path_factory):
 def stored(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
     """Every committed window by its name (unit/output key), read with numpy and json."""
     return {f"{md['source_shard']}/{md['key']}": (latent, md) for latent, md in read_folder_layout(out).values()}
+
+
+def unit_records(out: Path) -> list[dict]:
+    """Every committed unit record, by unit."""
+    return sorted(RunManifest(LocalPlace(str(out))).records(), key=lambda r: r["shard"])
 
 
 def name_of(md: dict) -> str:
@@ -185,11 +193,12 @@ def test_only_committed_units_are_read(sampled, tmp_path):
     import shutil
     out = tmp_path / "out"
     shutil.copytree(sampled, out)
-    records = sorted((out / "manifest").glob("log/*/*.json"))
-    dropped = json.loads(records[0].read_text())
-    records[0].unlink()                            # as if that unit had not committed
+    dropped = unit_records(out)[0]
+    (out / done_name(dropped["shard"])).unlink()   # as if that unit had not committed (its journal entry is no commit)
     shutil.rmtree(out / "manifest" / "index")      # (an index lists only committed records)
-    (out / "shards" / "ld" / "stray-000.tar").write_bytes((out / dropped["latent_shards"][0]).read_bytes())
+    assert dropped["shard"] not in {r["shard"] for r in unit_records(out)}
+    (out / "shards" / "ld" / f"stray.{dropped['writer']}-000.tar").write_bytes(
+        (out / dropped["latent_shards"][0]).read_bytes())
     expected = {n for n, (_, md) in stored(sampled).items() if md["source_shard"] != dropped["shard"]}
     for form in FORMS:
         names = {name_of(md) for _, md in read_epoch(latent_loader(str(out), 4, form=form, num_workers=0))}
@@ -251,7 +260,7 @@ def test_plain_readers_see_the_metadata_contract(sampled):
     """The latent tars through plain `webdataset.WebDataset(url).decode()` and the folder layout through
     numpy and json agree window by window, and every field means what the README says."""
     import webdataset as wds
-    records = [json.loads(p.read_text()) for p in sorted((sampled / "manifest").glob("log/*/*.json"))]
+    records = unit_records(sampled)
     details = json.loads((sampled / "details.json").read_text())
     ratio = details["model"]["downsampling_ratio"]
     folder = {}
@@ -259,6 +268,9 @@ def test_plain_readers_see_the_metadata_contract(sampled):
         for latent_id in record["folder_ids"]:
             rank = record["rank"]
             md = json.loads((sampled / str(rank) / f"{latent_id}.json").read_text())
+            # the id names the file and carries the writer: `{writer}-{batch:06d}-{i:04d}`
+            assert md["latent_id"] == latent_id and re.fullmatch(rf"{re.escape(record['writer'])}-\d{{6}}-\d{{4}}",
+                                                                   latent_id)
             folder[(md["source_shard"], md["key"])] = (np.load(sampled / str(rank) / f"{latent_id}.npy"), md)
     from_tars = {}
     for record in records:
@@ -273,7 +285,8 @@ def test_plain_readers_see_the_metadata_contract(sampled):
         assert member_key == md["key"]
         assert array.dtype == np.float32 and array.ndim == 2
         assert md["latent_shape"] == list(array.shape) and md["latent_length"] == array.shape[1]
-        assert md["latent_mode"] == "sample" and md["latent_id"].isdigit() and len(md["latent_id"]) == 13
+        assert md["latent_mode"] == "sample" and re.fullmatch(r"r\d+-g\d+-[0-9a-f]{6}-\d{6}-\d{4}",
+                                                                         md["latent_id"])
         mask = md["padding_mask"]
         assert len(mask) == array.shape[1] and set(mask) <= {0, 1}
         assert mask == sorted(mask, reverse=True), "ones, then zeros"
@@ -301,7 +314,7 @@ def test_training_configs_find_exactly_the_written_files(sampled):
     assert shards["datasets"][0]["path"].endswith("/shards/")
     for config in (folder, shards):
         assert isinstance(config["latent_crop_length"], int) and config["random_crop"] is True
-    records = [json.loads(p.read_text()) for p in (sampled / "manifest").glob("log/*/*.json")]
+    records = unit_records(sampled)
     # what the pre_encoded reader lists under `path`: its filelist.txt (stable-audio-tools >= 0.0.17), else a glob
     npys = sorted(sampled / line.strip() for line in (sampled / "filelist.txt").read_text().splitlines())
     assert npys == sorted(sampled.glob("[0-9]*/*.npy"))  # every window, not silence.npy beside them

@@ -3,7 +3,6 @@ killed mid-run, and dynamic claiming on skewed input. Real processes on the CPU,
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import WDS_ENCODE, assert_exactly_once, write_dataset_config
+from wds_encode.pipeline.manifest import RunManifest
+from wds_encode.storage import LocalPlace
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +68,16 @@ def unequal(tmp_path_factory, demo_model):
     return make_dataset(folder, [3, 8, 2, 5, 1, 6, 4])
 
 
+def unit_records(out: Path) -> list[dict]:
+    """Every committed unit record (`manifest/done/{unit}.json`, read as every reader reads them)."""
+    return RunManifest(LocalPlace(str(out))).records()
+
+
+def committed_count(out: Path) -> int:
+    """Units committed so far: a unit commits by creating its record under `manifest/done/`."""
+    return len(list((out / "manifest").glob("done/**/*.json")))
+
+
 def check_two_rank_job(details: dict, out: Path) -> None:
     ranks = {r["rank"]: r for r in details["ranks"]}
     assert sorted(ranks) == [0, 1]
@@ -74,7 +85,7 @@ def check_two_rank_job(details: dict, out: Path) -> None:
     assert sum(r["units_done"] for r in ranks.values()) == 7 == details["stats"]["units_done"]
     per_rank = details["stats"]["units_per_rank"]  # merged from every rank's result, in rank order
     assert per_rank == [ranks[0]["units_done"], ranks[1]["units_done"]] and sum(per_rank) == 7
-    records = [json.loads(p.read_text()) for p in (out / "manifest").glob("log/*/*.json")]
+    records = unit_records(out)
     assert len(records) == 7 and {r["rank"] for r in records} == {0, 1}
     assert all(r["worker"] in (0, 1) for r in records)  # which (rank, worker) claimed each unit
     assert sorted(int(p.name) for p in out.iterdir() if p.name.isdigit()) == [0, 1]  # per-rank folders
@@ -178,7 +189,7 @@ def test_claiming_is_dynamic_on_skewed_input(tmp_path, demo_model):
     result = wds_encode(*encode_args(demo_model, dataset, out, "--num-workers", 1, "--devices", 2))
     assert result.returncode == 0, result.stderr
     details = assert_exactly_once(out, samples)
-    records = [json.loads(p.read_text()) for p in (out / "manifest").glob("log/*/*.json")]
+    records = unit_records(out)
     big_rank = next(r["rank"] for r in records if r["shard"] == "set/s0-000000")
     units = {r["rank"]: r["units_done"] for r in details["ranks"]}
     assert units[big_rank] < units[1 - big_rank], units
@@ -216,7 +227,7 @@ def test_a_killed_rank_stops_the_job_and_a_rerun_finishes_exactly_once(tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
-        while not list((out / "manifest").glob("log/*/*.json")) and time.monotonic() < deadline:
+        while not committed_count(out) and time.monotonic() < deadline:
             time.sleep(0.02)
         victim = _rank_process(marker, 1)
         assert victim is not None, "rank 1 not found"
@@ -228,11 +239,12 @@ def test_a_killed_rank_stops_the_job_and_a_rerun_finishes_exactly_once(tmp_path,
         proc.kill()
     assert proc.returncode != 0
     assert "rank 1" in stderr and "SIGKILL" in stderr, stderr
-    records = [json.loads(p.read_text()) for p in (out / "manifest").glob("log/*/*.json")]
+    records = unit_records(out)
+    assert len(records) == committed_count(out), "the reader finds every record the killed job created"
     assert 1 <= len(records) < 12, "the kill should land after the first unit and before the last"
     for record in records:  # what was committed before the kill is whole
         for latent_id in record["folder_ids"]:
-            rank_dir = out / str(int(latent_id[:3]))
+            rank_dir = out / str(record["rank"])
             assert (rank_dir / f"{latent_id}.npy").is_file() and (rank_dir / f"{latent_id}.json").is_file()
         for tar in record["latent_shards"]:
             assert (out / tar).is_file()
@@ -240,7 +252,7 @@ def test_a_killed_rank_stops_the_job_and_a_rerun_finishes_exactly_once(tmp_path,
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(records)} already done" in rerun.stdout
     details = assert_exactly_once(out, samples)
-    assert len(list((out / "manifest").glob("log/*/*.json"))) == 12
+    assert committed_count(out) == len(unit_records(out)) == 12
     assert len(details["ranks"]) == 3
 
 
@@ -270,7 +282,7 @@ def test_without_a_launcher_to_stop_them_the_survivors_stop_on_their_own(tmp_pat
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
         deadline = time.monotonic() + 120
-        while not list((out / "manifest").glob("log/*/*.json")) and time.monotonic() < deadline:
+        while not committed_count(out) and time.monotonic() < deadline:
             time.sleep(0.02)
         procs[victim].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -58,6 +59,12 @@ def files_of(out: Path) -> set[str]:
     return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
 
 
+def without_writer(tar: str) -> str:
+    """A latent tar's name with its writer id taken out: `shards/nf/nf-000000.r0-g1-a1b2c3-000.tar` ->
+    `shards/nf/nf-000000-000.tar`, the same for two runs that wrote the same unit's parts."""
+    return re.sub(r"\.r\d+-g\d+-[0-9a-f]{6}-(\d{3,}\.tar)$", r"-\1", tar)
+
+
 def records_of(out) -> list[dict]:
     return RunManifest(Storage().place(str(out))).records()
 
@@ -84,11 +91,15 @@ def test_no_folder_writes_the_latent_shards_and_the_records_only(outputs, inputs
     written = files_of(shards_out)
     assert not [f for f in written if f.split("/", 1)[0].isdigit()], "no OUT/{rank}/ file"
     assert {f for f in files_of(folder_out) if f.split("/", 1)[0].isdigit()}, "the folder run has them"
-    assert {f for f in written if f.startswith("shards/")} == {f for f in files_of(folder_out)
-                                                               if f.startswith("shards/")}
+    tars = {f for f in written if f.startswith("shards/")}
+    # the same latent tars as the folder run's, but for the writer id in their names
+    assert {without_writer(f) for f in tars} == {without_writer(f) for f in files_of(folder_out)
+                                                 if f.startswith("shards/")}
+    assert len({without_writer(f) for f in tars}) == len(tars)
     records = records_of(shards_out)
     assert len(records) == 3 and all(r["folder_ids"] == [] and r["latent_shards"] for r in records)
-    assert {t for r in records for t in r["latent_shards"]} == {f for f in written if f.startswith("shards/")}
+    assert {t for r in records for t in r["latent_shards"]} == tars
+    assert all(t.startswith(f"shards/{r['shard']}.{r['writer']}-") for r in records for t in r["latent_shards"])
     assert (shards_out / "filelist.txt").read_text() == ""
     details = json.loads((shards_out / "details.json").read_text())
     assert details["args"]["folder"] is False

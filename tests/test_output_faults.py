@@ -81,7 +81,7 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_after_freeing_space_is_exac
     lines = first_err.strip().splitlines()
     assert len(lines) == 1 and "output full" in lines[0] and "No space left on device" in lines[0], first_err
     assert str(mnt / "out") in lines[0]
-    committed = len(list((tmp_path / "after-full" / "manifest").glob("log/*/*.json")))
+    committed = len(list((tmp_path / "after-full" / "manifest").glob("done/**/*.json")))
     assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
     assert f"{5 - committed} encoded, {committed} already done" in (tmp_path / "second.out").read_text()
 
@@ -89,7 +89,7 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_after_freeing_space_is_exac
     assert sorted(folder) == sorted(shards)
     assert sorted({md["__key__"] for _, md in folder.values()}) == sorted(s.key for s in samples)
     assert not [p for p in copy.rglob("*") if p.is_file() and (p.name.endswith(".partial") or "writing" in p.parts)]
-    records = [json.loads(p.read_text()) for p in (copy / "manifest").glob("log/*/*.json")]
+    records = [json.loads(p.read_text()) for p in (copy / "manifest").glob("done/**/*.json")]
     listed = {f"{r['rank']}/{i}.{ext}" for r in records for i in r["folder_ids"] for ext in ("npy", "json")}
     assert {str(p.relative_to(copy)) for p in copy.glob("[0-9]*/*")} == listed  # nothing half-written left
 

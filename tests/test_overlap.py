@@ -311,7 +311,7 @@ def test_a_chunk_with_non_finite_latents_makes_its_file_one_error_record(family_
     [error] = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert error["key"] == "long" and error["level"] == "error"
     assert "non-finite" in error["reason"] and "nothing is written for it" in error["reason"]
-    [record] = [json.loads(p.read_text()) for p in (tmp_path / "out" / "manifest").glob("log/*/*.json")]
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "out" / "manifest").glob("done/**/*.json")]
     assert record["windows"] == 2 and record["errors"] == 1
 
 
@@ -360,7 +360,7 @@ def test_a_file_that_breaks_after_its_first_chunks_went_on_is_one_error_and_not_
     [error] = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert error["key"] == "long" and "non-finite" in error["reason"]
     assert "chunks were encoded: nothing is written for it" in error["reason"]
-    [record] = [json.loads(p.read_text()) for p in (tmp_path / "out" / "manifest").glob("log/*/*.json")]
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "out" / "manifest").glob("done/**/*.json")]
     assert record["windows"] == 2 and record["errors"] == 1
 
 

@@ -29,7 +29,8 @@ def many_units(tmp_path_factory):
 
 
 def records(out) -> int:
-    return len(list((out / "manifest").glob("log/*/*.json")))
+    """Units committed: a unit commits by creating its record, `manifest/done/{unit}.json`."""
+    return len(list((out / "manifest").glob("done/**/*.json")))
 
 
 def args(demo_model, dataset, out, *extra):

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import WDS_ENCODE, assert_exactly_once, read_folder_layout, write_dataset_config
 from s3_support import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, s3_env
+from wds_encode.pipeline.manifest import RunManifest, done_name, journal_name
+from wds_encode.storage import LocalPlace
 
 pytestmark = pytest.mark.slow
 
@@ -73,18 +75,34 @@ def mirror(s3, bucket: str, prefix: str, dest: Path) -> dict[str, bytes]:
     return objects
 
 
+def unit_records(out: Path) -> list[dict]:
+    """Every committed unit record of a local output (or a local mirror of a bucket's)."""
+    return RunManifest(LocalPlace(str(out))).records()
+
+
 def owned_objects(out: Path) -> set[str]:
-    """What a finished run owns: details, errors log, silence latents, filelist, one record per unit and
-    what the records list."""
+    """What a finished run owns: details, errors log, silence latents, filelist, one record per unit, the
+    journal entry its writer noted it in, and what the records list; the index, and the released leases.
+    A journal entry is no commit: one whose attempt died before its record was created stays, but it
+    names a committed unit."""
     owned = {"details.json", "silence.npy", "filelist.txt", "manifest/units.json.gz"}
     if (out / "errors.jsonl").exists():
         owned.add("errors.jsonl")
-    for path in (out / "manifest").glob("log/*/*.json"):
-        record = json.loads(path.read_text())
-        owned.add(path.relative_to(out).as_posix())
+    records = unit_records(out)
+    committed = {record["shard"] for record in records}
+    assert len(committed) == len(records)
+    for record in records:
+        owned.add(done_name(record["shard"]))
+        owned.add(journal_name(record["writer"], record["seq"]))
         owned.update(f"{record['rank']}/{i}.{ext}" for i in record["folder_ids"] for ext in ("npy", "json"))
         owned.update(record["latent_shards"])
+    for path in (out / "manifest" / "journal").glob("*/*.json"):
+        if json.loads(path.read_text())["shard"] in committed:
+            owned.add(path.relative_to(out).as_posix())
     owned.update(p.relative_to(out).as_posix() for p in (out / "manifest" / "index").glob("*.json.gz"))
+    for path in (out / "manifest" / "parts").glob("*.lease"):
+        assert json.loads(path.read_text())["released"] is True, path   # let go when the run finished
+        owned.add(path.relative_to(out).as_posix())
     return owned
 
 
@@ -95,7 +113,7 @@ def check_bucket_output(s3, out_url: str, tmp_path: Path, samples) -> tuple[dict
     objects = mirror(s3, bucket, prefix, local)
     details = assert_exactly_once(local, samples)
     assert set(objects) == owned_objects(local)
-    records = [json.loads(p.read_text()) for p in (local / "manifest").glob("log/*/*.json")]
+    records = unit_records(local)
     assert (local / "filelist.txt").read_text().splitlines() == sorted(
         f"{r['rank']}/{i}.npy" for r in records for i in r["folder_ids"])  # exactly the committed windows
     assert s3.multipart_uploads(bucket) == []
@@ -126,7 +144,7 @@ def test_s3_in_s3_out_five_shards_two_workers(s3, five_shards, demo_model, tmp_p
     assert "5 encoded, 0 already done" in result.stdout and "2 decode workers" in result.stdout and "output     s3://latents/runs/first/" in result.stdout
     details, objects = check_bucket_output(s3, out, tmp_path, samples)
     assert details["stats"]["units_done"] == 5
-    records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/log/")]
+    records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/done/")]
     assert sorted(r["url"] for r in records) == sorted(f"{source}{'deeper/' if i >= 3 else ''}{p.name}"
                                                        for i, p in enumerate(paths))
     assert {r["worker"] for r in records} == {0, 1}
@@ -207,7 +225,7 @@ def _record_put_seen():
     def predicate(method, path, headers):
         if seen:
             return True
-        if method == "PUT" and "/manifest/log/" in path:
+        if method == "PUT" and "/manifest/done/" in path:
             seen.append(path)
         return False
     return predicate
@@ -303,15 +321,23 @@ def test_another_model_config_is_refused_and_overwrite_redoes_it(s3, five_shards
     refused = wds_encode(*args, env=env)
     assert refused.returncode == 2
     assert "holds the output of a different run (changed: model_config_sha256)" in refused.stderr
-    assert {k: s3.get("latents", k) for k in s3.keys("latents")} == first  # untouched
+    after = {k: s3.get("latents", k) for k in s3.keys("latents")}
+    # untouched, but for the job's lease: every run holds it while it runs (this one, to find it must stop)
+    lease = "run/manifest/parts/job.lease"
+    assert {k: v for k, v in after.items() if k != lease} == {k: v for k, v in first.items() if k != lease}
+    before_lease, after_lease = json.loads(first[lease]), json.loads(after[lease])
+    assert after_lease["released"] is True and after_lease["generation"] == before_lease["generation"] + 1
 
     redone = wds_encode(*args, "--overwrite", env=env)
     assert redone.returncode == 0, redone.stderr
     assert "5 encoded, 0 already done" in redone.stdout
     details, objects = check_bucket_output(s3, out, tmp_path, samples)
     assert details["model_config"]["notes"].startswith("the same weights")
-    first_finished = max(json.loads(v)["finished_at"] for k, v in first.items() if k.startswith("run/manifest/log/"))
-    assert all(json.loads(v)["finished_at"] > first_finished for k, v in objects.items() if k.startswith("manifest/log/"))
+    first_records = [json.loads(v) for k, v in first.items() if k.startswith("run/manifest/done/")]
+    redone_records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/done/")]
+    assert len(first_records) == len(redone_records) == 5
+    first_finished = max(r["finished_at"] for r in first_records)
+    assert all(r["finished_at"] > first_finished for r in redone_records)
 
 
 def test_unreadable_inputs_and_unwritable_outputs_fail_fast(s3, fault_proxy, five_shards, demo_model, tmp_path):
@@ -372,7 +398,7 @@ def _record_put_seen_then(refuse):
     def predicate(method, path, headers):
         if seen:
             return refuse(method, path)
-        if method == "PUT" and "/manifest/log/" in path:
+        if method == "PUT" and "/manifest/done/" in path:
             seen.append(path)
         return False
     return predicate
@@ -389,7 +415,7 @@ def test_torchrun_two_ranks_s3_in_s3_out(s3, five_shards, demo_model, tmp_path):
     assert result.returncode == 0, result.stderr
     details, objects = check_bucket_output(s3, out, tmp_path, samples)
     assert details["launch"]["world_size"] == 2
-    records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/log/")]
+    records = [json.loads(v) for k, v in objects.items() if k.startswith("manifest/done/")]
     assert len(records) == 5 and {r["rank"] for r in records} == {0, 1}
     assert {k.split("/")[0] for k in objects if k[0].isdigit()} == {"0", "1"}
 

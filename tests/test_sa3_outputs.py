@@ -16,10 +16,22 @@ import torch
 from conftest import (WDS_ENCODE, assert_exactly_once, golden_sa3, read_folder_layout, read_latent_shards,
                       write_dataset_config, write_tar)
 from s3_support import s3_env
-from sa3_support import committed_npys, filelist, read_like_pre_encoded_datasets, records, sa3_latent_filenames
+from sa3_support import filelist, read_like_pre_encoded_datasets, sa3_latent_filenames
+from wds_encode.pipeline.manifest import RunManifest
+from wds_encode.storage import LocalPlace
 from wds_encode.synth import encode_audio_bytes, folder_relpath, make_sample_set, write_audio_folder
 
 SAMPLE_SIZE = 4096     # 64 latent frames of the demo model (44.1 kHz stereo, ratio 64, 16 channels)
+
+
+def records(out) -> list[dict]:
+    """Every committed unit record (`manifest/done/{unit}.json`; a journal entry alone is no commit)."""
+    return RunManifest(LocalPlace(str(out))).records()
+
+
+def committed_npys(out) -> set[str]:
+    """The folder-layout windows the unit records list: what is committed."""
+    return {f"{r['rank']}/{i}.npy" for r in records(out) for i in r.get("folder_ids", ())}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
