@@ -280,6 +280,7 @@ class Lease:
                 elif time.monotonic() - seen_since >= self.lease_seconds:
                     free = True
             if free:
+                taken_over = holder is not None   # not released: its holder died or stalled
                 self.generation = int((lease or {}).get("generation", 0)) + 1
                 self._beat = 0
                 if self._advisory:
@@ -290,6 +291,10 @@ class Lease:
                 if tag is not None:
                     self._tag, self._beat_at = tag, time.monotonic()
                     self._start_beating()
+                    if taken_over:
+                        self.say(f"{self.what}: took over from {lease.get('host')} pid {lease.get('pid')}, "
+                                 f"whose process is gone or has not renewed its lease for {self.lease_seconds:g} s; "
+                                 "what it left uncommitted is cleaned up")
                     return time.monotonic() - started
                 continue   # another claim came first: look again
             if not told:
