@@ -275,9 +275,9 @@ def verdict(checks: list[WindowCheck], min_snr_db: Optional[float] = None) -> li
 def format_checks(checks: list[WindowCheck]) -> str:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
-    lines = [f"{'window':<16} {'snr_db':>8} {'mel':>7} {'rank':>5} {'reencode':>9}  key"]
+    lines = [f"{'window':<24} {'snr_db':>8} {'mel':>7} {'rank':>5} {'reencode':>9}  key"]
     for c in checks:
-        lines.append(f"{c.latent_id:<16} {num(c.snr_db, '8.2f')} {num(c.mel_distance, '7.3f')} "
+        lines.append(f"{c.latent_id:<24} {num(c.snr_db, '8.2f')} {num(c.mel_distance, '7.3f')} "
                      f"{num(c.rank, '5d')} {num(c.reencode_error, '9.2e')}  {c.key}"
                      + (f"  ({c.problem})" if c.problem else ""))
     return "\n".join(lines)
