@@ -294,25 +294,23 @@ def test_a_store_without_conditional_writes_refuses_parts_and_warns_a_whole_run(
     check_output(where, corpus)
 
 
-def test_past_the_grace_period_nothing_more_is_committed(corpus, demo_model, tmp_path):
+def test_past_the_grace_period_nothing_more_is_committed(corpus, demo_model, output):
     """Row 10: SIGTERM with --grace-seconds 3 while every commit takes 2 s: the run stops by the deadline,
     says the open units were discarded, commits nothing after it, and the rerun comes out exactly once."""
-    where = Output("local", tmp_path, None)
-    out = Path(where.url)
-    cmd = command(demo_model, corpus["dataset"], out, "--grace-seconds", "3")
-    run = start(cmd, corpus, RACE_SLOW_COMMIT=2)
-    wait_for(lambda: committed(out) >= 1, "a first commit", process=run)
+    cmd = command(demo_model, corpus["dataset"], output.url, "--grace-seconds", "3")
+    run = start(cmd, corpus, env=output.env, RACE_SLOW_COMMIT=2)
+    wait_for(lambda: output.committed() >= 1, "a first commit", process=run)
     os.killpg(run.pid, signal.SIGTERM)
     signalled = time.time()
     code, err = finish(run)
     assert code == 143, err
     assert "grace period ran out" in err and "discarded" in err
-    records = RunManifest(LocalPlace(out)).records()
+    records = RunManifest(LocalPlace(output.local())).records()
     # a commit already in flight at the deadline may land; none starts after it
     assert all(r["finished_at"] <= signalled + 3 + 2 + 1 for r in records), [r["finished_at"] - signalled for r in records]
-    code, err = finish(start(cmd, corpus))
+    code, err = finish(start(cmd, corpus, env=output.env))
     assert code == 0, err
-    check_output(where, corpus)
+    check_output(output, corpus)
 
 
 def _children(pid: int) -> list[int]:
