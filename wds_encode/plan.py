@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
-from .job.parts import Part, PartError, parse_part, part_from_scheduler
+from .job.parts import Part, PartError, no_conditional_writes, parse_part, part_from_scheduler
 from .pipeline.manifest import OutputState, RunManifest, json_sha256, run_identity
 from .models import resolve_autoencoder_config
 from .models.pretrained import resolve_pretrained
@@ -89,11 +89,8 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
     except StorageError as exc:
         raise ConfigError(f"--output-path {redact_url(config.output_path)}: {exc.reason} "
                           f"(at {exc.place}); fix the path, the bucket or its permissions") from None
-    if not conditional:
-        raise ConfigError(f"--output-path {redact_url(config.output_path)}: this store ignores conditional writes "
-                          f"(If-None-Match), which array parts need to keep two tasks of a part apart (--part "
-                          f"{part.label}); use a store that has them (AWS S3, MinIO, a local disk), or run the job "
-                          "whole (no --part)")
+    if not conditional:   # refused here, before the model loads (the part's lease would refuse it too)
+        raise ConfigError(no_conditional_writes(redact_url(config.output_path), part))
     model_config, ckpt_path = resolve_model_source(config)
     ratio = int(resolve_autoencoder_config(model_config).ae_config["downsampling_ratio"])
     if config.chunking == "full":
@@ -138,7 +135,7 @@ def output_listing(config: EncodeConfig, dataset_config: DatasetConfig, storage:
     except StorageError:
         data = None   # the output's own check (check_writable) says what is wrong with it
     if data is not None and not config.relist:
-        units = units_from_listing(data, dataset_config, listing_fingerprint(dataset_config, config.files_per_unit))
+        units = kept_units(data, dataset_config, config.files_per_unit)
         if units is not None:
             return units, "kept"
         if not part.whole:
@@ -174,14 +171,13 @@ def keep_listing(inputs: RunInputs, place: Place) -> None:
     second deals from the listing that was kept (`inputs.units` become those), so every part deals the
     same units however the input changes. --relist and a changed dataset config (whole jobs only)
     replace it."""
-    fingerprint = listing_fingerprint(inputs.dataset_config, inputs.config.files_per_unit)
-    data = listing_bytes(inputs.units, fingerprint)
+    data = listing_bytes(inputs.units, listing_fingerprint(inputs.dataset_config, inputs.config.files_per_unit))
     if place.create(LISTING, data):
         return
     current = place.read(LISTING)
     if current == data:
         return
-    kept = units_from_listing(current, inputs.dataset_config, fingerprint) if current is not None else None
+    kept = kept_units(current, inputs.dataset_config, inputs.config.files_per_unit)
     if kept is not None and not inputs.config.relist:
         inputs.units, inputs.listing = kept, "kept"
         return
@@ -191,11 +187,17 @@ def keep_listing(inputs: RunInputs, place: Place) -> None:
 def adopt_kept_listing(inputs: RunInputs) -> None:
     """A rank other than 0 whose listing is not the one rank 0 deals from: rank 0 kept another part's
     listing (`keep_listing`); read it too."""
-    data = inputs.output_place().read(LISTING)
-    fingerprint = listing_fingerprint(inputs.dataset_config, inputs.config.files_per_unit)
-    kept = units_from_listing(data, inputs.dataset_config, fingerprint) if data is not None else None
+    kept = kept_units(inputs.output_place().read(LISTING), inputs.dataset_config, inputs.config.files_per_unit)
     if kept is not None:
         inputs.units, inputs.listing = kept, "kept"
+
+
+def kept_units(data: Optional[bytes], dataset_config: DatasetConfig, files_per_unit: int) -> Optional[list[Shard]]:
+    """The units of a kept listing made from this dataset config and unit size; None when there is none,
+    or it was made from others."""
+    if data is None:
+        return None
+    return units_from_listing(data, dataset_config, listing_fingerprint(dataset_config, files_per_unit))
 
 
 def units_fingerprint(units: list[Shard]) -> str:

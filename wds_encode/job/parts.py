@@ -166,6 +166,13 @@ class NoConditionalWrites(RuntimeError):
     """The output's store does not honour conditional writes, which array parts need."""
 
 
+def no_conditional_writes(url: str, part: Part) -> str:
+    """Why an array part is refused on a store that ignores conditional writes."""
+    return (f"{url}: this store ignores conditional writes (If-None-Match), so two tasks of one part could not "
+            f"be kept apart: array parts (--part {part.label}) need a store that has them (AWS S3, MinIO, a local "
+            "disk); run the job whole (no --part) here")
+
+
 def pid_namespace() -> Optional[str]:
     """This process's PID namespace and boot (two containers on one host share a hostname and may
     both be pid 1: only the same namespace on the same boot makes a pid comparable), or None."""
@@ -256,10 +263,7 @@ class Lease:
         waiting (to notice a stop signal or a failed job)."""
         if not self.place.conditional_writes():
             if not self.part.whole:
-                raise NoConditionalWrites(
-                    f"{self.place.url}: this store ignores conditional writes (If-None-Match), so two tasks of "
-                    f"one part could not be kept apart: array parts (--part {self.part.label}) need a store that "
-                    "has them (AWS S3, MinIO, a local disk); run the job whole (no --part) here")
+                raise NoConditionalWrites(no_conditional_writes(self.place.url, self.part))
             self._advisory = True
             self.say(f"warning: {self.place.url}: this store ignores conditional writes (If-None-Match), so "
                      "nothing keeps a second run on this output from writing beside this one: start one run at "

@@ -133,10 +133,16 @@ class RecordSet:
 
     records: list[UnitRecord]
     index_names: list[str]        # the index objects read
-    uncompacted: list[UnitRecord]       # records no index lists yet (found through the journals of marked writers)
     markers: list[dict]
     covers: dict[str, int] = field(default_factory=dict)   # per writer, the last journal entry these records cover
-    tails: dict[str, list[dict]] = field(default_factory=dict)  # marker name -> the records found past its index
+    # records no index lists yet, by where they were found: a marker's name (its writer's journal, or an
+    # older version's rank log), or "" (the listing of every record, when there is no index)
+    tails: dict[str, list[UnitRecord]] = field(default_factory=dict)
+
+    @property
+    def uncompacted(self) -> list[UnitRecord]:
+        """The records no index lists yet."""
+        return [record for found in self.tails.values() for record in found]
 
 
 class RunManifest:
@@ -189,14 +195,12 @@ class RunManifest:
                 covers[writer] = max(covers.get(writer, -1), int(seq))
             for record in records:
                 by_unit.setdefault(record["shard"], record)
-        tails: dict[str, list[dict]] = {}
-        uncompacted: list[dict] = []
+        tails: dict[str, list[UnitRecord]] = {}
 
         def take(source: str, records) -> None:
             for record in records:
                 if record is not None and record["shard"] not in by_unit:
                     by_unit[record["shard"]] = record
-                    uncompacted.append(record)
                     tails.setdefault(source, []).append(record)
 
         for marker in markers:
@@ -223,8 +227,7 @@ class RunManifest:
                 rel.startswith(f"{DONE_DIR}/") or rel.startswith(f"{LEGACY_LOG_DIR}/") or rel.count("/") == 1)]
             take("", map(parse_record, self.place.read_many(sorted(listed)).values()))
         records = sorted(by_unit.values(), key=lambda r: r["shard"])
-        return RecordSet(records=records, index_names=names, uncompacted=uncompacted, markers=markers,
-                         covers=covers, tails=tails)
+        return RecordSet(records=records, index_names=names, markers=markers, covers=covers, tails=tails)
 
     def write_record(self, record: UnitRecord) -> Optional[UnitRecord]:
         """Commit one unit: create its record, after the unit's outputs are visible; returns it as written.
@@ -365,28 +368,31 @@ class RunManifest:
         return removed + self.place.delete(rel for rel in ours if rel not in index) + self.place.remove_unfinished()
 
     # ------------------------------------------------------------------ derived views
-    def _rewrite_view(self, name: str, render: Callable[[list[dict]], bytes]) -> int:
+    def _rewrite_view(self, name: str, render: Callable[[list[UnitRecord]], bytes], empty_if_absent: bool = False
+                      ) -> None:
         """Rewrite a view of the records (filelist.txt, errors.jsonl) so that no writer's update is lost:
         read its version, then the records, then write it only if its version is unchanged (If-Match);
-        a view that changed meanwhile (another part rewrote it) is done again. Returns the records' count."""
+        a view that changed meanwhile (another part rewrote it) is done again. `empty_if_absent`: an empty
+        view is not created where there is none."""
         for _attempt in range(VIEW_WRITE_TRIES):
             current = self.place.read_tagged(name)
-            records = self.records()
-            if self.place.replace(name, render(records), current.tag if current else None) is not None:
-                return len(records)
+            data = render(self.records())
+            if current is None and empty_if_absent and not data:
+                return
+            if self.place.replace(name, data, current.tag if current else None) is not None:
+                return
         raise StorageError(self.place.child(name), f"kept changing while rewritten ({VIEW_WRITE_TRIES} tries); rerun")
 
     def write_error_log(self) -> int:
-        """Rewrite errors.jsonl from the records (every problem of every done unit); returns lines."""
+        """Rewrite errors.jsonl from the records (every problem of every done unit; none written while no
+        unit has one); returns lines."""
         lines: list[str] = []
 
-        def render(records: list[dict]) -> bytes:
+        def render(records: list[UnitRecord]) -> bytes:
             lines[:] = [json.dumps(problem, default=str) + "\n" for record in sorted(records, key=lambda r: r["shard"])
                         for problem in record.get("problems", ())]
             return "".join(lines).encode("utf-8")
-        if not any(r.get("problems") for r in self.records()) and self.place.read(ERRORS_LOG) is None:
-            return 0
-        self._rewrite_view(ERRORS_LOG, render)
+        self._rewrite_view(ERRORS_LOG, render, empty_if_absent=True)
         return len(lines)
 
     def write_filelist(self) -> int:

@@ -206,12 +206,13 @@ def _check_unique_ids(units: list[Shard]) -> None:
     seen: dict[str, Shard] = {}
     for unit in units:
         first = seen.setdefault(unit.shard_id, unit)
-        if first is not unit and first.url == unit.url:
+        if first is unit:
+            continue
+        if first.url == unit.url:
             raise ConfigError(f"dataset {unit.dataset_id!r}: {unit.url} is listed twice; name each shard once")
-        if first is not unit:
-            raise ConfigError(f"dataset {unit.dataset_id!r}: {first.url} and {unit.url} both make the unit "
-                              f"{unit.shard_id!r} (unit names replace separators and unsafe characters); "
-                              "rename one of them")
+        raise ConfigError(f"dataset {unit.dataset_id!r}: {first.url} and {unit.url} both make the unit "
+                          f"{unit.shard_id!r} (unit names replace separators and unsafe characters); "
+                          "rename one of them")
 
 
 def list_shards(config: DatasetConfig, storage: Optional[Storage] = None, *, files_per_unit: int = 64,
