@@ -19,7 +19,10 @@ from s3_support import fault_proxy, moto_s3, s3, s3_env  # noqa: F401  (fixtures
 WDS_ENCODE = str(Path(sys.executable).with_name("wds-encode"))
 
 
-GOLDEN_DIR = Path(os.environ.get("WDS_GOLDEN_DIR") or Path(__file__).resolve().parents[2] / "shared" / "golden")
+TESTS = Path(__file__).resolve().parent
+# the reference data of stable-audio-tools and SA3, copied into tests/ (each folder's README says what
+# every file is and how it was made), so that a clone with nothing beside it passes its tests
+GOLDEN_DIR = Path(os.environ.get("WDS_GOLDEN_DIR") or TESTS / "golden")
 GOLDEN_CKPTS = ("model.ckpt", "model.safetensors", "wrapped.safetensors")
 
 
@@ -35,7 +38,7 @@ SEANET_SMALL = {"model_type": "autoencoder", "sample_size": 3200, "sample_rate":
 def _golden_folder(root: Path, name: str, variable: str) -> Path:
     folder = root / name
     if not (folder / "model_config.json").is_file():
-        pytest.fail(f"golden data not found at {folder}: the checkout needs ../shared/{root.name} beside it, "
+        pytest.fail(f"golden data not found at {folder}: the checkout ships it under tests/{root.name}, "
                     f"or {variable} pointing at it")
     return folder
 
@@ -46,7 +49,7 @@ def golden(name: str) -> Path:
 
 
 GOLDEN_SA3_DIR = Path(os.environ.get("WDS_GOLDEN_SA3_DIR")
-                      or Path(__file__).resolve().parents[2] / "shared" / "golden-sa3")
+                      or TESTS / "golden-sa3")
 GOLDEN_SA3_MODELS = ("same_tiny_shift", "same_tiny_window", "same_tiny_two_stage")
 
 

@@ -1,5 +1,5 @@
 """models/same.py, models/transformer.py and the soft_norm bottleneck: Stable Audio 3's SAME autoencoders
-against the numbers SA3's own code computed (../shared/golden-sa3), in fp32 within 1e-4."""
+against the numbers SA3's own code computed (tests/golden-sa3), in fp32 within 1e-4."""
 
 from __future__ import annotations
 
