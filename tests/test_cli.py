@@ -162,7 +162,7 @@ def test_bad_config_fails_fast_with_the_field(tmp_path, demo_model):
     bad = write_dataset_config(tmp_path / "d.json", "wds", [{"id": "x"}])
     result = encode(demo_model, bad, tmp_path / "out")
     assert result.returncode == 2
-    assert "datasets[0] (x): needs path" in result.stderr and str(bad) in result.stderr
+    assert f'dataset config {bad}: datasets[0] (id "x") has no "path"' in result.stderr
     result = run_cli("--dataset-config", bad, "--output-path", tmp_path / "o", "--batch-size", "0",
                      "--model-config", demo_model[0], "--ckpt-path", demo_model[1])
     assert result.returncode == 2 and "batch_size" in result.stderr

@@ -1,18 +1,23 @@
 """Configuration at the edge: every option validated once, before any model is loaded.
 
 `EncodeConfig` holds the command's options (stable-audio-tools pre_encode.py names and defaults,
-plus ours). `DatasetConfig` parses stable-audio-tools dataset JSON. Both come from JSON or YAML
+plus ours). `DatasetConfig` parses stable-audio-tools dataset JSON; `load_dataset_config` also says which
+of its keys a run would ignore (a warning, or with --strict an error). Both come from JSON or YAML
 files; command-line flags override the file. Errors are `ConfigError` with the file and field.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 # Bounds for --sample-size: at least one latent frame of any real model, at most ~1 h at 192 kHz.
 MIN_SAMPLE_SIZE = 64
@@ -160,7 +165,8 @@ class EncodeConfig(BaseModel):
     grace_seconds: float = Field(25.0, gt=0, le=3600, description="After a stop signal (SIGTERM, SIGINT, SIGUSR1): "
                                  "seconds the units in flight get to finish and commit before they are discarded; "
                                  "the run then exits 128 + the signal (143 for SIGTERM)")
-    strict: bool = Field(False, description="Exit non-zero on any bad sample")
+    strict: bool = Field(False, description="Exit non-zero on any bad sample; refuse (exit 2) dataset config "
+                                            "keys a run would ignore: unknown or misspelled ones")
     max_errors: Optional[int] = Field(None, ge=0, description="Exit non-zero when more bad samples than this")
     overwrite: bool = Field(False, description="Allow writing into a non-empty output of another run")
     progress: bool = Field(True, description="Show progress (a bar on a terminal, else a line every "
@@ -272,9 +278,14 @@ def encode_config_from(file_values: dict | None, cli_values: dict, source: str =
     if "model_config_path" in merged:
         merged["model_config"] = merged.pop("model_config_path")
     try:
-        return EncodeConfig.model_validate(merged)
+        config = EncodeConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+    if config.strict and config.dataset_config is not None and config.dataset_config.is_file():
+        # --strict refuses the dataset config's unknown keys here, with the options, before the run plans:
+        # the plan loads the dataset config knowing nothing of --strict (its other problems are said there)
+        load_dataset_config(config.dataset_config, strict=True, report=False)
+    return config
 
 
 def fields_help() -> dict[str, tuple[Any, str]]:
@@ -286,6 +297,218 @@ def fields_help() -> dict[str, tuple[Any, str]]:
 
 
 # --------------------------------------------------------------------------- dataset config
+
+# The keys of a stable-audio-tools dataset config, as its create_dataloader_from_config reads them
+# (stable_audio_tools/data/dataset.py; pre_encode.py and train.py hand it the JSON as it is), and ours.
+# Read to encode (a top-level custom_metadata_module: stable-audio-tools' audio_dir until 0.0.16, ours for all):
+DATASET_KEYS_USED = ("dataset_type", "datasets", "random_crop", "custom_metadata_module")
+DATASET_ENTRY_KEYS_USED = ("id", "path", "s3_path", "profile", "custom_metadata_module",
+                           "endpoint_url", "region")   # the last two are ours (an S3-compatible store)
+# Known, and ignored without a word: stable-audio-tools reads them to train, or to read latents back.
+DATASET_KEYS_IGNORED = (
+    "drop_last", "epoch_steps", "resampled_shards",                  # its training DataLoader and shard sampling
+    "silence_threshold", "max_silence_duration", "volume_norm_param",  # settings of the two switches below
+    "latent_crop_length", "latent_extension", "min_length_sec", "max_length_sec",   # "pre_encoded" datasets
+    # switches of processing before encoding that wds-encode does not do: quiet while off, warned when on
+    "remove_silence", "volume_norm", "pre_encoded",
+)
+DATASET_ENTRY_KEYS_IGNORED = ("latent_crop_length",)   # per dataset in its docs/datasets.md pre_encoded example
+# The switches of stable-audio-tools' wds (and s3) reader that change what its pre_encode.py encodes, and what
+# each does when true (its audio_dir reader has none of them)
+NOT_APPLIED_WHEN_TRUE = {
+    "remove_silence": "stable-audio-tools shortens the long silences of mono audio before encoding, "
+                      "wds-encode encodes the audio as it is",
+    "volume_norm": "stable-audio-tools sets each window's loudness (volume_norm_param, LUFS) before encoding, "
+                   "wds-encode encodes the audio at its own loudness",
+    "pre_encoded": "stable-audio-tools would read these shards as latents already encoded, wds-encode reads audio "
+                   "from them and encodes it",
+}
+DATASET_TYPES = ("wds", "s3", "audio_dir")
+_TYPES_HELP = ('"wds" (WebDataset tar shards, local or s3://), "s3" (the same; stable-audio-tools\' older name) '
+               'or "audio_dir" (a folder of audio files)')
+_ENTRY_HELP = '{"id": "a name", "path": "/folder/of/shards/"}'
+
+
+@dataclass(frozen=True)
+class IgnoredSetting:
+    """A key of a dataset config that the run would not apply: unknown (`suggestion`: the closest known key), in
+    the wrong place, or a stable-audio-tools switch that wds-encode does not do."""
+
+    where: str                  # "" for the top level, else the entry: 'datasets[0] (id "x")'
+    key: str
+    text: str                   # what is wrong, in the user's words
+    suggestion: Optional[str] = None
+
+    def line(self, source: str, consequence: str = "it is ignored") -> str:
+        return f"{source}: {self.where + ': ' if self.where else ''}{self.text}; {consequence}"
+
+
+def _normal(key: str) -> str:
+    return key.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def closest_key(key: str, known: Sequence[str]) -> Optional[str]:
+    """The known key `key` most likely misspells: the same but for case, dashes or spaces, else difflib's
+    closest (ratio 0.6 and up); None when none is near."""
+    by_normal = {_normal(k): k for k in known}
+    if _normal(key) in by_normal:
+        return by_normal[_normal(key)]
+    found = difflib.get_close_matches(_normal(key), list(by_normal), n=1, cutoff=0.6)
+    return by_normal[found[0]] if found else None
+
+
+def _entry_label(index: int, entry: Any) -> str:
+    ident = entry.get("id") if isinstance(entry, dict) else None
+    if isinstance(ident, str) and ident:
+        return f"datasets[{index}] (id {json.dumps(ident)})"
+    return f"datasets[{index}]"
+
+
+def _json(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unknown_keys(obj: dict, known: Sequence[str], elsewhere: Sequence[str], where: str,
+                  elsewhere_text: str) -> list[IgnoredSetting]:
+    found = []
+    for key in obj:
+        if not isinstance(key, str) or key in known:
+            continue
+        if key in elsewhere:
+            found.append(IgnoredSetting(where, key, f'"{key}" {elsewhere_text}'))
+            continue
+        suggestion = closest_key(key, known)
+        hint = (f' (did you mean "{suggestion}"?)' if suggestion
+                else " (not a key of stable-audio-tools or wds-encode)")
+        found.append(IgnoredSetting(where, key, f"unknown key {json.dumps(key)}{hint}", suggestion))
+    return found
+
+
+def ignored_dataset_settings(data: Any) -> list[IgnoredSetting]:
+    """Every key of a dataset config (as parsed from its JSON) that a run would not apply: keys that neither
+    stable-audio-tools nor wds-encode knows, at the top level and in each entry of `datasets` (each with
+    the closest known key), keys of one level given at the other, and stable-audio-tools' switches of
+    processing before encoding (`NOT_APPLIED_WHEN_TRUE`) turned on. Its other keys pass without a word."""
+    if not isinstance(data, dict):
+        return []
+    top_known = DATASET_KEYS_USED + DATASET_KEYS_IGNORED
+    entry_known = DATASET_ENTRY_KEYS_USED + DATASET_ENTRY_KEYS_IGNORED
+    found = _unknown_keys(data, top_known, entry_known, "", 'is a key of each dataset, not of the whole config '
+                          '(move it into the entries of "datasets")')
+    for key, what in NOT_APPLIED_WHEN_TRUE.items():
+        if data.get(key) is True and data.get("dataset_type") in ("wds", "s3"):
+            found.append(IgnoredSetting("", key, f'"{key}": true: {what}'))
+    datasets = data.get("datasets")
+    for index, entry in enumerate(datasets if isinstance(datasets, list) else []):
+        if isinstance(entry, dict):
+            found += _unknown_keys(entry, entry_known, top_known, _entry_label(index, entry),
+                                   "is a key of the whole config, not of one dataset (move it to the top level)")
+    return found
+
+
+def _missing(obj: dict, key: str, known: Sequence[str]) -> str:
+    """` (is "pth" meant to be "path"?)` when an unknown key of `obj` is closest to the missing `key`."""
+    for other in obj:
+        if isinstance(other, str) and other not in known and closest_key(other, known) == key:
+            return f' (is {json.dumps(other)} meant to be "{key}"?)'
+    return ""
+
+
+def dataset_config_problems(data: Any) -> list[str]:
+    """What makes `data` no dataset config, one sentence per problem (without the file): a missing
+    required key (dataset_type, datasets, each dataset's id, and its path or s3_path) or one of the
+    wrong type, a repeated id. Values of other keys are checked by `DatasetConfig`."""
+    if not isinstance(data, dict):
+        return [f"a dataset config is a JSON object with \"dataset_type\" and \"datasets\" (got {_json(data)})"]
+    top_known = DATASET_KEYS_USED + DATASET_KEYS_IGNORED
+    entry_known = DATASET_ENTRY_KEYS_USED + DATASET_ENTRY_KEYS_IGNORED
+    problems = []
+    dataset_type = data.get("dataset_type")
+    if "dataset_type" not in data:
+        problems.append(f'no "dataset_type"{_missing(data, "dataset_type", top_known)}: give {_TYPES_HELP}')
+    elif dataset_type == "pre_encoded":
+        problems.append('"dataset_type" "pre_encoded" is stable-audio-tools\' reader of latents already encoded; '
+                        f"to encode audio, give {_TYPES_HELP}")
+    elif dataset_type not in DATASET_TYPES:
+        problems.append(f'"dataset_type" {_json(dataset_type)} is not one wds-encode reads: give {_TYPES_HELP}')
+    datasets = data.get("datasets")
+    if "datasets" not in data:
+        problems.append(f'no "datasets"{_missing(data, "datasets", top_known)}: give a list of the datasets to '
+                        f"encode, each {_ENTRY_HELP}")
+        return problems
+    if isinstance(datasets, dict):
+        return problems + [f'"datasets" is one object, not a list: put it in [ ] (a list of datasets, each '
+                           f"{_ENTRY_HELP})"]
+    if not isinstance(datasets, list):
+        return problems + [f'"datasets" must be a list of datasets, each {_ENTRY_HELP} (got {_json(datasets)})']
+    if not datasets:
+        return problems + [f'"datasets" is empty: give at least one dataset, {_ENTRY_HELP}']
+    first_of: dict[str, int] = {}
+    for index, entry in enumerate(datasets):
+        label = _entry_label(index, entry)
+        if not isinstance(entry, dict):
+            problems.append(f"{label} must be an object, {_ENTRY_HELP} (got {_json(entry)})")
+            continue
+        ident = entry.get("id")
+        if "id" not in entry:
+            problems.append(f'{label} has no "id"{_missing(entry, "id", entry_known)}: give each dataset a short '
+                            "name, unique in the config (its work units are named ID/SHARD, and it is written as "
+                            "dataset_id in the metadata of every window)")
+        elif not isinstance(ident, str) or not ident.strip():
+            problems.append(f'{label}: "id" must be a non-empty string, a short name unique in the config '
+                            f"(got {_json(ident)})")
+        elif ident in first_of:
+            problems.append(f"datasets[{first_of[ident]}] and datasets[{index}] have the same id "
+                            f"{json.dumps(ident)}: dataset ids must be unique (they name the work units and "
+                            "outputs)")
+        else:
+            first_of[ident] = index
+        for key in ("path", "s3_path"):
+            if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
+                problems.append(f'{label}: "{key}" must be a non-empty string (got {_json(entry[key])})')
+        path, s3_path = entry.get("path"), entry.get("s3_path")
+        if any(key in entry and not (isinstance(entry[key], str) and entry[key].strip())
+               for key in ("path", "s3_path")):
+            continue   # said above
+        if dataset_type == "s3":
+            if not s3_path and not (path or "").startswith("s3://"):
+                got = (f' (its "path" {_json(path)} is not an s3:// URL)' if path
+                       else _missing(entry, "s3_path", entry_known))
+                problems.append(f'{label} has no "s3_path"{got}: "dataset_type" "s3" reads tar shards from S3, '
+                                "give the s3://bucket/prefix/ that holds them")
+        elif "path" not in entry and "s3_path" not in entry:
+            what = ("the folder of its audio files" if dataset_type == "audio_dir"
+                    else "the folder, tar shard pattern or s3:// URL of its audio")
+            problems.append(f'{label} has no "path"{_missing(entry, "path", entry_known)}: give {what}')
+    return problems
+
+
+_PYDANTIC_WORDS = {"bool_type": "must be true or false", "bool_parsing": "must be true or false",
+                   "string_type": "must be a string", "list_type": "must be a list",
+                   "dict_type": "must be an object"}
+
+
+def _dataset_validation_error(exc: ValidationError, data: dict, source: str) -> str:
+    """pydantic's errors of a DatasetConfig in our words: `source: datasets[0] (id "x"): "profile" must be a
+    string (got 3)`."""
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = ""
+        if len(loc) >= 2 and loc[0] == "datasets" and isinstance(loc[1], int):
+            datasets = data.get("datasets")
+            entry = datasets[loc[1]] if isinstance(datasets, list) and loc[1] < len(datasets) else None
+            where, loc = _entry_label(loc[1], entry) + ": ", loc[2:]
+        key = ".".join(str(p) for p in loc)
+        msg = _PYDANTIC_WORDS.get(err["type"], err["msg"].removeprefix("Value error, "))
+        got = f" (got {_json(err['input'])})" if "input" in err and err["type"] != "missing" else ""
+        lines.append(f"{source}: {where}{json.dumps(key) + ' ' if key else ''}{msg}{got}")
+    return "\n".join(lines)
+
 
 class DatasetEntry(BaseModel):
     """One entry of `datasets[]` in a stable-audio-tools dataset config."""
@@ -302,7 +525,9 @@ class DatasetEntry(BaseModel):
 
 
 class DatasetConfig(BaseModel):
-    """stable-audio-tools dataset JSON: `dataset_type`, `datasets[]`, `random_crop` (drop_last ignored)."""
+    """stable-audio-tools dataset JSON: `dataset_type`, `datasets[]`, `random_crop` (drop_last ignored).
+    Unknown keys are kept (and dumped: the kept listing's fingerprint hashes the dump); `load_dataset_config`
+    warns about them, or refuses them with --strict."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -311,33 +536,67 @@ class DatasetConfig(BaseModel):
     random_crop: bool = True
     custom_metadata_module: Optional[str] = None
     drop_last: Optional[bool] = None
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _paths_present(self) -> "DatasetConfig":
-        ids = [d.id for d in self.datasets]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ValueError(f"dataset ids must be unique, repeated: {dupes}")
-        for i, entry in enumerate(self.datasets):
-            if self.dataset_type == "s3":
-                if not (entry.s3_path or (entry.path or "").startswith("s3://")):
-                    raise ValueError(f"datasets[{i}] ({entry.id}): dataset_type s3 needs s3_path")
-            elif not entry.path and not entry.s3_path:
-                raise ValueError(f"datasets[{i}] ({entry.id}): needs path")
+        problems = dataset_config_problems(self.model_dump(exclude_none=True))
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def warnings(self) -> list[str]:
+        """What `load_dataset_config` found the run would not apply, one line each, naming the file."""
+        return list(self._warnings)
 
     def metadata_module_for(self, entry: DatasetEntry) -> Optional[str]:
         return entry.custom_metadata_module or self.custom_metadata_module
 
 
-def load_dataset_config(path: str | Path) -> DatasetConfig:
-    data = read_config_file(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a dataset config is a JSON object with dataset_type and datasets")
+# torch's elastic agent gives the ranks that `--devices N` starts this run id prefix (job.distributed,
+# spawn_local_ranks); the process that started them has checked the inputs, and said what it found, already
+SPAWNED_RUN_ID_PREFIX = "wds-encode-"
+
+
+def speaks_for_job(env: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether this process prints what the job's configuration check found: a process started alone (which
+    may go on to start `--devices` ranks), or rank 0 under torchrun or srun; not the other ranks, nor the
+    ranks `--devices` started (their parent printed it). Decode workers never load the config."""
+    env = os.environ if env is None else env
+    if env.get("TORCHELASTIC_RUN_ID", "").startswith(SPAWNED_RUN_ID_PREFIX):
+        return False
+    from .job.distributed import detect_launch   # here: it imports this module
+    try:
+        launch = detect_launch(env)
+    except ConfigError:
+        return True    # the run stops on this environment soon, with its own message
+    return launch is None or launch.rank == 0
+
+
+def load_dataset_config(path: str | Path, strict: bool = False, report: bool = True) -> DatasetConfig:
+    """Read and check a dataset config. What the run would not apply (`ignored_dataset_settings`: unknown keys,
+    with the closest known one) is refused with `strict`; otherwise kept in `.warnings` and, with `report`,
+    printed to stderr by the process that speaks for the job (`speaks_for_job`)."""
+    source = f"dataset config {path}"
+    try:
+        data = read_config_file(path)
+    except ConfigError as exc:
+        raise ConfigError(f"dataset config {exc}") from None
+    problems = dataset_config_problems(data)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    ignored = ignored_dataset_settings(data)
+    if strict and ignored:
+        raise ConfigError("\n".join(s.line(source, "--strict refuses what a run would ignore") for s in ignored))
     try:
         config = DatasetConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+        raise ConfigError(_dataset_validation_error(exc, data, source)) from None
+    config._warnings = [s.line(source) for s in ignored]
+    if report and config._warnings and speaks_for_job():
+        for line in config._warnings:
+            print(f"wds-encode: warning: {line}", file=sys.stderr)
     base = Path(path).resolve().parent
     for entry in config.datasets:
         for module_field in ("custom_metadata_module",):
