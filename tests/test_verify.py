@@ -13,7 +13,8 @@ from conftest import run_cli, write_tar
 from wds_encode.models.demo_model import demo_state_dict
 from wds_encode.synth import encode_audio_bytes
 from wds_encode.storage import LocalPlace, Storage
-from wds_encode.tools.verify import WindowCheck, pick_windows, read_source, snr_db, verdict
+from wds_encode.tools.verify import (WindowCheck, format_figures, negative_snr_note, pick_windows,
+                                     read_source, snr_db, verdict)
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +38,91 @@ def test_verify_passes_with_the_model_that_wrote_the_output(demo_output):
     assert "OK: 12 windows match this model" in result.stdout
 
 
-def test_verify_checks_full_length_windows_at_their_own_length(demo_output, tmp_path, demo_model):
-    """`--chunking full` writes each file at its own length (rounded up to the ratio): verify re-encodes
-    each at that length, not at --sample-size, and compares decoded audio of differing lengths."""
-    out = tmp_path / "full"
+FULL_SAMPLE_SIZE = 65536   # the demo's --sample-size: most demo files (0.3-3 s at 44.1 kHz) are longer
+
+
+@pytest.fixture(scope="module")
+def full_output(demo_output, demo_model, tmp_path_factory):
+    """The demo dataset encoded with `--chunking full` and the demo's --sample-size 65536: every file at its
+    own length rounded up to the ratio, most of them longer than --sample-size (issue 28)."""
+    out = tmp_path_factory.mktemp("verify-full") / "full"
     run = run_cli("run", "--model-config", demo_model[0], "--ckpt-path", demo_model[1], "--dataset-config",
                   demo_output.parent / "dataset_config.json", "--output-path", out, "--chunking", "full",
-                  "--batch-size", "4", "--num-workers", "1", "--devices", "1", "--no-progress")
+                  "--sample-size", FULL_SAMPLE_SIZE, "--max-chunks", "4", "--batch-size", "4", "--num-workers", "1",
+                  "--devices", "1", "--no-progress")
     assert run.returncode == 0, run.stderr
-    lengths = {json.loads(p.read_text())["latent_length"] for p in out.glob("0/*.json")}
-    assert len(lengths) > 3                     # windows really differ in length
-    result = run_cli("verify", out, "-n", 8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_verified(full_output):
+    """`wds-encode verify` of `full_output` with the model that wrote it (8 windows)."""
+    return run_cli("verify", full_output, "-n", 8)
+
+
+def figure(stdout: str, name: str) -> str:
+    """The value printed beside a verify figure (`median SNR   5.18 dB  (...)` -> `5.18`)."""
+    lines = [line for line in stdout.splitlines() if line.startswith(name + " ")]
+    assert len(lines) == 1, stdout
+    return lines[0][len(name):].split()[0]
+
+
+def test_verify_checks_full_length_windows_at_their_own_length(full_output, full_verified):
+    """`--chunking full` writes each file at its own length rounded up to the ratio, past --sample-size for a
+    long file: verify re-encodes each at that length (not cut to the audio or to --sample-size) and passes."""
+    windows = {md["latent_id"]: md for md in (json.loads(p.read_text()) for p in full_output.glob("0/*.json"))}
+    assert len({md["latent_length"] for md in windows.values()}) > 3     # windows really differ in length
+    result = full_verified
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[1:9]]
-    assert all(float(r[4]) < 1e-4 for r in rows)
+    assert len(rows) == 8 and all(float(r[4]) < 1e-4 for r in rows)
+    # the windows that were flagged before: longer than --sample-size, not a whole number of latent frames
+    long = [windows[r[0]] for r in rows if windows[r[0]]["valid_length"] > FULL_SAMPLE_SIZE
+            and windows[r[0]]["valid_length"] % 64]
+    assert len(long) >= 2, result.stdout
+    assert all(md["latent_length"] == -(-md["valid_length"] // 64) for md in long)
+    assert "latent shape" not in result.stdout and "FLAGGED" not in result.stdout
     assert "OK: 8 windows match this model" in result.stdout
+
+
+def test_verify_flags_a_wrong_model_on_full_length_windows(full_output, demo_model, tmp_path):
+    """The same output with the demo architecture's untrained weights: flagged because re-encoding gives other
+    latents (the shapes agree, so every window is checked), not because windows could not be checked."""
+    wrong = tmp_path / "untrained.safetensors"
+    save_file(demo_state_dict(), str(wrong))
+    result = run_cli("verify", full_output, "-n", 8, "--model-config", demo_model[0], "--ckpt-path", wrong)
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:9]]
+    assert len(rows) == 8 and all(1e-3 < float(r[4]) < float("inf") for r in rows)
+    assert "re-encoding the sources gives different latents" in result.stdout
+    assert "could not be checked" not in result.stdout and "latent shape" not in result.stdout
+    assert float(figure(result.stdout, "median re-encode difference")) > 1e-3   # the figures, flagged or not
+    assert figure(result.stdout, "checkpoint") == "NOT"
+    assert "OK:" not in result.stdout
+
+
+def test_verify_prints_the_figures_it_judged_by_and_explains_a_negative_snr(full_verified):
+    """An OK verdict shows the medians it was taken from, each beside its limit, and says in one line why a
+    negative SNR does not make the output wrong."""
+    result = full_verified
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:9]]
+    snrs, mels, reencodes = ([float(r[i]) for r in rows] for i in (1, 2, 4))
+    assert float(figure(result.stdout, "median SNR")) == pytest.approx(np.median(snrs), abs=0.01)
+    assert float(figure(result.stdout, "median mel distance")) == pytest.approx(np.median(mels), abs=1e-3)
+    assert float(figure(result.stdout, "median re-encode difference")) == pytest.approx(np.median(reencodes),
+                                                                                        rel=0.02)
+    closest = sum(int(r[3]) == 0 for r in rows)
+    assert f"closest to own source        {closest} of 8 decoded windows" in result.stdout
+    assert "(flagged above 0.001" in result.stdout and "(flagged below 50%" in result.stdout
+    assert "median SNR" in result.stdout and "not judged; --min-snr DB flags a median below DB" in result.stdout
+    negative = sum(v < 0 for v in snrs)
+    assert negative > 0            # the small demo model: some windows decode below 0 dB, and still pass
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert notes == [notes[0]] and notes[0].startswith(f"note: {negative} of 8 windows have a negative SNR")
+    assert "does not judge by SNR unless --min-snr is given" in notes[0]
+    lines = result.stdout.splitlines()
+    assert lines.index(notes[0]) == lines.index("OK: 8 windows match this model") + 1
 
 
 def test_verify_flags_a_wrong_checkpoint(demo_output, tmp_path, demo_model):
@@ -83,6 +154,16 @@ def test_snr_and_verdict():
     assert "not recognisably their sources" in verdict(shuffled)[0]
     reencoded = [WindowCheck(str(i), "k", None, None, 0.3) for i in range(4)]
     assert "different latents" in verdict(reencoded)[0]
+    lossy = good[:3] + [WindowCheck("3", "k", -2.4, 0.6, 1e-7, rank=0)]
+    assert verdict(lossy) == [] and negative_snr_note(good) is None
+    assert negative_snr_note(lossy).startswith("note: 1 of 4 windows have a negative SNR")
+    assert "judges SNR only by its median, against --min-snr 3 dB" in negative_snr_note(lossy, 3.0)
+    shown = format_figures(lossy, 3.0)
+    assert "median SNR                   10.00 dB  (flagged below --min-snr 3 dB)" in shown
+    assert "closest to own source        4 of 4 decoded windows (100%)" in shown
+    assert "median re-encode difference  1e-07" in shown and "median mel distance          0.500" in shown
+    assert "windows not checked" not in shown
+    assert "windows not checked          1 of 1" in format_figures([WindowCheck("0", "k", None, None, None, "gone")])
 
 
 def test_read_source_from_tar_member_and_file(tmp_path):

@@ -123,6 +123,17 @@ def source_window(md: dict, channels: int, sample_rate: int, sample_size: int, s
     return window, segment.shape[1]
 
 
+def encoded_size(md: dict, chunking: Optional[str], sample_size: int, ratio: int) -> int:
+    """How many samples the run encoded for a window (its audio, then zeros), as `plan_windows` sized it:
+    --sample-size, or with `--chunking full` the window's own length rounded up to the downsampling ratio
+    (a file written with --overlap: the whole file so rounded, which its chunks cover exactly). That
+    rounding can exceed both --sample-size and the audio, so the window is sized by it, not cut from them."""
+    valid = int(md["valid_length"])
+    if chunking == "full":
+        return -(-valid // ratio) * ratio
+    return max(sample_size, valid)
+
+
 def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     noise = (reference - estimate).pow(2).sum().item()
     signal = reference.pow(2).sum().item()
@@ -192,15 +203,13 @@ def verify_output(place: Place, model, *, details: dict, n: int = 8, seed: int =
         check = WindowCheck(latent_id, md.get("key", md.get("__key__", "")), None, None, None)
         try:
             window, length = source_window(md, model.in_channels, model.sample_rate,
-                                           max(sample_size, int(md["valid_length"])), storage,
+                                           encoded_size(md, args.get("chunking"), sample_size,
+                                                        model.downsampling_ratio), storage,
                                            dataset_s3_options(details, md.get("dataset_id")))
         except Exception as exc:
             check.problem = f"source not readable: {exc}"
             checks.append(check)
             continue
-        if args.get("chunking") == "full":   # every window at its own length, rounded up to the ratio
-            size = -(-int(md["valid_length"]) // model.downsampling_ratio) * model.downsampling_ratio
-            window = window[:, :size]
         mask = torch.zeros(1, window.shape[-1], dtype=torch.bool)
         mask[0, :length] = True
         again = _reencode(encoder, window, mask, md)
@@ -248,28 +257,87 @@ def checkpoint_matches(details: dict, ckpt_path: Path) -> Optional[bool]:
     return file_sha256(ckpt_path) == recorded
 
 
+@dataclass
+class Figures:
+    """What `verdict` judges an output by, over the checked windows (None: nothing to take it from)."""
+    windows: int
+    broken: int                          # windows that could not be checked
+    reencode: Optional[float]            # median relative difference (discrete: fraction of tokens that differ)
+    own_source: Optional[tuple[int, int]]  # (decoded windows closest to their own source, ranked windows); >= 2
+    mel: Optional[float]                 # median log-mel distance to the own source
+    snr_db: Optional[float]              # median round-trip SNR
+    negative_snr: int                    # windows whose round-trip SNR is below 0 dB
+
+
+def figures(checks: list[WindowCheck]) -> Figures:
+    def median(values):
+        return float(np.median(values)) if values else None
+    ranked = [c.rank for c in checks if c.rank is not None]
+    snrs = [c.snr_db for c in checks if c.snr_db is not None]
+    return Figures(windows=len(checks), broken=sum(1 for c in checks if c.problem),
+                   reencode=median([c.reencode_error for c in checks if c.reencode_error is not None]),
+                   own_source=(sum(r == 0 for r in ranked), len(ranked)) if len(ranked) >= 2 else None,
+                   mel=median([c.mel_distance for c in checks if c.mel_distance is not None]),
+                   snr_db=median(snrs), negative_snr=sum(1 for v in snrs if v < 0))
+
+
 def verdict(checks: list[WindowCheck], min_snr_db: Optional[float] = None) -> list[str]:
     """Human-readable reasons to distrust the output; empty when it looks right."""
     reasons = []
+    f = figures(checks)
     broken = [c for c in checks if c.problem]
     if broken:
         reasons.append(f"{len(broken)} windows could not be checked ({broken[0].problem})")
-    errors = [c.reencode_error for c in checks if c.reencode_error is not None]
-    if errors and float(np.median(errors)) > REENCODE_TOLERANCE:
+    if f.reencode is not None and f.reencode > REENCODE_TOLERANCE:
         reasons.append(f"re-encoding the sources gives different latents (median relative difference "
-                       f"{np.median(errors):.3g} > {REENCODE_TOLERANCE}): this is not the model, checkpoint or "
+                       f"{f.reencode:.3g} > {REENCODE_TOLERANCE}): this is not the model, checkpoint or "
                        "options that wrote this output")
-    ranked = [c.rank for c in checks if c.rank is not None]
-    if len(ranked) >= 2:
-        own = sum(r == 0 for r in ranked) / len(ranked)
+    if f.own_source is not None:
+        closest, ranked = f.own_source
+        own = closest / ranked
         if own < MIN_OWN_SOURCE_FRACTION:
             reasons.append(f"decoded windows are not recognisably their sources: only {own:.0%} are closer to their "
-                           f"own source than to the other {len(ranked) - 1} sampled ones (log-mel distance); "
+                           f"own source than to the other {ranked - 1} sampled ones (log-mel distance); "
                            "wrong checkpoint or config")
-    snrs = [c.snr_db for c in checks if c.snr_db is not None]
-    if min_snr_db is not None and snrs and float(np.median(snrs)) < min_snr_db:
-        reasons.append(f"median round-trip SNR {np.median(snrs):.1f} dB < --min-snr {min_snr_db} dB")
+    if min_snr_db is not None and f.snr_db is not None and f.snr_db < min_snr_db:
+        reasons.append(f"median round-trip SNR {f.snr_db:.1f} dB < --min-snr {min_snr_db} dB")
     return reasons
+
+
+def format_figures(checks: list[WindowCheck], min_snr_db: Optional[float] = None) -> str:
+    """The figures `verdict` judged by, each beside the limit it is held to, printed whatever the verdict."""
+    f = figures(checks)
+    lines = []
+    if f.broken:
+        lines.append(f"{'windows not checked':<28} {f.broken} of {f.windows}  (flagged when any)")
+    lines.append(f"{'median re-encode difference':<28} "
+                 + ("-" if f.reencode is None else f"{f.reencode:.3g}")
+                 + f"  (flagged above {REENCODE_TOLERANCE:g}; ~0 only for the model and options that wrote it)")
+    if f.own_source is None:
+        lines.append(f"{'closest to own source':<28} -  (needs at least 2 decoded windows)")
+    else:
+        closest, ranked = f.own_source
+        lines.append(f"{'closest to own source':<28} {closest} of {ranked} decoded windows ({closest / ranked:.0%})  "
+                     f"(flagged below {MIN_OWN_SOURCE_FRACTION:.0%}; log-mel distance to every sampled source)")
+    lines.append(f"{'median mel distance':<28} " + ("-" if f.mel is None else f"{f.mel:.3f}")
+                 + "  (to the own source; judged only through the ranking above)")
+    snr_limit = ("not judged; --min-snr DB flags a median below DB" if min_snr_db is None
+                 else f"flagged below --min-snr {min_snr_db:g} dB")
+    lines.append(f"{'median SNR':<28} " + ("-" if f.snr_db is None else f"{f.snr_db:.2f} dB") + f"  ({snr_limit})")
+    return "\n".join(lines)
+
+
+def negative_snr_note(checks: list[WindowCheck], min_snr_db: Optional[float] = None) -> Optional[str]:
+    """One line on what a negative round-trip SNR means for an output `verdict` found right; None if none is."""
+    f = figures(checks)
+    if not f.negative_snr:
+        return None
+    judged = ("verify does not judge by SNR unless --min-snr is given" if min_snr_db is None
+              else f"verify judges SNR only by its median, against --min-snr {min_snr_db:g} dB")
+    return (f"note: {f.negative_snr} of {f.windows} windows have a negative SNR (the difference between the "
+            f"decoded waveform and its source holds more energy than the source): this model's round trip is lossy "
+            f"(a small model, or one that does not keep phase), and {judged}; the output is judged by re-encoding "
+            f"reproducing the stored latents and by decoded windows being closest to their own source")
 
 
 def format_checks(checks: list[WindowCheck]) -> str:
