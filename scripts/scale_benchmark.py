@@ -272,8 +272,8 @@ def timed_run(name: str, cmd: list[str], env: dict, counter: RequestCounter | No
 
 
 def units_line(stdout: str) -> str:
-    """The summary's `units  N encoded, M already done, ...` line, or ''."""
-    found = re.search(r"^\s*units\s+(.*)$", stdout, re.MULTILINE)
+    """The summary's `units  N encoded, M already done, ...` line (a no-op rerun: its `nothing to do: ...`), or ''."""
+    found = re.search(r"^\s*(?:units\s+|(?=nothing to do:))(.*)$", stdout, re.MULTILINE)
     return found.group(1).strip() if found else ""
 
 

@@ -72,6 +72,12 @@ def test_sigterm_commits_the_units_in_flight_and_the_rerun_finishes_exactly_once
     after = records(out)
     assert before < after < 14, (before, after)             # what was in flight was committed, not all
     assert "stopped by SIGTERM" in result.stderr and f"{after} of 14 done" in result.stderr, result.stderr
+    # one stop line for the job (not one from rank 0 and another from the --devices parent), and the stopped
+    # run's summary names its output and adds up, as a finished run's does
+    assert result.stderr.count("stopped by SIGTERM") == 1, result.stderr
+    summary = result.stdout.splitlines()
+    assert f"  units      {after} encoded, 0 already done, 0 broken, {14 - after} left (of 14)" in summary, result.stdout
+    assert summary[-1] == f"  output     {out}", result.stdout
     assert not list((out / "manifest" / "writing").glob("*")), "every rank closed its writing marker"
     status = json.loads(run_cli("status", out, "--json").stdout)
     assert status["units"]["done"] == after and status["units"]["remaining"] == 14 - after

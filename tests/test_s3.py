@@ -173,7 +173,7 @@ def test_s3_in_s3_out_five_shards_two_workers(s3, five_shards, demo_model, tmp_p
 
     again = wds_encode(*encode_args(demo_model, s3_dataset_config(tmp_path, source), out), env=env)
     assert again.returncode == 0, again.stderr
-    assert "0 encoded, 5 already done" in again.stdout
+    assert "nothing to do: all 5 units were already done" in again.stdout
 
 
 @pytest.mark.parametrize("direction", ["s3-in-local-out", "local-in-s3-out"])

@@ -41,12 +41,31 @@ def _click_type(annotation):
     return click.STRING
 
 
+# What an option left unset (None) means, where its description does not say it already
+UNSET_DEFAULTS = {"limit_batches": "no limit", "max_chunks": "no limit", "max_errors": "no limit",
+                  "num_parts": "from --part K/N or the scheduler's variables"}
+
+
+def default_text(name: str, field) -> Optional[str]:
+    """The `[default: ...]` shown for an option, or None where there is nothing to show: a required option,
+    or one whose description says its default itself. Booleans read on / off."""
+    default = field.default
+    if "default" in (field.description or "").lower():
+        return None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None:
+        return UNSET_DEFAULTS.get(name)
+    return str(default)
+
+
 def encode_options(func):
     """Decorate `func` with one click option per EncodeConfig field (default shown, None passed)."""
     for name, field in reversed(list(EncodeConfig.model_fields.items())):
         cli_name = (field.alias or name).replace("_", "-")
         default = field.default
-        help_text = f"{field.description} [default: {default}]"
+        shown = default_text(name, field)
+        help_text = f"{field.description}" + (f" [default: {shown}]" if shown is not None else "")
         if field.annotation is bool or field.annotation == Optional[bool]:
             decl = f"--{cli_name}/--no-{cli_name}" if default is not False else f"--{cli_name}"
             func = click.option(decl, name, is_flag=True, default=None, help=help_text)(func)
@@ -73,17 +92,30 @@ def build_config(ctx: click.Context, config_file: Path | None, values: dict) -> 
     return encode_config_from(file_values, given, source)
 
 
-def format_summary(stats) -> str:
+def format_summary(stats, output: Optional[str] = None) -> str:
+    """The job's summary (rank 0 prints it); `output`: the output's URL (credentials redacted), last."""
     d = stats.as_dict()
-    lines = [
-        "wds-encode summary",
-        f"  units      {d['units_done']} encoded, {d['units_skipped']} already done, "
-        f"{d['units_failed']} broken (of {d['units_total']})"
+    lines = ["wds-encode summary"]
+    if d["units_total"] == d["units_skipped"] and not d["units_done"] and not d["units_refused"] \
+            and not d["stopped_by"]:
+        total = d["units_total"]
+        lines.append("  nothing to do: " + ("no units to encode" if not total else
+                                             "the 1 unit was already done" if total == 1 else
+                                             f"all {total} units were already done")
+                     + " (use --overwrite to encode again)")
+        if output is not None:
+            lines.append(f"  output     {output}")
+        return "\n".join(lines)
+    lines += [
+        f"  units      {d['units_encoded']} encoded, {d['units_skipped']} already done, "
+        f"{d['units_failed']} broken"
         + (f", {d['units_refused']} committed first by another attempt (its outputs stand)"
-           if d.get("units_refused") else ""),
+           if d.get("units_refused") else "")
+        + (f", {d['units_left']} left" if d["units_left"] else "")
+        + f" (of {d['units_total']})",
         f"  samples    {d['samples']}  windows written {d['windows']}  rejected {d['rejected']}",
-        f"  audio      {d['audio_hours']:.4f} h in {d['elapsed_seconds']:.1f} s "
-        f"(real-time factor {d['realtime_factor']:.1f}x)",
+        f"  audio      {d['audio_hours']:.4f} h in {d['elapsed_seconds']:.1f} s"
+        + (f" (real-time factor {d['realtime_factor']:.1f}x)" if d["audio_seconds"] > 0 else ""),
         f"  problems   {d['errors']} errors, {d['warnings']} warnings"
         + ("  (see errors.jsonl)" if d['errors'] or d['warnings'] else ""),
     ]
@@ -97,11 +129,18 @@ def format_summary(stats) -> str:
         lines.append(f"  cpu        {d['cpus']}" + (" per rank" if len(d["units_per_rank"]) > 1 else ""))
     if d["oom_splits"]:
         lines.append(f"  memory     {d['oom_splits']} batch splits after running out of device memory")
-    if d["batch_probe"] or d["compiled"] or d["channels_last"] or d["autotune"]:
-        lines.append(f"  encoder    batch size {d['batch_size']}" + (" (auto)" if d["batch_probe"] else "")
-                     + (", channels-last" if d["channels_last"] else "")
-                     + (", cuDNN autotuned" if d["autotune"] else "")
-                     + (", torch.compile" if d["compiled"] else ""))
+    size = f"batch size {d['batch_size']}" + (" (auto)" if d["batch_probe"] else "")
+    if d["batches"]:
+        lines.append(f"  batches    {d['batches']}, {d['windows_per_batch']:.2f} windows per batch on average ({size})")
+        if d["chunking"] == "full" and d["batch_size"] > 1 and d["windows_per_batch"] <= d["batch_size"] / 2:
+            lines.append("  slower     --chunking full batches only windows of one length: each distinct length is its\n"
+                         "             own batch, so these held few windows. Where exact per-file latents are not\n"
+                         "             needed, --chunking split (or crop) pads windows to one size, fills every\n"
+                         "             batch and runs faster")
+    flags = [name for name, on in (("channels-last", d["channels_last"]), ("cuDNN autotuned", d["autotune"]),
+                                   ("torch.compile", d["compiled"])) if on]
+    if flags or (d["batch_probe"] and not d["batches"]):
+        lines.append("  encoder    " + ", ".join(([] if d["batches"] else [size]) + flags))
     if d["precision_check"]:
         check = d["precision_check"]
         lines.append(f"  precision  {check['precision']} agrees with fp32 on {check['device']}: error "
@@ -113,6 +152,8 @@ def format_summary(stats) -> str:
                      + ", ".join(map(str, d["units_per_rank"])))
     if d["stopped_early"]:
         lines.append("  stopped    at --limit-batches; unfinished units are left for a rerun")
+    if output is not None:
+        lines.append(f"  output     {output}")
     return "\n".join(lines)
 
 
@@ -175,28 +216,41 @@ def run_encode(config: EncodeConfig) -> int:
     except Preempted as exc:
         click.echo(f"wds-encode: {_rank_tag(launch)}{exc}; committed units are kept, rerun the same command to "
                    "finish", err=True)
+        _note_stop_reported()
         return 128 + exc.signum
     except KeyboardInterrupt:
         click.echo("wds-encode: interrupted; committed units are kept, rerun to finish", err=True)
         return EXIT_INTERRUPTED
     if stats.stopped_by:   # a stop signal: what was in flight is committed, the rest is for the rerun
         code = 128 + int(getattr(signal, stats.stopped_by, signal.SIGTERM))
-        if launch.rank == 0:
-            left = stats.units_total - stats.units_skipped - stats.units_done
-            click.echo(format_summary(stats))
+        if launch.rank == 0:   # rank 0 speaks for the job (and tells a --devices parent that it did)
+            done = stats.units_skipped + stats.units_done + stats.units_refused
+            click.echo(format_summary(stats, redact_url(config.output_path)))
             click.echo(f"wds-encode: stopped by {stats.stopped_by}: {stats.units_done} units committed by this run "
-                       f"({stats.units_skipped + stats.units_done} of {stats.units_total} done), {left} left; "
+                       f"({done} of {stats.units_total} done), {stats.units_left} left; "
                        "rerun the same command to finish", err=True)
+            _note_stop_reported()
         return code
     if launch.rank != 0:
         return EXIT_OK  # rank 0 speaks for the job
-    click.echo(format_summary(stats))
-    click.echo(f"  output     {redact_url(config.output_path)}")
+    click.echo(format_summary(stats, redact_url(config.output_path)))
     code = exit_code_for(stats, config)
     if code:
         click.echo(f"wds-encode: {stats.errors} bad samples (limit: "
                    f"{'0 with --strict' if config.strict else config.max_errors}); exiting with {code}", err=True)
     return code
+
+
+def _note_stop_reported() -> None:
+    """Under `--devices N` the parent says nothing more about the stop once a rank has said it (one
+    `stopped by` line per job): it names a file in STOP_REPORTED_ENV, created here."""
+    from .job.distributed import STOP_REPORTED_ENV
+    path = os.environ.get(STOP_REPORTED_ENV)
+    if path:
+        try:
+            Path(path).touch()
+        except OSError:
+            pass   # the parent then says it too
 
 
 def _rank_tag(launch) -> str:
@@ -240,20 +294,30 @@ def run_command(ctx: click.Context, config_file, **values):
 
 @main.command("demo")
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("demo-out"))
-@click.option("--shards", "num_shards", type=int, default=3, show_default=True, help="Input shards to generate")
-@click.option("--samples-per-shard", type=int, default=20, show_default=True)
-@click.option("--num-workers", type=int, default=2, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--progress/--no-progress", default=True)
+@click.option("--shards", "num_shards", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Input tar shards to generate in DIRECTORY/shards")
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Audio files per shard (FLAC, WAV, MP3 and OGG in turn; 0.3-3 s, 16-48 kHz, mono or stereo)")
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Decoding processes at most (as run's --num-workers)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows per encoder batch (as run's --batch-size)")
+@click.option("--progress/--no-progress", default=True,
+              help="Show progress while encoding (as run's --progress)  [default: on]")
 def demo_command(directory: Path, num_shards: int, samples_per_shard: int, num_workers: int, batch_size: int,
                  progress: bool):
-    """Generate a small real-audio dataset in DIRECTORY and encode it with the bundled model."""
-    from .demo import prepare_demo
+    """Generate a small real-audio dataset in DIRECTORY (default: demo-out) and encode it with the
+    bundled model into DIRECTORY/out, then print the equivalent `wds-encode run` command, to encode it
+    again with other options."""
+    from .demo import prepare_demo, run_command_line
 
     config = prepare_demo(directory, num_shards=num_shards, samples_per_shard=samples_per_shard,
                           num_workers=num_workers, batch_size=batch_size, progress=progress)
     click.echo(f"demo dataset: {config.dataset_config}")
-    sys.exit(run_encode(config))
+    code = run_encode(config)
+    click.echo(f"the same encode as a command, to rerun with other options (--overwrite replaces "
+               f"{config.output_path}):\n  {run_command_line(config)}")
+    sys.exit(code)
 
 
 def _s3_options(profile, endpoint_url, region):
@@ -397,8 +461,13 @@ def verify_command(output: str, model_config, ckpt_path, pretrained_name, num_wi
         click.echo(f"wds-encode verify: error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     click.echo(verify.format_checks(checks))
+    click.echo(verify.format_figures(checks, min_snr))   # what the verdict is taken from, every time
     reasons = verify.verdict(checks, min_snr)
-    if verify.checkpoint_matches(details, ckpt) is False:
+    same_checkpoint = verify.checkpoint_matches(details, ckpt)
+    click.echo(f"{'checkpoint':<28} " + {True: "the one details.json records (sha256)",
+                                         False: "NOT the one details.json records (sha256)",
+                                         None: "no sha256 in details.json to compare"}[same_checkpoint])
+    if same_checkpoint is False:
         reasons.insert(0, f"{ckpt} is not the checkpoint this output was encoded with (details.json sha256)")
     if model.decoder is None:
         click.echo("no decoder: SNR and mel distance not computed")
@@ -407,6 +476,9 @@ def verify_command(output: str, model_config, ckpt_path, pretrained_name, num_wi
             click.echo(f"FLAGGED: {reason}")
         sys.exit(EXIT_BAD_SAMPLES)
     click.echo(f"OK: {len(checks)} windows match this model")
+    note = verify.negative_snr_note(checks, min_snr)
+    if note:
+        click.echo(note)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -70,6 +70,7 @@ class RunStats:
     warnings: int = 0
     audio_seconds: float = 0.0
     batches: int = 0
+    batched_windows: int = 0      # windows (--overlap: chunks) that went to the encoder in those batches
     fp32_retries: int = 0
     oom_splits: int = 0           # batches halved after running out of device memory
     retries: int = 0              # storage requests repeated (S3 503 SlowDown, 5xx, dropped connections)
@@ -88,6 +89,7 @@ class RunStats:
     precision_check: dict = field(default_factory=dict)  # a low-precision run's agreement with fp32 at start
     channels_last: bool = False   # the encoder's convolutions ran in the channels-last layout
     cpus: str = ""                # the CPUs this rank could use, and how it split them (resources.plan_cpus)
+    chunking: str = ""            # crop | random_crop | split | full: how files became windows
     stopped_early: bool = False
     stopped_by: str = ""          # the signal that stopped the job's claiming (it committed what was in flight)
     units_per_rank: list[int] = field(default_factory=list)  # merged stats: units each rank encoded
@@ -96,11 +98,29 @@ class RunStats:
     def realtime_factor(self) -> float:
         return self.audio_seconds / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
+    @property
+    def units_encoded(self) -> int:
+        """Units this run committed whole: `units_done` less the broken ones (committed with what was read)."""
+        return self.units_done - self.units_failed
+
+    @property
+    def units_left(self) -> int:
+        """Units neither done before, nor committed by this run or by another attempt (a stop, --limit-batches)."""
+        return max(0, self.units_total - self.units_skipped - self.units_done - self.units_refused)
+
+    @property
+    def windows_per_batch(self) -> float:
+        """How full the batches were on average (--chunking full: only windows of one length share a batch)."""
+        return self.batched_windows / self.batches if self.batches else 0.0
+
     def as_dict(self) -> dict:
         data = dict(self.__dict__)
         data["audio_hours"] = self.audio_seconds / 3600
         data["realtime_factor"] = self.realtime_factor
         data["padding_overhead"] = self.padding_overhead
+        data["units_encoded"] = self.units_encoded
+        data["units_left"] = self.units_left
+        data["windows_per_batch"] = self.windows_per_batch
         return data
 
     @property
@@ -363,7 +383,7 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
     merged = RunStats(units_total=units_total, units_skipped=units_skipped, elapsed_seconds=elapsed)
     for stats in per_rank:
         for name in ("units_done", "units_failed", "units_refused", "samples", "windows", "rejected", "errors", "warnings",
-                     "audio_seconds", "batches", "fp32_retries", "oom_splits", "retries", "resumes",
+                     "audio_seconds", "batches", "batched_windows", "fp32_retries", "oom_splits", "retries", "resumes",
                      "steady_audio_seconds", "real_samples", "padding_samples"):
             setattr(merged, name, getattr(merged, name) + stats[name])
         for name in ("loop_seconds", "warmup_seconds", "steady_seconds"):
@@ -373,7 +393,8 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
         merged.units_per_rank.append(stats["units_done"])
     if per_rank:  # how rank 0 ran (the others run the same way on the same kind of device)
         first = per_rank[0]
-        for name in ("batch_size", "batch_probe", "compiled", "channels_last", "cpus", "autotune", "precision_check"):
+        for name in ("batch_size", "batch_probe", "compiled", "channels_last", "cpus", "autotune", "precision_check",
+                     "chunking"):
             setattr(merged, name, first[name])
     return merged
 
@@ -521,7 +542,7 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
         encoder.use_compile(True)
     stats = RunStats(units_total=plan["total"], units_skipped=plan["skipped"], compiled=encoder.compiled,
                      channels_last=encoder.channels_last, cpus=cpus.describe(), autotune=encoder.autotune,
-                     precision_check=precision_check)
+                     precision_check=precision_check, chunking=inputs.chunking)
     stats.batch_size, stats.batch_probe = resolve_batch_size(config, encoder, window_size)
     if encoder.compiled:
         encoder.pad_to = stats.batch_size  # one graph for every batch, the short last one included
@@ -531,7 +552,7 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
         if problem is not None:
             print(f"wds-encode: warning: {SILENCE} not written: {problem}", file=sys.stderr)
     monitor = None
-    if job.rank == 0 and config.progress:
+    if job.rank == 0 and config.progress and todo:   # nothing to do: the summary says so, no 0-byte progress
         totals = ProgressTotals(bytes=sum(u.size for u in todo), units=stats.units_total,
                                 units_before=stats.units_skipped)
         monitor = ProgressMonitor(ProgressDisplay(totals, interval=config.progress_interval), job.read_progress)
@@ -665,6 +686,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             put(("batch", (batch_index, part, pending)))
             batch_index += 1
             stats.batches += 1
+            stats.batched_windows += len(part)
             real = sum(it.real_samples for it in part)   # chunks (--overlap) encode some audio twice
             stats.real_samples += real
             stats.padding_samples += audio.shape[0] * audio.shape[-1] - real

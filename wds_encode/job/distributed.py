@@ -26,6 +26,7 @@ the others have read what they need from it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -53,6 +54,7 @@ SLURM_PORT_BASE = 10000                   # MASTER_PORT under srun when none is 
 SLURM_PORT_SPAN = 50000
 CLAIM_KEY = "claims/next"
 STOP_KEY = "claims/stop"   # set by a rank told to stop (SIGTERM...): no claimer takes another unit
+STOP_REPORTED_ENV = "WDS_ENCODE_STOP_REPORTED"  # --devices: a file a rank creates once it has said why it stopped
 PROGRESS_KEYS = ("bytes", "units", "windows", "samples", "audio_ms", "errors")
 FROM_DEVICE = "from-device"              # Job(device_uuid=...): read the UUID from the device itself
 
@@ -230,14 +232,23 @@ def spawn_local_ranks(config: EncodeConfig, nprocs: int) -> int:
                                      run_id=f"wds-encode-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
                                      rdzv_endpoint="127.0.0.1:0", max_restarts=config.max_restarts,
                                      monitor_interval=0.1)
+        reported = Path(tmp) / "stop-reported"   # the ranks inherit this process's environment
+        previous = os.environ.get(STOP_REPORTED_ENV)
+        os.environ[STOP_REPORTED_ENV] = str(reported)
         try:
             elastic_launch(launch_config, sys.executable)("-m", "wds_encode", "run", "--config", str(config_file))
         except ChildFailedError as exc:
             return _report_failures(exc.failures)
         except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM: the agent stopped the ranks
-            print(f"wds-encode: stopped by {exc.sigval.name}; committed units are kept, rerun to finish",
-                  file=sys.stderr)
+            if not reported.exists():   # rank 0 said it already, with the counts: one line per job
+                print(f"wds-encode: stopped by {exc.sigval.name}; committed units are kept, rerun to finish",
+                      file=sys.stderr)
             return 128 + int(exc.sigval)
+        finally:
+            if previous is None:
+                os.environ.pop(STOP_REPORTED_ENV, None)
+            else:
+                os.environ[STOP_REPORTED_ENV] = previous
     return 0
 
 

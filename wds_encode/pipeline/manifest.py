@@ -368,31 +368,31 @@ class RunManifest:
         return removed + self.place.delete(rel for rel in ours if rel not in index) + self.place.remove_unfinished()
 
     # ------------------------------------------------------------------ derived views
-    def _rewrite_view(self, name: str, render: Callable[[list[UnitRecord]], bytes], empty_if_absent: bool = False
+    def _rewrite_view(self, name: str, render: Callable[[list[UnitRecord]], bytes], skip_unchanged: bool = False
                       ) -> None:
         """Rewrite a view of the records (filelist.txt, errors.jsonl) so that no writer's update is lost:
         read its version, then the records, then write it only if its version is unchanged (If-Match);
-        a view that changed meanwhile (another part rewrote it) is done again. `empty_if_absent`: an empty
-        view is not created where there is none."""
+        a view that changed meanwhile (another part rewrote it) is done again. `skip_unchanged`: a view that
+        already holds these bytes is left as it is (a no-op rerun writes nothing)."""
         for _attempt in range(VIEW_WRITE_TRIES):
             current = self.place.read_tagged(name)
             data = render(self.records())
-            if current is None and empty_if_absent and not data:
+            if current is not None and skip_unchanged and current.data == data:
                 return
             if self.place.replace(name, data, current.tag if current else None) is not None:
                 return
         raise StorageError(self.place.child(name), f"kept changing while rewritten ({VIEW_WRITE_TRIES} tries); rerun")
 
     def write_error_log(self) -> int:
-        """Rewrite errors.jsonl from the records (every problem of every done unit; none written while no
-        unit has one); returns lines."""
+        """Rewrite errors.jsonl from the records (every problem of every done unit; an empty file when no
+        unit has one, so the output's layout is the same either way); returns lines."""
         lines: list[str] = []
 
         def render(records: list[UnitRecord]) -> bytes:
             lines[:] = [json.dumps(problem, default=str) + "\n" for record in sorted(records, key=lambda r: r["shard"])
                         for problem in record.get("problems", ())]
             return "".join(lines).encode("utf-8")
-        self._rewrite_view(ERRORS_LOG, render, empty_if_absent=True)
+        self._rewrite_view(ERRORS_LOG, render, skip_unchanged=True)
         return len(lines)
 
     def write_filelist(self) -> int:

@@ -262,9 +262,11 @@ class Reader(IterableDataset):
             end.errors.append(error_record(shard.shard_id, shard.url, key, reason))
 
         accounted = 0
+        seen = 0   # samples (member groups) the unit held
         before = self.storage.counters()
         try:
             for raw in self._raw_samples(shard, on_error):
+                seen += 1
                 for item in self._windows_of(shard, raw, end, used_keys):
                     item.input_bytes, raw.size = raw.size, 0  # a sample's bytes count once, with its first window
                     accounted += item.input_bytes
@@ -274,6 +276,9 @@ class Reader(IterableDataset):
         except OSError as exc:
             end.failed = True
             on_error("", f"cannot read work unit: {exc}")
+        if not seen and not end.failed and not end.errors:  # a valid tar with no members: done, but said
+            end.errors.append(error_record(shard.shard_id, shard.url, None, f"shard {shard.shard_id} holds no samples",
+                                           level="warning"))
         end.input_bytes = max(0, shard.size - accounted)  # headers, bad samples, rejected windows
         after = self.storage.counters()
         end.retries, end.resumes = after["retries"] - before["retries"], after["resumes"] - before["resumes"]
