@@ -5,7 +5,7 @@ conditional writes (create-if-absent, write-if-unchanged) that hold between proc
 import pytest
 
 from race_support import race
-from wds_encode.storage import PARTIAL, PROBE_DIR, LocalPlace, Storage, StorageError, Tagged
+from wds_encode.storage import PARTIAL, LocalPlace, Storage, StorageError, Tagged
 
 
 def test_local_files_are_read_through_the_same_call(tmp_path):
@@ -66,8 +66,12 @@ def test_check_writable_local_path_under_a_file_fails(tmp_path):
     (tmp_path / "file.txt").write_text("not a folder")
     with pytest.raises(StorageError) as failed:
         LocalPlace(str(tmp_path / "file.txt" / "out")).check_writable()
-    assert str(failed.value).startswith(str(tmp_path / "file.txt" / "out" / PROBE_DIR))
-    assert "Not a directory" in str(failed.value)
+    assert failed.value.place == str(tmp_path / "file.txt")   # named by the file in the way, not by an errno
+    assert f"{tmp_path / 'file.txt'}, a folder above it, is a file" in str(failed.value)
+    with pytest.raises(StorageError, match="is a file, not a folder") as failed:
+        LocalPlace(str(tmp_path / "file.txt")).check_writable()
+    assert failed.value.place == str(tmp_path / "file.txt")
+    assert (tmp_path / "file.txt").read_text() == "not a folder"
 
 
 def test_writers_of_one_object_at_once_never_fail_and_leave_one_whole_version(tmp_path):

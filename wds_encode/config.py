@@ -34,7 +34,11 @@ def read_config_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a JSON/YAML text file (byte {exc.start} is not UTF-8); is it the file "
+                          "you meant?") from None
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)

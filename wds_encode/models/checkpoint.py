@@ -12,7 +12,12 @@ Why this exists instead of `model.load_state_dict(torch.load(...))`:
 
 from __future__ import annotations
 
+import io
+import json
+import pickle
+import pickletools
 import re
+import tarfile
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -55,8 +60,142 @@ def _fmt_keys(keys: Iterable[str]) -> str:
     return f"({len(keys)}) {shown}"
 
 
+SNIFF_BYTES = 4096
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+# What torch.load's weights-only reader says when it refuses a real pickle's object (not a damaged file):
+# a global it does not allow, a class to allowlist, the legacy .tar format it never reads.
+_UNSAFE_REFUSAL = re.compile(r"GLOBAL|add_safe_globals|allowlist|unrecognized function|legacy \.tar format|"
+                             r"must be imported to load")
+
+
+def sniff(path: Path) -> str:
+    """What a file holds, from its first bytes: "empty", "zip", "pickle", "safetensors", "tar", "json",
+    "text" or "binary" (none of these). Only "zip", "pickle" and "safetensors" can be checkpoints (and a
+    "tar" in torch's legacy format)."""
+    with path.open("rb") as fh:
+        head = fh.read(SNIFF_BYTES)
+    size = path.stat().st_size
+    if not head:
+        return "empty"
+    if head.startswith(_ZIP_MAGICS):
+        return "zip"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:   # pickle's PROTO opcode (torch.save: protocol 2)
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"   # a u64 header length, then a JSON object
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if b"\x00" not in head:
+        text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+        if head.decode("utf-8", errors="replace").count("\ufffd") <= 1:   # (a character cut at 4 KiB)
+            return "json" if text[:1] in ("{", "[") else "text"
+    return "binary"
+
+
+def _looks_like_model_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and ("model_type" in data or "model" in data)
+
+
+def _tar_names(path: Path) -> list[str]:
+    try:
+        with tarfile.open(path) as tar:
+            return tar.getnames()
+    except (OSError, tarfile.TarError):
+        return []
+
+
+def describe_non_checkpoint(path: Path, kind: str) -> str:
+    """Why a file of `kind` (from `sniff`) is no checkpoint, in a few words."""
+    if kind == "empty":
+        return "the file is empty (an interrupted download or copy?)"
+    if kind == "json":
+        weights = "--ckpt-path takes the weights (.ckpt, .pt, .pth or .safetensors)"
+        if _looks_like_model_config(path):
+            return f"it is a JSON text file, a model config; were --model-config and --ckpt-path swapped? {weights}"
+        return f"it is a JSON text file; {weights}"
+    if kind == "text":
+        first = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[:1]
+        return f"it is a text file, starting {first[0][:60]!r}" if first else "it is a text file of blank lines"
+    if kind == "tar":
+        names = _tar_names(path)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"it is a tar archive ({len(names)} members: {shown}); a dataset shard?"
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if head[8:9] == b"{":
+        return (f"it looks like a safetensors file cut short: its header alone is "
+                f"{int.from_bytes(head[:8], 'little')} bytes, the file {path.stat().st_size}")
+    return f"it starts with the bytes {head[:8].hex(' ')}, which no checkpoint format does"
+
+
+FORMAT_NAMES = {"zip": "a zip archive as torch.save writes", "pickle": "a pickle as torch.save writes",
+                "safetensors": "a safetensors file"}
+
+
+def not_a_checkpoint(path: Path, reason: str) -> CheckpointError:
+    """The error for a file that is not a checkpoint at all (as opposed to one that does not fit the model)."""
+    return CheckpointError(f"{path} is not a checkpoint (not a zip/pickle file torch can read, nor safetensors: "
+                           f"{reason})")
+
+
+def _short_reason(exc: BaseException) -> str:
+    """torch.load's error in one line: the weights-only reader's own words, or the first sentence."""
+    text = str(exc)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|\s*Check the documentation|$)", text, re.S)
+    if detail:
+        text = detail.group(1)
+    text = " ".join(text.split())
+    for end in (". ", "; "):
+        if end in text:
+            text = text[:text.index(end)]
+    if not text:
+        return type(exc).__name__
+    if text.startswith("Unsupported operand"):
+        text = f"bytes that are no pickle torch reads ({text})"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _well_formed_pickle(path: Path, kind: str) -> bool:
+    """Whether the checkpoint's pickle parses to its end (read, never run: `pickletools.genops`): the
+    `data.pkl` of a zip checkpoint, or the four pickles a legacy one starts with (magic number, protocol,
+    system info, the object). Random or damaged bytes stop at an unknown opcode or run out."""
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+                streams, count = io.BytesIO(archive.read(name)), 1
+        else:
+            streams, count = path.open("rb"), 4
+        with streams as fh:
+            for _ in range(count):
+                for _op in pickletools.genops(fh):
+                    pass
+        return True
+    except Exception:
+        return False
+
+
+def _refused_by_weights_only(path: Path, kind: str, exc: BaseException) -> bool:
+    """torch.load(weights_only=True) failed on a real checkpoint that only a full unpickler reads (a global it
+    does not allow, pickle protocol 4's opcodes, torch's legacy .tar format), not on a damaged file."""
+    text = str(exc)
+    if "legacy .tar format" in text:
+        return True
+    if not isinstance(exc, pickle.UnpicklingError):
+        return False   # a damaged zip, a stream that ends early...
+    return bool(_UNSAFE_REFUSAL.search(text)) or _well_formed_pickle(path, kind)
+
+
 class _TensorSource:
-    """Uniform `keys()` / `get(key)` over a torch pickle or a lazily opened safetensors file."""
+    """Uniform `keys()` / `get(key)` over a torch pickle or a lazily opened safetensors file.
+
+    What the file holds is read from its first bytes (`sniff`), not from its name: a file that is no
+    checkpoint at all (a JSON config, a text file, a truncated download, random bytes) is told apart from
+    a real checkpoint that holds pickled objects (`--allow-unsafe-pickle`) before torch.load sees it."""
 
     def __init__(self, path: Path, *, allow_unsafe_pickle: bool = False):
         self.path = path
@@ -64,22 +203,15 @@ class _TensorSource:
             raise CheckpointError(f"checkpoint not found: {path}")
         self._st = None
         self._dict: Mapping[str, torch.Tensor] | None = None
-        if self._is_safetensors(path):
+        kind = sniff(path)
+        if kind == "tar" and {"pickle", "storages", "tensors"} <= set(_tar_names(path)):
+            kind = "pickle"   # torch's legacy .tar checkpoint format
+        if kind == "safetensors":
             self._open_safetensors()
+        elif kind in ("zip", "pickle"):
+            self._dict = self._load_torch(kind, allow_unsafe_pickle)
         else:
-            self._dict = self._load_torch(allow_unsafe_pickle)
-
-    @staticmethod
-    def _is_safetensors(path: Path) -> bool:
-        suffix = path.suffix.lower()
-        if suffix in SAFETENSORS_SUFFIXES:
-            return True
-        if suffix in TORCH_SUFFIXES:
-            return False
-        # unknown extension: sniff. safetensors = u64 header length then a JSON object.
-        with path.open("rb") as fh:
-            head = fh.read(9)
-        return len(head) == 9 and head[8:9] == b"{"
+            raise not_a_checkpoint(path, describe_non_checkpoint(path, kind))
 
     def _open_safetensors(self) -> None:
         try:
@@ -89,26 +221,42 @@ class _TensorSource:
         try:
             self._st = safe_open(str(self.path), framework="pt", device="cpu")
         except Exception as exc:
-            raise CheckpointError(f"cannot read safetensors checkpoint {self.path}: {exc}") from exc
+            raise CheckpointError(f"{self.path} is not a checkpoint safetensors can read ({exc}); a damaged or "
+                                  "incomplete file?") from exc
 
-    def _load_torch(self, allow_unsafe_pickle: bool) -> Mapping[str, torch.Tensor]:
+    def _load_torch(self, kind: str, allow_unsafe_pickle: bool) -> Mapping[str, torch.Tensor]:
+        if kind == "zip":
+            if not zipfile.is_zipfile(self.path):
+                raise not_a_checkpoint(self.path, "a zip file that ends early or is damaged (an interrupted "
+                                                  "download or copy?)")
+            with zipfile.ZipFile(self.path) as archive:
+                names = archive.namelist()
+            if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                raise not_a_checkpoint(self.path, f"a zip archive, but not one torch.save wrote: no data.pkl among "
+                                                  f"its {len(names)} members ({shown})")
         # mmap keeps a multi-GB diffusion checkpoint out of RAM; only zip-format files support it.
-        mmap = zipfile.is_zipfile(self.path)
+        mmap = kind == "zip"
         try:
             obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:
+            reason = _short_reason(exc)
+            if not _refused_by_weights_only(self.path, kind, exc):
+                raise not_a_checkpoint(self.path, reason) from None
             if not allow_unsafe_pickle:
+                why = ("it is in torch's legacy .tar format, which only the full unpickler reads"
+                       if "legacy .tar format" in str(exc) else
+                       "it holds pickled Python objects besides tensors" if _UNSAFE_REFUSAL.search(str(exc)) else
+                       "it is a pickle torch's weights-only reader does not read (saved with pickle protocol 4 or 5?)")
                 raise CheckpointError(
-                    f"cannot load {self.path} with torch.load(weights_only=True): "
-                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n"
-                    "The file is corrupt or holds pickled Python objects besides tensors. "
-                    "If you trust its source, pass --allow-unsafe-pickle (allow_unsafe_pickle=True; this runs "
-                    "arbitrary code from the file), or convert it to .safetensors."
-                ) from exc
+                    f"cannot load {self.path} with torch.load(weights_only=True): {why} ({reason}). "
+                    "If you trust its source, pass --allow-unsafe-pickle "
+                    "(allow_unsafe_pickle=True; this runs arbitrary code from the file), or convert it to "
+                    ".safetensors.") from None
             try:
                 obj = torch.load(self.path, map_location="cpu", weights_only=False, mmap=mmap)
             except Exception as exc2:
-                raise CheckpointError(f"cannot load checkpoint {self.path}: {exc2}") from exc2
+                raise not_a_checkpoint(self.path, _short_reason(exc2)) from None
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):

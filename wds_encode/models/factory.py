@@ -22,7 +22,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderModel
 from .bottlenecks import build_bottleneck
-from .checkpoint import load_strict, read_checkpoint
+from .checkpoint import FORMAT_NAMES, describe_non_checkpoint, load_strict, not_a_checkpoint, read_checkpoint, sniff
 from .dac import build_dac_decoder, build_dac_encoder
 from .errors import ModelConfigError, UnsupportedModelError
 from .oobleck import build_oobleck_decoder, build_oobleck_encoder
@@ -221,3 +221,28 @@ def load_autoencoder(model_config: Mapping[str, Any], ckpt_path: str | Path | No
         check_same_loaded(model)
     model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype)
+
+
+def check_model_files(model_config: str | Path, ckpt_path: str | Path | None = None) -> None:
+    """Before either file is parsed: the model config must be text and the checkpoint must not be JSON.
+    A checkpoint given as the model config (the two options swapped: `--model-config model.ckpt
+    --ckpt-path model_config.json`) is a ModelConfigError that says so, not a decoding error of its
+    bytes; a JSON text file given as the checkpoint is a CheckpointError. Files that are missing are
+    left to the callers' own errors."""
+    config_path = Path(model_config)
+    ckpt = Path(ckpt_path) if ckpt_path is not None else None
+    if config_path.is_file():
+        kind = sniff(config_path)
+        if kind in FORMAT_NAMES:
+            swapped = ckpt is not None and ckpt.is_file() and sniff(ckpt) == "json"
+            raise ModelConfigError(
+                f"--model-config {config_path} is not a JSON text file: it looks like a checkpoint "
+                f"({FORMAT_NAMES[kind]}); " + (f"were --model-config and --ckpt-path swapped? {ckpt} is the JSON "
+                                               "file. " if swapped else "")
+                + "--model-config takes the model's JSON config, --ckpt-path its weights")
+        if kind in ("binary", "tar"):
+            what = describe_non_checkpoint(config_path, kind) if kind == "tar" else "it is a binary file"
+            raise ModelConfigError(f"--model-config {config_path} is not a JSON text file ({what}); --model-config "
+                                   "takes the model's JSON config")
+    if ckpt is not None and ckpt.is_file() and sniff(ckpt) in ("json", "text", "empty"):
+        raise not_a_checkpoint(ckpt, describe_non_checkpoint(ckpt, sniff(ckpt)))

@@ -1,15 +1,17 @@
 """`--pretrained-name NAME` -> (model config file, checkpoint file), from disk first.
 
-NAME is a folder, or a Hugging Face repo id (`stabilityai/stable-audio-open-1.0`) looked up in the
-local Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
-Only with `allow_download` and `huggingface_hub` installed is the network used. When a folder has
-both a VAE pair (`vae_config.json` + `vae_model.*`) and a whole-model pair (`model_config.json` +
-`model.*`), the VAE pair wins: encoding needs only the autoencoder.
+NAME is a folder (`is_local_path`: never looked up in the hub's cache), or a Hugging Face repo id
+(`stabilityai/stable-audio-open-1.0`) looked up in the local Hugging Face cache (`$HF_HUB_CACHE`, else
+`$HF_HOME/hub`, else `~/.cache/huggingface/hub`). Only with `allow_download` and `huggingface_hub`
+installed is the network used. When a folder has both a VAE pair (`vae_config.json` + `vae_model.*`)
+and a whole-model pair (`model_config.json` + `model.*`), the VAE pair wins: encoding needs only the
+autoencoder.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import ModelConfigError
@@ -55,15 +57,45 @@ def cached_snapshot(repo_id: str, cache: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+# A Hugging Face repo id: `name` or `org/name`, letters, digits, `-`, `_`, `.` (not first)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_local_path(name: str) -> bool:
+    """NAME means a place on disk, not a Hugging Face repo id: it exists, starts with `/`, `.` or `~`, or has
+    a path separator without the hub's `org/name` shape."""
+    if os.path.exists(os.path.expanduser(name)) or name.startswith(("/", ".", "~")):
+        return True
+    if os.sep in name or (os.altsep is not None and os.altsep in name):
+        return _HUB_ID.fullmatch(name) is None
+    return False
+
+
+def _expected_files() -> str:
+    return " or ".join(f"{config} + {' / '.join(ckpts)}" for config, ckpts in PAIRS)
+
+
 def resolve_pretrained(name: str, *, allow_download: bool = False) -> tuple[Path, Path]:
     """(config, checkpoint) for NAME; a ModelConfigError saying where it looked otherwise."""
     looked: list[str] = []
     folder = Path(name).expanduser()
-    if folder.is_dir():
+    if is_local_path(name):   # a folder, never looked up in the Hugging Face cache
+        if not folder.exists():
+            raise ModelConfigError(f"--pretrained-name {name!r}: no model found: folder {folder} does not exist "
+                                   "(a local path; a Hugging Face repo id looks like org/name)")
+        if not folder.is_dir():
+            raise ModelConfigError(f"--pretrained-name {name!r}: no model found: {folder} is a file, not a model "
+                                   f"folder (expected a folder holding {_expected_files()}); for one config and "
+                                   "checkpoint file use --model-config and --ckpt-path")
         found = model_files_in(folder)
         if found:
             return found
-        looked.append(f"folder {folder} (no {' / '.join(p[0] for p in PAIRS)} with its weights)")
+        present = sorted(p.name for p in folder.iterdir())
+        have = (f"it holds {', '.join(present[:8])}{', ...' if len(present) > 8 else ''}" if present
+                else "it is empty")
+        raise ModelConfigError(f"--pretrained-name {name!r}: no model found: folder {folder} has no model config "
+                               f"with its weights (expected files: {_expected_files()}; {have}); put them there, or "
+                               "pass the files with --model-config and --ckpt-path")
     cache = hf_cache_dir()
     snapshot = cached_snapshot(name, cache)
     if snapshot is not None:

@@ -90,13 +90,33 @@ def _expand_tar_paths(spec: str) -> tuple[list[str], str]:
         else:
             missing.append(item)
     if missing:
+        folders = {os.path.dirname(os.path.abspath(item)) for item in missing}
+        gone = sorted(folder for folder in folders if not os.path.isdir(folder))
         raise ConfigError(f"dataset path {spec!r}: {len(missing)} of {len(expanded)} shards do not exist "
-                          f"(first: {missing[0]}); fix the pattern or the files")
+                          f"(first: {missing[0]}" + (f"; no folder {gone[0]}" if gone else "")
+                          + "); fix the pattern or the files")
     root = os.path.commonpath([os.path.abspath(os.path.dirname(p)) for p in paths]) if paths else ""
     return [os.path.abspath(p) for p in paths], root
 
 
+def _nearest_folder(path: str) -> str:
+    """The deepest folder above `path` that exists (to say where a wrong path stops being true)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def _is_pattern(spec: str) -> bool:
+    """A brace pattern or a glob, as opposed to the path of one folder or one file."""
+    return any(c in spec for c in "*?[") or len(list(braceexpand.braceexpand(spec))) > 1
+
+
 def _tar_shards(entry: DatasetEntry, spec: str, module: str | None) -> list[Shard]:
+    if not _is_pattern(spec) and not os.path.exists(spec):
+        what = "no such shard file" if spec.lower().endswith(".tar") else "no such folder"
+        raise ConfigError(f"dataset {entry.id!r}: dataset path {spec!r} does not exist ({what}; the nearest "
+                          f"folder that exists is {_nearest_folder(spec)})")
     paths, root = _expand_tar_paths(spec)
     if not paths:
         raise ConfigError(f"dataset {entry.id!r}: no .tar shards found at {spec!r}")

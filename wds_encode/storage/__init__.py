@@ -8,7 +8,10 @@ name renamed into place), `s3` (no rename: uploads at the final name, multipart 
 and `stream` (S3 reads that survive dropped connections).
 
 A `Storage` holds this process's boto3 clients, made lazily and never shared across a fork, so
-a DataLoader worker that receives a copy makes its own.
+a DataLoader worker that receives a copy makes its own. Before its first request to a bucket it runs
+a preflight (`check_reachable`: one HEAD with few retries and short timeouts), so that a dead endpoint
+or missing credentials are one clear StorageError in seconds, not a minute of retries or a botocore
+traceback; copies inherit what it found.
 """
 
 from __future__ import annotations
@@ -125,9 +128,36 @@ def _client_error_code(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc)
 
 
+# botocore errors raised before any request is sent: no credentials anywhere in boto3's chain
+CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+# what it takes to give boto3 credentials, in the words of our options
+CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or name a profile that has them with "
+                    "--s3-profile (or AWS_PROFILE; a dataset's own \"profile\" for its s3:// inputs)")
+# botocore errors that mean no connection could be made: nothing answered at the endpoint
+UNREACHABLE_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ProxyConnectionError", "SSLError")
+ENDPOINT_HELP = "check --s3-endpoint-url (or AWS_ENDPOINT_URL, a dataset's \"endpoint_url\") and the network"
+
+
+def _credential_files() -> str:
+    """Where boto3 looked for profiles, for a message: the files named by the environment, or the defaults."""
+    return ", ".join(f"{os.environ.get(var) or default} ({var})" for var, default in (
+        ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), ("AWS_CONFIG_FILE", "~/.aws/config")))
+
+
 def s3_error(place: str, exc: BaseException, doing: str = "") -> StorageError:
-    """A botocore/network exception -> StorageError (StorageFull for quota codes), message with the code."""
+    """A botocore/network exception -> StorageError (StorageFull for quota codes), message with the code.
+    A StorageError passes through unchanged (it already says where and why)."""
+    if isinstance(exc, StorageError):
+        return exc
     code, message = _client_error_code(exc)
+    if code == "NoCredentialsError":
+        return StorageError(place, f"no AWS credentials found (looked in the environment, {_credential_files()} "
+                                   f"and the instance metadata): {CREDENTIALS_HELP}", code)
+    if code in CREDENTIAL_ERRORS:
+        return StorageError(place, f"the AWS credentials are unusable ({message}): {CREDENTIALS_HELP}", code)
+    if code in UNREACHABLE_ERRORS:
+        return StorageError(place, f"{doing + ': ' if doing else ''}cannot reach the S3 endpoint ({code}: {message}); "
+                                   f"{ENDPOINT_HELP}", code)
     response = getattr(exc, "response", None)
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
     reason = message if code in message else f"{code}: {message}"
@@ -153,12 +183,18 @@ class Storage:
         self._lock = threading.Lock()
         self.retries = 0       # requests botocore had to repeat (503 SlowDown, 5xx, dropped connections)
         self.resumes = 0       # broken read streams continued with a ranged GET
+        # (options, bucket) -> True once the store answered there, or the (reason, code) of why it cannot be
+        # reached: `check_reachable`'s answers, handed to forked and pickled copies (DataLoader workers)
+        self._reached: dict = {}
+        self._probing = threading.Lock()   # one preflight at a time: threads that need it wait for its answer
 
     def __getstate__(self) -> dict:
-        return {"defaults": self.defaults}  # clients and locks are per process
+        with self._lock:   # clients and locks are per process; what the preflight found is not
+            return {"defaults": self.defaults, "reached": dict(self._reached)}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["defaults"])
+        self._reached.update(state.get("reached", {}))
 
     # ------------------------------------------------------------------ clients
     def client(self, options: Optional[S3Options] = None):
@@ -170,6 +206,33 @@ class Storage:
             if client is None:
                 client = self._clients[key] = make_client(options, self._count_retries)
         return client
+
+    def s3_client(self, url: str, options: Optional[S3Options] = None):
+        """The client for an s3:// URL, once `check_reachable` has found its store answering."""
+        self.check_reachable(url, options)
+        return self.client(options)
+
+    def check_reachable(self, url: str, options: Optional[S3Options] = None) -> None:
+        """A preflight, once per endpoint and bucket: one HEAD of the bucket with few retries and short
+        connect timeouts, so that a wrong endpoint or missing credentials are a StorageError in seconds
+        rather than after the minute the full retry policy (`make_client`) spends on a dead endpoint.
+        Any answer of the store (even 403 or 404) passes: the request itself then says what is wrong."""
+        resolved = (options or S3Options()).over(self.defaults)
+        bucket, _ = split_s3(url)
+        key = (resolved, bucket)
+        with self._lock:
+            found = self._reached.get(key)
+        if found is None:
+            with self._probing:
+                with self._lock:
+                    found = self._reached.get(key)
+                if found is None:
+                    found = probe_endpoint(resolved, bucket)
+                    with self._lock:
+                        self._reached[key] = found
+        if found is not True:
+            reason, code = found
+            raise StorageError(url, reason, code)
 
     def _count_retries(self, parsed=None, **_kwargs) -> None:
         attempts = (parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0)
@@ -288,7 +351,7 @@ class ObjectWriter:
 
 # The backends import the interface above from this package, so they come last.
 from .local import LocalObjectWriter, LocalPlace  # noqa: E402
-from .s3 import S3ObjectWriter, S3Place, list_tar_objects, make_client  # noqa: E402
+from .s3 import S3ObjectWriter, S3Place, list_tar_objects, make_client, probe_endpoint  # noqa: E402
 from .stream import S3ReadStream, open_s3  # noqa: E402
 
 __all__ = [

@@ -163,6 +163,7 @@ class LocalPlace(Place):
     def check_writable(self) -> None:
         """A probe file in the output folder itself, deleted at once (a probe folder would stay behind,
         and removing it would race with another rank's probe); a leftover is a `*.partial`."""
+        self._check_folder()
         name = f"{PROBE_DIR}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}"
         probe = self._path(name)
         self._write_file(probe, b"wds-encode write probe\n")
@@ -170,6 +171,17 @@ class LocalPlace(Place):
             probe.unlink()
         except OSError as exc:
             raise local_error(str(probe), exc, "cannot delete") from None
+
+    def _check_folder(self) -> None:
+        """The output is a folder (made if missing): a file at its path, or at a folder above it, is refused
+        by name rather than by the errno of the first write into it."""
+        for path in (self.root, *self.root.parents):
+            if os.path.isdir(path):
+                return
+            if os.path.lexists(path):
+                what = "is a file" if path == self.root else f"cannot be made: {path}, a folder above it, is a file"
+                raise StorageError(str(path), f"output path {self.url} {what}, not a folder (an output path is a "
+                                              "folder, made if missing): pick another path, or move the file")
 
     def remove_unfinished(self, owned: Optional[Callable[[str], bool]] = None) -> int:
         """Delete `*.partial` files an interrupted run left behind (only those `owned` says are ours)."""

@@ -2,7 +2,8 @@
 caller's thread, large ones as a multipart upload completed only on commit and aborted otherwise.
 Conditional writes are S3's `If-None-Match: *` (create) and `If-Match: ETAG` (replace); a store that
 ignores them is found by a probe (`conditional_writes`). Also how a client is made (its retry
-policy) and how a prefix is listed."""
+policy), the preflight that finds a dead endpoint or missing credentials in seconds (`probe_endpoint`),
+and how a prefix is listed."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
-from . import (PROBE_DIR, S3_SCHEME, ObjectWriter, Place, S3Options, Storage, StorageError, Tagged, redact_url,
-               s3_error, split_s3)
+from . import (ENDPOINT_HELP, PROBE_DIR, S3_SCHEME, UNREACHABLE_ERRORS, ObjectWriter, Place, S3Options, Storage,
+               StorageError, Tagged, redact_url, s3_error, split_s3)
 
 PART_SIZE = 8 << 20           # multipart part size (S3's minimum is 5 MiB)
 # What a store answers for an API it does not have (s3rver: NotImplemented for ListMultipartUploads)
@@ -26,12 +27,17 @@ UPLOAD_BYTES_IN_FLIGHT = 256 << 20
 DELETE_BATCH = 1000           # S3 DeleteObjects takes at most 1000 keys
 RECORD_READ_THREADS = 32
 CLIENT_RETRIES = 10           # botocore attempts per request (adaptive mode: 503 SlowDown, throttling, 5xx)
+# The preflight (`probe_endpoint`): a dead endpoint is reported in seconds, not after CLIENT_RETRIES backoffs
+PROBE_ATTEMPTS = 2
+PROBE_CONNECT_TIMEOUT = 3.0   # seconds per connection attempt
+PROBE_READ_TIMEOUT = 10.0     # seconds for the answer to a HEAD: a store answers in milliseconds
 # A conditional write that lost: the condition failed (412), or a concurrent conditional write won (409)
 CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
-def make_client(options: S3Options, on_call):
-    """A boto3 S3 client for `options` with its retry policy; `on_call` sees every response (retry counts)."""
+def make_client(options: S3Options, on_call=None, *, probe: bool = False):
+    """A boto3 S3 client for `options` with its retry policy; `on_call` sees every response (retry counts).
+    `probe`: the preflight's client instead (`probe_endpoint`): PROBE_ATTEMPTS tries, short timeouts."""
     import boto3
     import botocore.config
     import botocore.exceptions as bex
@@ -39,18 +45,56 @@ def make_client(options: S3Options, on_call):
         session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
     except bex.ProfileNotFound as exc:
         raise StorageError(f"AWS profile {options.profile!r}", f"{exc}; check ~/.aws/config") from None
-    config = botocore.config.Config(
-        retries={"mode": "adaptive", "max_attempts": CLIENT_RETRIES},
-        connect_timeout=10, read_timeout=60, max_pool_connections=UPLOAD_THREADS + 8)
-    client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
-    client.meta.events.register("after-call.s3", on_call)
+    if probe:
+        config = botocore.config.Config(
+            retries={"mode": "standard", "total_max_attempts": PROBE_ATTEMPTS},
+            connect_timeout=PROBE_CONNECT_TIMEOUT, read_timeout=PROBE_READ_TIMEOUT)
+    else:
+        config = botocore.config.Config(
+            retries={"mode": "adaptive", "max_attempts": CLIENT_RETRIES},
+            connect_timeout=10, read_timeout=60, max_pool_connections=UPLOAD_THREADS + 8)
+    try:
+        client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
+    except ValueError as exc:   # botocore: "Invalid endpoint: host:9000" (no scheme)
+        raise StorageError(f"S3 endpoint {options.endpoint_url!r}",
+                           f"{exc}; an endpoint URL looks like http://host:port or https://host") from None
+    if on_call is not None:
+        client.meta.events.register("after-call.s3", on_call)
     return client
+
+
+def probe_endpoint(options: S3Options, bucket: str):
+    """True when the store at `options`' endpoint answers a HEAD of `bucket` (any answer: 403 and 404 too),
+    else the (reason, code) of why not: no credentials, nothing listening, a connect that times out, a
+    server that takes the connection but gives no HTTP answer (not an S3 endpoint)."""
+    import botocore.exceptions as bex
+    endpoint = options.endpoint_url
+    try:
+        client = make_client(options, probe=True)
+        endpoint = client.meta.endpoint_url   # also when it comes from AWS_ENDPOINT_URL or the config file
+        client.head_bucket(Bucket=bucket)
+    except StorageError as exc:   # no such profile, a malformed endpoint URL: the message names which
+        return str(exc), exc.code
+    except bex.ClientError:
+        pass   # an answer: the store is there (the request itself says what else is wrong)
+    except Exception as exc:
+        error = s3_error(f"{S3_SCHEME}{bucket}", exc)
+        tries = f"{PROBE_ATTEMPTS} tries"
+        if error.code in UNREACHABLE_ERRORS:
+            return (f"cannot reach the S3 endpoint {redact_url(endpoint)} ({tries}, {PROBE_CONNECT_TIMEOUT:g} s "
+                    f"connect timeout; last: {error.code}); {ENDPOINT_HELP}"), error.code
+        if isinstance(exc, (bex.ReadTimeoutError, bex.ConnectionClosedError)):
+            return (f"the S3 endpoint {redact_url(endpoint)} took the connection but gave no answer ({tries}, "
+                    f"{PROBE_READ_TIMEOUT:g} s each; last: {error.code}): is it an S3 endpoint? {ENDPOINT_HELP}"), \
+                error.code
+        return error.reason, error.code
+    return True
 
 
 def list_tar_objects(storage: Storage, url: str, options: Optional[S3Options]) -> list[tuple[str, int]]:
     """Every `.tar` under an s3:// prefix (recursive, sorted) with its size; a `.tar` URL is itself."""
     bucket, key = split_s3(url)
-    client = storage.client(options)
+    client = storage.s3_client(url, options)
     if key.endswith(".tar"):
         try:
             head = client.head_object(Bucket=bucket, Key=key)
@@ -112,7 +156,7 @@ class S3Place(Place):
 
     @property
     def client(self):
-        return self.storage.client(self.options)
+        return self.storage.s3_client(self.url, self.options)
 
     def key(self, relative: str) -> str:
         return self.prefix + relative.lstrip("/")

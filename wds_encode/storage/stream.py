@@ -41,7 +41,7 @@ class S3ReadStream(io.RawIOBase):
         self.storage = storage
         self.url = url
         self.bucket, self.key = split_s3(url)
-        self.client = storage.client(options)
+        self.client = storage.s3_client(url, options)
         self.pos = 0
         self.size: Optional[int] = None
         self.etag: Optional[str] = None
@@ -69,6 +69,10 @@ class S3ReadStream(io.RawIOBase):
             if code in ("PreconditionFailed", "412"):
                 raise StorageError(self.url, f"the object changed while it was being read (ETag {self.etag}); "
                                              "rerun to read the new version") from None
+            raise s3_error(self.url, exc, "cannot read") from None
+        except self._broken:
+            raise   # the connection broke: readinto tries again
+        except Exception as exc:   # no credentials, a bad parameter...: no retry helps
             raise s3_error(self.url, exc, "cannot read") from None
         if self.etag is None:
             self.etag = response.get("ETag")
