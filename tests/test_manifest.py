@@ -70,10 +70,11 @@ def test_overwrite_removes_earlier_outputs_only(place, ckpt):
     manifest.write_error_log()
     manifest.write_filelist()
     _put(place, "0/0000000000000.npy", "0/0000000000000.json", "0/0000000010000.npy.partial", "0/notes.txt",
-         "shards/ds/a-000.tar", "mine.txt", "silence.npy")
+         "shards/ds/a-000.tar", "mine.txt", "silence.npy", "manifest/parts/part-0-of-2.json")
+    place.write("manifest/parts/job.lease", b"{}")   # the lease the overwriting run holds: taken before the clear
     assert {"filelist.txt", "silence.npy"} <= set(place.list())
     assert RunManifest(place).prepare(ident, overwrite=True).done == set()
-    assert sorted(place.list()) == ["0/notes.txt", "mine.txt"]
+    assert sorted(place.list()) == ["0/notes.txt", "manifest/parts/job.lease", "mine.txt"]
 
 
 W1, W2 = "r1-g1-aaaaaa", "r2-g1-bbbbbb"   # writer ids (writers.new_writer_id)

@@ -78,8 +78,9 @@ class EncodeConfig(BaseModel):
     dataset_config: Optional[Path] = Field(None, description="Dataset config JSON")
     output_path: Optional[str] = Field(None, description="Output folder, or s3://bucket/prefix/")
     batch_size: Union[int, str] = Field(
-        1, description="Windows per encoder batch, or auto: the largest power of two (<= 256) that fits the "
-                       "device with 20% to spare, found by a short probe at start")
+        1, description="Windows per encoder batch, or auto, found by a short probe at start: on a GPU the largest "
+                       "power of two (<= 256) that fits the device with 20% to spare; on a CPU the fastest of the "
+                       "batch sizes it times, within the memory the process may use")
     sample_size: int = Field(1320960, ge=MIN_SAMPLE_SIZE, le=MAX_SAMPLE_SIZE,
                              description="Samples per window (pad/crop), at the model's rate")
     num_workers: int = Field(4, ge=0, le=256, description="DataLoader worker processes")

@@ -15,6 +15,7 @@ from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_confi
 from .job.parts import Part, PartError, no_conditional_writes, parse_part, part_from_scheduler
 from .pipeline.manifest import OutputState, RunManifest, json_sha256, run_identity
 from .models import resolve_autoencoder_config
+from .models.factory import check_model_files
 from .models.pretrained import resolve_pretrained
 from .pipeline.reader import ReaderOptions, load_custom_metadata_fn
 from .pipeline.sources import (LISTING, Shard, claim_order, file_groups_from_listing, list_shards, listing_bytes,
@@ -30,6 +31,7 @@ def resolve_model_source(config: EncodeConfig) -> tuple[dict, Path]:
     assert config.model_config_path is not None and config.ckpt_path is not None
     if not config.ckpt_path.is_file():
         raise ConfigError(f"--ckpt-path {config.ckpt_path}: file not found")
+    check_model_files(config.model_config_path, config.ckpt_path)   # swapped or mistaken files, by their first bytes
     return load_model_config(config.model_config_path), config.ckpt_path
 
 
@@ -91,6 +93,7 @@ def plan_inputs(config: EncodeConfig) -> RunInputs:
                           f"(at {exc.place}); fix the path, the bucket or its permissions") from None
     if not conditional:   # refused here, before the model loads (the part's lease would refuse it too)
         raise ConfigError(no_conditional_writes(redact_url(config.output_path), part))
+    check_part_count(place, part, redact_url(config.output_path), part_source)
     model_config, ckpt_path = resolve_model_source(config)
     ratio = int(resolve_autoencoder_config(model_config).ae_config["downsampling_ratio"])
     if config.chunking == "full":
@@ -163,6 +166,29 @@ def resolve_part(config: EncodeConfig, env=None) -> tuple[Part, str]:
                           "use a new --output-path, or remove the old output before starting the array")
     return part, source
 
+
+
+def check_part_count(place: Place, part: Part, url: str, source: str = "--part") -> None:
+    """An array job's parts all deal the units in one count: the one details.json records ("parts": N,
+    written by the job's first part). --part K/M of another count M would deal them differently (its
+    part K is not the part K of N that status reports), so it is refused here, before the model loads.
+    A whole run (no --part) goes on any output, and parts may follow a whole run ("parts": 1)."""
+    if part.whole:
+        return
+    try:
+        details = RunManifest(place).load_details() or {}
+        recorded = int(details.get("parts", 1) or 1)
+    except (StorageError, ValueError, TypeError, AttributeError):
+        return   # no readable details.json: the run's own start (prepare) says what is wrong with it
+    if recorded <= 1 or recorded == part.count:
+        return
+    given = f"--part {part.label}" if source in ("--part", "") else f"part {part.label} (from {source})"
+    raise ConfigError(
+        f"{given}: {url} is an array job of {recorded} parts (its details.json records "
+        f"\"parts\": {recorded}), not {part.count}; parts of another count would deal its units differently. "
+        f"Run its own parts, --part 0/{recorded} to --part {recorded - 1}/{recorded} "
+        f"(`wds-encode status {url}` says which are left); or give the {part.count} parts a new --output-path; "
+        f"or start this output over in one run without --part, with --overwrite")
 
 
 def keep_listing(inputs: RunInputs, place: Place) -> None:

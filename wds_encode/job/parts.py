@@ -17,6 +17,7 @@ scheduler's variables). Part K:
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import re
@@ -69,14 +70,21 @@ class Part:
         and the deal depends only on the items."""
         if self.whole:
             return list(items)
-        loads = [0] * self.count
-        mine: set[int] = set()
-        for i in sorted(range(len(items)), key=lambda i: (-size(items[i]), name(items[i]))):
-            target = min(range(self.count), key=lambda k: (loads[k], k))
-            loads[target] += size(items[i])
-            if target == self.index:
-                mine.add(i)
-        return [item for i, item in enumerate(items) if i in mine]
+        owners = deal(items, self.count, size=size, name=name)
+        return [item for item, owner in zip(items, owners) if owner == self.index]
+
+
+def deal(items: Sequence[T], count: int, size: Callable[[T], int], name: Callable[[T], str]) -> list[int]:
+    """The part (0..count-1) each of `items` goes to, as `Part.select` deals them: largest first (ties by
+    name), each to the part with the fewest bytes so far (ties to the lower part). One pass for every part
+    (status reads all N parts' shares of a listing at once)."""
+    owners = [0] * len(items)
+    loads = [(0, k) for k in range(count)]   # a heap: the part with the fewest bytes (then the lowest) on top
+    for i in sorted(range(len(items)), key=lambda i: (-size(items[i]), name(items[i]))):
+        load, target = heapq.heappop(loads)
+        owners[i] = target
+        heapq.heappush(loads, (load + size(items[i]), target))
+    return owners
 
 
 def parse_part(text: str) -> Part:

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,6 +38,15 @@ PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.
 # kernels and a time-reversed convolution output give 1 and more.
 PRECISION_CHECK_LIMIT = 0.25
 PRECISION_PROBE_SECONDS = 10.0   # the probe window: at most this long (a window of the run, if shorter)
+
+# --batch-size auto on a CPU is chosen by speed, not by memory alone: a CPU gains little from large batches
+# (a window of a long run already fills its cores) and loses cache, and a batch larger than a small job's
+# windows leaves the decode workers nothing to overlap (measured: 93 windows took 15.0 s at batch 256 against
+# 4.6 s at 8). Candidates (powers of two, within the memory bound) are timed on probe batches, growing
+# until they stop getting faster or the timing would cost more than CPU_PROBE_SECONDS; the smallest whose
+# time per window is within CPU_BATCH_TOLERANCE of the fastest is kept.
+CPU_BATCH_TOLERANCE = 0.10
+CPU_PROBE_SECONDS = 2.0
 
 # What allocation failures look like: PyTorch's own error, and cuDNN / cuBLAS failing to allocate a
 # workspace or a handle near a full device (cuDNN reports some of those as an internal error).
@@ -455,22 +465,27 @@ class BatchEncoder:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def probe_batch_size(self, sample_size: int, *, cap: int, host_memory: int, headroom: float = 0.2
-                         ) -> tuple[int, dict]:
-        """The largest power-of-two batch (<= cap) that fits with `headroom` to spare, and how it was found.
+    def probe_batch_size(self, sample_size: int, *, cap: int, host_memory: int, headroom: float = 0.2,
+                         windows: Optional[int] = None, budget: float = CPU_PROBE_SECONDS) -> tuple[int, dict]:
+        """The batch size for `--batch-size auto` (a power of two <= cap), and how it was found.
 
-        On CUDA: eager forward passes of growing batches (one compiled graph per probe would cost
-        minutes), each measured on its second pass, stopping at the first that runs out of memory or
-        whose peak leaves less than `headroom` of the device free. A low-precision run also keeps room
-        for the writer thread's fp32 re-run of one window at a time (`rerun_limit`), which can run while
-        the next batch does. On the CPU: one window's largest activation, measured by forward hooks,
-        against the memory the process may still use (`host_memory`).
+        On CUDA: the largest that fits with `headroom` to spare. Eager forward passes of growing batches
+        (one compiled graph per probe would cost minutes), each measured on its second pass, stopping at the
+        first that runs out of memory or whose peak leaves less than `headroom` of the device free. A
+        low-precision run also keeps room for the writer thread's fp32 re-run of one window at a time
+        (`rerun_limit`), which can run while the next batch does.
+
+        On the CPU: the fastest. The memory bound comes first: one window's largest activation, measured by
+        forward hooks, against the memory the process may still use (`host_memory`). Then batches of 1, 2,
+        4, ... up to that bound (and to `windows`, the most windows the run has, when known) are timed on a
+        probe window (`cpu_batch_timings`), and `fastest_batch_size` keeps the smallest within
+        CPU_BATCH_TOLERANCE of the fastest time per window.
         """
         model = self.low_model or self.model
         channels = self.model.in_channels
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free * (1 - headroom)
+            budget_bytes = free * (1 - headroom)
             rerun_peak = 0
             if self.low_model is not None:
                 rerun_peak = self._cuda_peak(self.model, 1, sample_size) or 0
@@ -480,7 +495,7 @@ class BatchEncoder:
             while size <= cap:
                 peak = self._cuda_peak(model, size, sample_size)
                 tried.append({"batch_size": size, "peak_bytes": peak})
-                if peak is None or peak + rerun_peak > budget:
+                if peak is None or peak + rerun_peak > budget_bytes:
                     break
                 chosen = size
                 size *= 2
@@ -494,18 +509,59 @@ class BatchEncoder:
                 largest[0] = max(largest[0], output.numel() * output.element_size())
         network = self._eager[id(model)]
         hooks = [m.register_forward_hook(measure) for m in network.modules()]
-        try:
-            self._forward(model, torch.zeros(1, channels, sample_size), ["probe"], 0, eager=True)
+        audio = probe_window(channels, sample_size, self.model.sample_rate)
+        try:   # also the timing's warm-up: the first pass builds the kernels
+            self._forward(model, audio, ["probe"], 0, eager=True)
         finally:
             for hook in hooks:
                 hook.remove()
         per_window = 4 * largest[0]  # input, output and temporaries of the widest layer
-        budget = host_memory * (1 - headroom) / 2  # half of it: decode workers and queues need the rest
-        chosen = 1
-        while chosen * 2 <= cap and chosen * 2 * per_window <= budget:
-            chosen *= 2
+        host_budget = host_memory * (1 - headroom) / 2  # half of it: decode workers and queues need the rest
+        bound = 1
+        while bound * 2 <= cap and bound * 2 * per_window <= host_budget:
+            bound *= 2
+        limit = bound if windows is None else max(1, min(bound, windows))
+        timings, stopped, spent = self.cpu_batch_timings(model, audio, limit, budget)
+        chosen = fastest_batch_size(timings)
         return chosen, {"host_memory_bytes": int(host_memory), "headroom": headroom,
-                        "bytes_per_window_estimate": int(per_window)}
+                        "bytes_per_window_estimate": int(per_window), "memory_bound": bound,
+                        "windows_bound": windows, "chosen_by": "speed",
+                        "timings": [{"batch_size": size, "seconds_per_window": seconds}
+                                    for size, seconds in sorted(timings.items())],
+                        "tolerance": CPU_BATCH_TOLERANCE, "timing_stopped": stopped,
+                        "timing_seconds": round(spent, 4)}
+
+    def cpu_batch_timings(self, model: torch.nn.Module, audio: torch.Tensor, limit: int, budget: float
+                          ) -> tuple[dict[int, float], str, float]:
+        """Seconds per window of eager forward passes of 1, 2, 4, ... (<= limit) copies of `audio` [1, C, N],
+        growing while they get faster and while the next would keep the timing under `budget` seconds
+        (its cost guessed from the fastest time per window so far). Returns (timings, why it stopped, seconds
+        spent)."""
+        timings: dict[int, float] = {}
+        spent, size = 0.0, 1
+        while True:
+            batch = audio.expand(size, -1, -1).contiguous()
+            started = time.perf_counter()
+            self._forward(model, batch, [f"probe{i}" for i in range(size)], 0, eager=True)
+            elapsed = time.perf_counter() - started
+            spent += elapsed
+            timings[size] = elapsed / size
+            best = min(timings.values())
+            if timings[size] > best * (1 + CPU_BATCH_TOLERANCE):
+                return timings, "slower", spent
+            if size * 2 > limit:
+                return timings, "bound", spent
+            if spent + best * size * 2 > budget:
+                return timings, "budget", spent
+            size *= 2
+
+
+def fastest_batch_size(timings: dict[int, float], tolerance: float = CPU_BATCH_TOLERANCE) -> int:
+    """The smallest batch size whose time per window is within `tolerance` of the fastest of `timings`
+    ({batch size: seconds per window}): a larger batch that is no faster only holds more memory, and
+    leaves the decode workers less to overlap."""
+    best = min(timings.values())
+    return min(size for size, seconds in timings.items() if seconds <= best * (1 + tolerance))
 
 
 def bound_compile_workers(workers: int) -> None:

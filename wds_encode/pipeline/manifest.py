@@ -365,6 +365,8 @@ class RunManifest:
                 if folder_file_id(rel) is not None or rel.startswith((f"{SHARDS_DIR}/", f"{RECORDS_DIR}/",
                                                                       f"{PROBE_DIR}/"))
                 or rel in (ERRORS_LOG, DETAILS, FILELIST, SILENCE)]
+        # a lease under manifest/parts/ is the running job's own (taken before the clear): never ours to remove
+        ours = [rel for rel in ours if not (rel.startswith(f"{RECORDS_DIR}/parts/") and rel.endswith(".lease"))]
         return removed + self.place.delete(rel for rel in ours if rel not in index) + self.place.remove_unfinished()
 
     # ------------------------------------------------------------------ derived views

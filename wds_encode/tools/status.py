@@ -3,8 +3,10 @@
 Everything comes from what the run itself writes: details.json (the plan: how many units the
 dataset has), one record per finished unit (counts, audio, errors; read through their index, so a
 handful of requests however many units are done), the writing markers of ranks that are running or
-were interrupted, and for an array job each part's plan (`manifest/parts/part-K-of-N.json`). It
-reads; it never changes the output.
+were interrupted, and for an array job each part's plan (`manifest/parts/part-K-of-N.json`) and its
+units, dealt from the output's kept listing as the parts deal them; the state line then names the parts
+left to run (`incomplete: part 1/2 has not run; run it with --part 1/2`). It reads; it never changes the
+output.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Optional
 
 import json
 
-from ..job.parts import PARTS_DIR
+from ..job.parts import PARTS_DIR, deal
 from ..pipeline.manifest import RunManifest
 from ..pipeline.records import UnitRecord
+from ..pipeline.sources import LISTING, _listing_records
 from ..storage import Place
 
 
@@ -32,13 +35,49 @@ def read_output(place: Place) -> tuple[RunManifest, dict]:
     return manifest, details
 
 
-def run_state(markers: list[dict], total: Optional[int], done: int) -> str:
-    """complete / writing / incomplete, from the writing markers, the planned units and those done."""
+def run_state(markers: list[dict], total: Optional[int], done: int, parts: list[dict] = ()) -> str:
+    """complete / writing / incomplete, from the writing markers, the planned units and those done; for an
+    array job (`parts`, from `part_status`), which parts are left to run."""
+    left = [part for part in parts if part["state"] != "complete"]
     if markers:
+        if left:
+            return "writing (or interrupted): " + parts_to_run(left)
         return "writing (or interrupted: rerun the same command to finish)"
     if total is not None and done >= total:
         return "complete"
+    if left:
+        return "incomplete: " + parts_to_run(left)
     return "incomplete: rerun the same command to finish"
+
+
+PART_WRITING = "writing (or interrupted)"
+PART_STOPPED = "stopped before its end"
+PART_NOT_STARTED = "not started"
+
+
+def parts_to_run(parts: list[dict]) -> str:
+    """What to run to finish an array job, from the states of its parts that are not complete:
+    `part 1/2 has not run; run it with --part 1/2`."""
+    said = []
+    for state, one, many in (
+            (PART_NOT_STARTED, "{} has not run; run it with {}", "{} have not run; run them with {}"),
+            (PART_STOPPED, "{} stopped before its end; rerun it with {}",
+             "{} stopped before their end; rerun them with {}"),
+            (PART_WRITING, "{} is writing, or was interrupted; unless it is running, rerun it with {}",
+             "{} are writing, or were interrupted; unless they are running, rerun them with {}")):
+        labels = [part["part"] for part in parts if part["state"] == state]
+        if labels:
+            text = one if len(labels) == 1 else many
+            said.append(text.format(("part " if len(labels) == 1 else "parts ") + _listed(labels),
+                                    _listed([f"--part {label}" for label in labels])))
+    return "; ".join(said)
+
+
+def _listed(items: list[str], most: int = 6) -> str:
+    """`a`, `a and b`, `a, b and c`; a long list as `a, b, ... z (N in all)`."""
+    if len(items) > most:
+        return f"{items[0]}, {items[1]}, ... {items[-1]} ({len(items)} in all)"
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def record_totals(records: list[UnitRecord]) -> dict:
@@ -55,8 +94,28 @@ def record_totals(records: list[UnitRecord]) -> dict:
     }
 
 
+def dealt_units(place: Place, parts: int) -> Optional[list[set[str]]]:
+    """Each part's unit ids, dealt as the parts deal them (`Part.select`) from the units the output keeps
+    (`manifest/units.json.gz`, which every part deals from); None when the output keeps no listing."""
+    data = place.read(LISTING)
+    if data is None:
+        return None
+    try:
+        _, units = _listing_records(data)
+        ids = [f"{unit['dataset']}/{unit['name']}" for unit in units]
+        sizes = [int(unit["size"]) for unit in units]
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    owners = deal(range(len(ids)), parts, size=sizes.__getitem__, name=ids.__getitem__)
+    found: list[set[str]] = [set() for _ in range(parts)]
+    for unit, owner in zip(ids, owners):
+        found[owner].add(unit)
+    return found
+
+
 def part_status(place: Place, parts: int, records: list[UnitRecord], markers: list[dict]) -> list[dict]:
-    """Per part of an array job: its units (from its plan), done, state and who last ran it."""
+    """Per part of an array job: its units (dealt from the output's listing, else its plan's count), those
+    done (by it or by any other run), its state and who last ran it."""
     names = sorted(rel for rel in place.list(PARTS_DIR) if rel.endswith(".json"))
     plans = {}
     for data in place.read_many(names).values():
@@ -66,20 +125,35 @@ def part_status(place: Place, parts: int, records: list[UnitRecord], markers: li
             plan = None
         if isinstance(plan, dict) and str(plan.get("part", "")).endswith(f"/{parts}"):
             plans[int(plan["part"].split("/")[0])] = plan
+    shares = dealt_units(place, parts)
     done = [0] * parts                       # one pass over the records, however many parts
-    for record in records:
-        done[int(record.get("rank", 0)) % parts] += 1
+    if shares is not None:
+        owner = {unit: index for index, share in enumerate(shares) for unit in share}
+        for record in records:
+            if record.get("shard") in owner:
+                done[owner[record["shard"]]] += 1
+    else:                                    # an output without a kept listing: by the rank that wrote it
+        for record in records:
+            done[int(record.get("rank", 0)) % parts] += 1
     writing: list[list[dict]] = [[] for _ in range(parts)]
     for marker in markers:
-        if "rank" in marker:
+        label = marker.get("part")
+        if label is None and "rank" in marker:           # a marker without its part: by its rank
             writing[int(marker["rank"]) % parts].append(marker)
+        elif isinstance(label, str) and label.endswith(f"/{parts}"):
+            writing[int(label.split("/")[0]) % parts].append(marker)
     found = []
     for index in range(parts):
         plan = plans.get(index, {})
-        total = plan.get("units")
+        total = len(shares[index]) if shares is not None else plan.get("units")
+        if writing[index]:
+            state = PART_WRITING
+        elif total is not None and done[index] >= total and (plan or shares is not None):
+            state = "complete"
+        else:
+            state = PART_STOPPED if plan else PART_NOT_STARTED
         found.append({"part": f"{index}/{parts}", "units": {"total": total, "done": done[index]},
-                      "state": run_state(writing[index], total, done[index]) if plan else "not started",
-                      "host": plan.get("host"), "finished_at": plan.get("finished_at")})
+                      "state": state, "host": plan.get("host"), "finished_at": plan.get("finished_at")})
     return found
 
 
@@ -92,9 +166,11 @@ def output_status(place: Place) -> dict:
     remaining = max(0, total - done) if total is not None else None
     totals = record_totals(records)
     stats = details.get("stats") or {}
+    count = int(details.get("parts", 1) or 1)
+    parts = part_status(place, count, records, markers) if count > 1 else []
     return {
         "output": place.url,
-        "state": run_state(markers, total, done),
+        "state": run_state(markers, total, done, parts),
         "units": {"total": total, "done": done, "failed": totals["failed"], "remaining": remaining},
         "samples": totals["samples"],
         "windows": totals["windows"],
@@ -104,7 +180,8 @@ def output_status(place: Place) -> dict:
         "errors": totals["errors"],
         "warnings": totals["warnings"],
         "ranks_writing": sorted(int(m["rank"]) for m in markers if "rank" in m),
-        "parts": part_status(place, int(details["parts"]), records, markers) if int(details.get("parts", 1)) > 1 else [],
+        "parts": parts,
+        "parts_to_run": [part["part"] for part in parts if part["state"] != "complete"],
         "last_run": {"started_at": details.get("started_at"), "finished_at": details.get("finished_at"),
                      "elapsed_seconds": stats.get("elapsed_seconds")},
     }
