@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
+# Test processes (pytest-xdist): one per core, at most 4; a test module stays on one process, so its
+# module-scoped fixtures (encoded outputs, servers) are built once. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 .PHONY: install demo test test-fast clean
 
@@ -21,10 +25,10 @@ demo: $(STAMP)
 	$(BIN)/wds-encode demo $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

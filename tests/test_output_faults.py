@@ -112,5 +112,6 @@ def test_an_output_path_under_a_file_fails_before_the_model_loads(dataset, demo_
     result = run_cli("--model-config", model_config, "--ckpt-path", ckpt, "--dataset-config", config,
                      "--output-path", tmp_path / "file.txt" / "out", "--sample-size", SAMPLE_SIZE)
     assert result.returncode == 2
-    assert "Not a directory" in result.stderr and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'file.txt'}, a folder above it, is a file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
     assert Path(tmp_path / "file.txt").read_text() == "x"

@@ -415,7 +415,7 @@ def test_overlap_0_keeps_independent_windows_and_the_run_identity(family_models,
     assert "overlap" not in details["run_identity"]["options"]
     # the same identity as a run that never heard of --overlap: a rerun without it finds everything done
     again = cli_run(family_models["demo"], dataset, tmp_path / "out", *common)
-    assert "0 encoded, 1 already done" in again.output
+    assert "nothing to do: the 1 unit was already done" in again.output
     # and --overlap is another output: refused without --overwrite
     refused = cli_run(family_models["demo"], dataset, tmp_path / "out", *common, "--overlap", overlap, exit_code=2)
     assert "overwrite" in refused.output + (refused.stderr if refused.stderr_bytes else "")
