@@ -64,9 +64,64 @@ def golden_model(name: str) -> tuple[Path, Path]:
     return folder / "model_config.json", folder / "model.safetensors"
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the installed `wds-encode` command, as a user would."""
-    return subprocess.run([WDS_ENCODE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The `wds-encode` command with these arguments, as a user runs it, and what it printed and returned.
+
+    It runs in this process (click's runner on the command's own entry point), which spares the 2-3 s of CPU
+    a new interpreter spends importing torch, unless it starts processes of its own (`--devices` of more
+    than one rank), which the launcher needs a process of its own for. As from a process: an exception the
+    command lets escape comes back as its traceback on stderr and exit 1, and what the run sets for itself
+    (torch's threads, signal handlers) is put back. `env`: the command's whole environment; one that adds
+    code to the interpreter (PYTHONPATH: a sitecustomize that injects a fault) needs a process of its own.
+    `run_cli_process` runs the installed command itself."""
+    args = [str(a) for a in args]
+    if _starts_processes(args) or (env is not None and env.get("PYTHONPATH") != os.environ.get("PYTHONPATH")):
+        return run_cli_process(*args, timeout=timeout, env=env)
+    return run_cli_here(*args, env=env)
+
+
+def run_cli_process(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `wds-encode` command in a process of its own."""
+    return subprocess.run([WDS_ENCODE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _starts_processes(args: list[str]) -> bool:
+    for flag in ("--devices", "--nproc-per-node"):
+        if flag in args:
+            value = args[args.index(flag) + 1] if args.index(flag) + 1 < len(args) else ""
+            if value not in ("1", "cpu", "cuda:0", "0"):
+                return True
+    return False
+
+
+def run_cli_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import signal
+    import traceback
+
+    import torch
+    from click.testing import CliRunner
+    from wds_encode.cli import main
+
+    threads = torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    environ = dict(os.environ)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        result = CliRunner().invoke(main, list(map(str, args)), prog_name="wds-encode")
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    stderr = result.stderr
+    code = result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(*result.exc_info)[1:])
+        code = 1
+    return subprocess.CompletedProcess([WDS_ENCODE, *args], code, result.stdout, stderr)
 
 
 def write_dataset_config(path: Path, dataset_type: str, datasets: list[dict], **extra) -> Path:
@@ -201,3 +256,17 @@ def assert_half_precision_close_or_refused(model_loader, dtype, relative_error: 
     encoder = BatchEncoder(model_loader(), device=torch.device("cpu"), precision=precision)
     with pytest.raises(PrecisionMismatch):
         encoder.check_precision(window_samples)
+
+
+# The modules that take longest (`make test` prints the 20 slowest tests), started first: `make test` hands
+# whole modules to its processes in collection order, and a long module begun last keeps one process busy
+# while the others have finished.
+LONGEST_MODULES = ("test_races.py", "test_s3.py", "test_preemption.py", "test_multi_rank.py", "test_benchmark.py",
+                   "test_overlap.py", "test_full_length.py", "test_array_jobs.py", "test_cli.py", "test_encoder.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+    items.sort(key=rank)   # stable: each module's tests keep their order

@@ -289,7 +289,7 @@ def killed_and_rerun(inputs, demo_model, tmp_path_factory):
     orphans = sorted(str(p.relative_to(out)) for p in (out / "shards").rglob(f"{killed_unit}-*.tar"))
     assert orphans, "the kill came after the second unit's tars were committed"
     assert len(records_of(out)) == 1
-    rerun = subprocess.run([WDS_ENCODE, *args], capture_output=True, text=True, timeout=300)
+    rerun = run_cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     return out, samples, rerun
 
@@ -324,8 +324,8 @@ def test_an_s3_no_folder_output_holds_no_folder_objects_and_reads_from_its_shard
     dataset, _ = inputs
     s3_in_process.make_bucket("latents")
     out = "s3://latents/nofolder/"
-    result = subprocess.run([WDS_ENCODE, *encode_args(demo_model, dataset, out, "--no-folder")], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, **s3_env(s3_in_process.endpoint)})
+    result = run_cli(*encode_args(demo_model, dataset, out, "--no-folder"),
+                     env={**os.environ, **s3_env(s3_in_process.endpoint)})
     assert result.returncode == 0, result.stderr
     keys = [k[len("nofolder/"):] for k in s3_in_process.keys("latents", "nofolder/")]
     assert keys and not [k for k in keys if k.split("/", 1)[0].isdigit()]

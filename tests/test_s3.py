@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WDS_ENCODE, assert_exactly_once, read_folder_layout, write_dataset_config
+from conftest import (WDS_ENCODE, assert_exactly_once, read_folder_layout, run_cli, run_cli_process,
+                      write_dataset_config)
 from s3_support import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, s3_env
 from wds_encode.pipeline.manifest import RunManifest, done_name, journal_name
 from wds_encode.storage import LocalPlace
@@ -60,7 +61,7 @@ def encode_args(demo_model, dataset, out, *extra) -> list[str]:
 
 
 def wds_encode(*args, env, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([WDS_ENCODE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def mirror(s3, bucket: str, prefix: str, dest: Path) -> dict[str, bytes]:
@@ -377,7 +378,9 @@ def test_a_full_bucket_quota_stops_with_one_line_and_a_rerun_finishes(s3, fault_
     out = "s3://latents/quota/"
     fault_proxy.reject(_record_put_seen_then(lambda method, path: method in ("PUT", "POST")
                                              and path.startswith("/latents/")), status=507, code="XMinioStorageFull")
-    full = wds_encode(*encode_args(demo_model, dataset, out, "--num-workers", 1, "--batch-size", 2), env=env)
+    # a process of its own: the job lease it cannot release (every PUT refused) is then a dead process's,
+    # which the rerun takes over at once; a lease of this live process would be waited out
+    full = run_cli_process(*encode_args(demo_model, dataset, out, "--num-workers", 1, "--batch-size", 2), env=env)
     assert full.returncode == 1
     lines = full.stderr.strip().splitlines()
     assert len(lines) == 1 and "output full" in lines[0] and "XMinioStorageFull" in lines[0], full.stderr

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import (WDS_ENCODE, assert_exactly_once, golden_sa3, read_folder_layout, read_latent_shards,
-                      write_dataset_config, write_tar)
+                      run_cli, write_dataset_config, write_tar)
 from s3_support import s3_env
 from sa3_support import filelist, read_like_pre_encoded_datasets, sa3_latent_filenames
 from wds_encode.pipeline.manifest import RunManifest
@@ -71,7 +71,7 @@ def encode(demo_model, dataset, out, *extra, env=None):
     config, ckpt = demo_model
     args = [WDS_ENCODE, "--model-config", config, "--ckpt-path", ckpt, "--dataset-config", dataset,
             "--output-path", out, "--sample-size", SAMPLE_SIZE, "--no-progress", "--num-workers", 0, *extra]
-    return subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=600, env=env)
+    return run_cli(*args[1:], env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
