@@ -17,7 +17,7 @@ mkdir -p "$W/logs"
 LOG=$W/smoke.log
 : > "$LOG"
 CHECKS=$W/smoke_checks.py   # the Python half of this script, written below
-export WDS_SMOKE_REPO=${WDS_SMOKE_REPO:-$(realpath "$(dirname "$0")/..")}   # configs/ and ../shared/ beside it
+export WDS_SMOKE_REPO=${WDS_SMOKE_REPO:-$(realpath "$(dirname "$0")/..")}   # its configs/ and tests/golden-sa3/
 FAILS=0
 
 say() { printf '%s\n' "$*" | tee -a "$LOG"; }
@@ -678,10 +678,10 @@ def channels_last(cu):
 
 
 def golden_sa3_dir():
-    """SA3's reference data beside the checkout (or WDS_GOLDEN_SA3_DIR), else None."""
+    """SA3's reference data: WDS_GOLDEN_SA3_DIR, else the copy in the repository's tests/, else None."""
     repo = Path(os.environ.get("WDS_SMOKE_REPO", "."))
-    for folder in (os.environ.get("WDS_GOLDEN_SA3_DIR"), repo.parent / "shared" / "golden-sa3",
-                   repo / "shared" / "golden-sa3"):
+    for folder in (os.environ.get("WDS_GOLDEN_SA3_DIR"), repo / "tests" / "golden-sa3",
+                   repo.parent / "shared" / "golden-sa3"):
         if folder and (Path(folder) / "index.json").is_file():
             return Path(folder)
     return None
@@ -696,7 +696,7 @@ def same_models(cu):
     from wds_encode.models import build_autoencoder
     golden = golden_sa3_dir()
     if golden is None:
-        say("FAIL", "same-golden-fp32-cuda", "no golden-sa3 folder (../shared/golden-sa3 or WDS_GOLDEN_SA3_DIR)")
+        say("FAIL", "same-golden-fp32-cuda", "no golden-sa3 folder (tests/golden-sa3 or WDS_GOLDEN_SA3_DIR)")
     else:
         worst = 0.0
         for name in ("same_tiny_shift", "same_tiny_window", "same_tiny_two_stage"):
