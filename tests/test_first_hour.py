@@ -57,6 +57,9 @@ def test_status_names_the_parts_left_to_run_and_another_part_count_is_refused(tw
     assert "  part 1/2   0 of 1 units, not started" in text
     found = json.loads(status(out, "--json"))
     assert found["parts_to_run"] == ["1/2"] and found["units"]["remaining"] == 1
+    inspected = run_cli("inspect", out)   # inspect says the same of the run's state
+    assert inspected.returncode == 0, inspected.stderr
+    assert "incomplete: part 1/2 has not run; run it with --part 1/2" in inspected.stdout, inspected.stdout
 
     # another count: refused with exit 2, before the model loads, naming both counts and what to do
     refused = run_cli(*encode_args(demo_model, dataset, out, "--part", "0/3"))

@@ -33,7 +33,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional
 import numpy as np
 
 from ..pipeline.records import UnitRecord
-from .status import read_output, record_totals, run_state
+from .status import output_parts, read_output, record_totals, run_state
 from ..storage import Place, Storage, StorageError
 
 STATS_OVER = "unpadded frames (padding_mask == 1)"
@@ -540,7 +540,8 @@ def inspect_output(place: Place, *, max_windows: Optional[int] = None, seed: int
     datasets = {name: {**record_totals(recs), "windows_read": read.get(name, {}).get("windows", 0)}
                 for name, recs in sorted(by_dataset.items())}
     total = record_totals(records)
-    state = run_state(found.markers, details.get("plan", {}).get("units_total"), len(records))
+    state = run_state(found.markers, details.get("plan", {}).get("units_total"), len(records),
+                      output_parts(place, details, records, found.markers))   # an array job: the parts to run
     report = {
         "output": place.url, "manifest": True, "state": state,
         "datasets": datasets, "total": total,

@@ -157,6 +157,12 @@ def part_status(place: Place, parts: int, records: list[UnitRecord], markers: li
     return found
 
 
+def output_parts(place: Place, details: dict, records: list[dict], markers: list[dict]) -> list[dict]:
+    """The parts of an array job's output (`part_status`), or [] for an output written whole."""
+    count = int(details.get("parts", 1) or 1)
+    return part_status(place, count, records, markers) if count > 1 else []
+
+
 def output_status(place: Place) -> dict:
     manifest, details = read_output(place)
     found = manifest.read_records()
@@ -166,8 +172,7 @@ def output_status(place: Place) -> dict:
     remaining = max(0, total - done) if total is not None else None
     totals = record_totals(records)
     stats = details.get("stats") or {}
-    count = int(details.get("parts", 1) or 1)
-    parts = part_status(place, count, records, markers) if count > 1 else []
+    parts = output_parts(place, details, records, markers)
     return {
         "output": place.url,
         "state": run_state(markers, total, done, parts),
