@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
-# Test processes (pytest-xdist): one per core, at most 4; a test module stays on one process, so its
-# module-scoped fixtures (encoded outputs, servers) are built once. TEST_WORKERS=0 runs in this process.
+# Test processes (pytest-xdist): one per core, at most 4; tests/conftest.py says which modules stay in one
+# process (their module-scoped fixtures are built once) and which go first. TEST_WORKERS=0: this process.
 TEST_WORKERS ?= auto
-PYTEST := $(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope
 
 .PHONY: install demo test test-fast clean
 

@@ -21,6 +21,9 @@ from wds_encode.pipeline.manifest import RunManifest
 from wds_encode.storage import LocalPlace
 from wds_encode.synth import write_tar_shards
 
+# real processes racing, killed and restarted: part of `make test`, not of `make test-fast`
+pytestmark = pytest.mark.slow
+
 SAMPLE_SIZE = 16384
 PARTS = 3
 

@@ -16,6 +16,9 @@ from conftest import WDS_ENCODE, assert_exactly_once, run_cli, write_dataset_con
 from wds_encode.job.preemption import GracefulStop, Preempted
 from wds_encode.synth import write_tar_shards
 
+# real processes racing, killed and restarted: part of `make test`, not of `make test-fast`
+pytestmark = pytest.mark.slow
+
 GRACE = 20
 
 
