@@ -252,3 +252,13 @@ def test_run_help_shows_meaningful_defaults_and_never_none():
         assert "[default: on]" in text                    # --folder / --shards
         assert "(default: detected)" in text              # --ckpt-prefix says its own default, once
         assert "(default: detected), e.g. autoencoder_ema.ema_model. for EMA weights [default" not in text
+
+
+# ---------------------------------------------------------------------------------------------- item 4
+
+def test_the_license_is_an_spdx_string_that_setuptools_reads_without_a_deprecation():
+    """setuptools >= 77 reads `license = "MIT"` (PEP 639) and warns about the old table form on every install."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()   # (tomllib: Python 3.11+)
+    assert re.search(r'^license = "MIT"$', text, re.MULTILINE), "project.license is not the SPDX string"
+    found = re.search(r'^requires = \[.*"setuptools>=(\d+)"', text, re.MULTILINE)
+    assert found and int(found.group(1)) >= 77, "the build needs setuptools >= 77 for an SPDX license string"
