@@ -720,11 +720,13 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             writer.abandoned.set()
         writer.queue.put(None)
         writer.join()
-        stop_workers(batches_in)
-        del batches_in, loader
-        counter.flush()
-        if not completed:
-            writer.discard_open_units(quietly=True)
+        try:
+            stop_workers(batches_in)
+            del batches_in, loader
+            counter.flush()   # raises when the job's store is gone with rank 0: the units are discarded still
+        finally:
+            if not completed:
+                writer.discard_open_units(quietly=True)
     if writer.error is not None:
         raise _writer_failure(writer.error)
     writer.discard_open_units()
