@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
-# Test processes (pytest-xdist): one per core, at most 4; tests/conftest.py says which modules stay in one
-# process (their module-scoped fixtures are built once) and which go first. TEST_WORKERS=0: this process.
+# Test processes (pytest-xdist): one per core, at most 4, each taking whole modules (their module-scoped
+# fixtures are built once), the longest first (tests/conftest.py). TEST_WORKERS=0: in this process.
 TEST_WORKERS ?= auto
-PYTEST := $(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope --no-loadscope-reorder
+PYTEST := $(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 .PHONY: install demo test test-fast clean
 

@@ -260,29 +260,18 @@ def assert_half_precision_close_or_refused(model_loader, dtype, relative_error: 
 
 
 
-# How `make test` shares the tests among its processes (pytest-xdist). A module's tests stay in one process,
-# so that its module-scoped fixtures (encoded outputs, models) are built once, except in the modules below:
-# their tests are long, each starts processes of its own, and their module fixtures are cheap (audio files),
-# so each test goes to whichever process is free. The longest go first: a long test begun last keeps one
-# process busy while the others have finished.
-SPREAD_MODULES = ("test_races.py", "test_preemption.py", "test_multi_rank.py", "test_s3.py", "test_benchmark.py",
-                  "test_full_length.py", "test_array_jobs.py")
-LONGEST_MODULES = ("test_overlap.py", "test_cli.py", "test_encoder.py", "test_gpu_smoke.py", "test_verify.py",
-                   "test_no_folder.py", "test_same_end_to_end.py", "test_layout.py", "test_fast_path.py")
+
+# `make test` hands whole modules to its processes (pytest-xdist, --dist loadfile: a module's fixtures are built
+# once), in collection order. The modules that take longest (it prints the 20 slowest tests) are collected
+# first: a long module begun last keeps one process busy while the others have finished. (Handing their tests
+# out one by one instead ran two process-heavy tests at once on two cores, each slower: 15.4 min against 14.0.)
+LONGEST_MODULES = ("test_races.py", "test_s3.py", "test_preemption.py", "test_multi_rank.py", "test_benchmark.py",
+                   "test_overlap.py", "test_full_length.py", "test_array_jobs.py", "test_cli.py", "test_encoder.py",
+                   "test_gpu_smoke.py", "test_verify.py", "test_no_folder.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    order = SPREAD_MODULES + LONGEST_MODULES
-    items.sort(key=lambda item: order.index(item.path.name) if item.path.name in order else len(order))
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """xdist's scheduling by scope, a scope being a module, or one test of SPREAD_MODULES."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ModuleScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return nodeid if Path(module).name in SPREAD_MODULES else module
-
-    return ModuleScheduling(config, log)
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+    items.sort(key=rank)   # stable: each module's tests keep their order
