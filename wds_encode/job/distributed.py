@@ -43,7 +43,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, EncodeConfig
+from ..config import SPAWNED_RUN_ID_PREFIX, ConfigError, EncodeConfig
 from .resources import cpu_affinity
 
 STORE_TIMEOUT = timedelta(minutes=5)      # one store operation, and connecting to the store
@@ -229,7 +229,7 @@ def spawn_local_ranks(config: EncodeConfig, nprocs: int) -> int:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(config.as_args()))
         launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs,
-                                     run_id=f"wds-encode-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
+                                     run_id=f"{SPAWNED_RUN_ID_PREFIX}{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
                                      rdzv_endpoint="127.0.0.1:0", max_restarts=config.max_restarts,
                                      monitor_interval=0.1)
         reported = Path(tmp) / "stop-reported"   # the ranks inherit this process's environment
