@@ -9,11 +9,14 @@ import os
 import signal
 import subprocess
 import time
+from functools import partial
 
 import pytest
 
 from conftest import WDS_ENCODE, assert_exactly_once, run_cli, write_dataset_config
-from wds_encode.job.preemption import GracefulStop, Preempted
+from torch.utils.data import DataLoader, IterableDataset
+
+from wds_encode.job.preemption import GracefulStop, Preempted, decode_worker_init, start_decode_workers
 from wds_encode.synth import write_tar_shards
 
 # real processes racing, killed and restarted: part of `make test`, not of `make test-fast`
@@ -114,6 +117,51 @@ def test_a_second_signal_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
     assert time.time() - started < 3 and asked == ["SIGINT"]
+
+
+class _Numbers(IterableDataset):
+    def __iter__(self):
+        yield from range(3)
+
+
+def _signalled_before_init(worker_id: int) -> None:
+    """A worker_init_fn that gets a SIGTERM (from itself: not its parent, as from a scheduler signalling
+    the process group) after torch's worker set its handlers and before ours runs: the window the
+    signal blocking in `start_decode_workers` closes."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    decode_worker_init(worker_id, parent_pid=os.getppid())
+
+
+def test_a_stop_signal_reaching_a_decode_worker_as_it_starts_does_not_kill_it():
+    loader = DataLoader(_Numbers(), batch_size=None, num_workers=1, worker_init_fn=_signalled_before_init)
+    iterator = start_decode_workers(loader)
+    assert list(iterator) == [0, 1, 2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                  # this process: as it was
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # and not left blocked
+    # the same worker started without the block dies of it: the test can fail
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        list(iter(loader))
+
+
+class _SignalledAsItStarts(DataLoader):
+    def __iter__(self):
+        os.kill(os.getpid(), signal.SIGTERM)   # held back while the workers start...
+        return super().__iter__()
+
+
+def test_the_rank_takes_a_signal_that_came_while_its_workers_started():
+    loader = _SignalledAsItStarts(_Numbers(), batch_size=None, num_workers=1,
+                                  worker_init_fn=partial(decode_worker_init, parent_pid=os.getpid()))
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
+    try:
+        iterator = start_decode_workers(loader)
+        deadline = time.time() + 10
+        while not got and time.time() < deadline:  # ...and handled once they are started
+            time.sleep(0.01)
+        assert got == [signal.SIGTERM] and list(iterator) == [0, 1, 2]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 KILL_RANK_1_ONCE = '''

@@ -38,7 +38,7 @@ from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
 from .plan import RunInputs, adopt_kept_listing, plan_inputs, prepare_output, units_fingerprint
 from .job.parts import PARTS_DIR, Lease, LeaseLost, NoConditionalWrites
-from .job.preemption import GracefulStop, decode_worker_init, stop_workers
+from .job.preemption import GracefulStop, decode_worker_init, start_decode_workers, stop_workers
 from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .job.progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .pipeline.batching import LengthBatcher
@@ -700,7 +700,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
 
     loop_started: Optional[float] = None
     completed = False
-    batches_in = iter(loader)
+    batches_in = start_decode_workers(loader)
     try:
         for item in batches_in:
             job.raise_if_failed()

@@ -6,7 +6,8 @@ committed as usual, the loop ends, and the run exits 128 + the signal's number (
 what it committed and what is left. The grace period is a deadline: past it, or on a second signal,
 the main thread is interrupted, nothing more is committed (the writer thread drops what is still
 queued), the units still open are discarded (their files removed, as after any failure) and the rerun
-does them. Decode workers ignore the signals (their rank decides) and die with their rank.
+does them. Decode workers ignore the signals (their rank decides) and die with their rank; they are started
+with the signals blocked (`start_decode_workers`), so none can reach one before it ignores them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import _thread
 import os
 import signal
 import threading
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)   # SIGUSR1: `sbatch --signal=USR1@60`, which signals the job steps
 PR_SET_PDEATHSIG = 1           # prctl(2)
@@ -42,11 +44,35 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def start_decode_workers(loader) -> Iterator:
+    """`iter(loader)` with the stop signals blocked while it forks the decode workers, which start with
+    them blocked: a worker installs torch's SIGTERM handler (which dies of a SIGTERM from anyone but
+    its parent) before it runs `decode_worker_init`, and a group-wide SIGTERM landing between the two
+    killed it, failing the rank. Held back, the signal is dropped when the worker ignores it, and the rank
+    takes its own as soon as the workers are started."""
+    with _stop_signals_blocked():
+        return iter(loader)
+
+
+@contextmanager
+def _stop_signals_blocked():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def decode_worker_init(worker_id: int = 0, parent_pid: Optional[int] = None) -> None:
-    """DataLoader `worker_init_fn`: ignore the stop signals (`ignore_stop_signals`), and die with the rank:
-    a rank SIGKILLed (the OOM killer, a spot reclaim) cannot end its workers itself, so each asks the kernel
-    for a SIGKILL when its parent goes (Linux's PR_SET_PDEATHSIG; elsewhere it notices on its next claim)."""
+    """DataLoader `worker_init_fn`: ignore the stop signals (`ignore_stop_signals`; one that came while
+    they were blocked is dropped), and die with the rank: a rank SIGKILLed (the OOM killer, a spot
+    reclaim) cannot end its workers itself, so each asks the kernel for a SIGKILL when its parent goes
+    (Linux's PR_SET_PDEATHSIG; elsewhere it notices on its next claim)."""
     ignore_stop_signals(worker_id)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
