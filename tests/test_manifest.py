@@ -236,6 +236,24 @@ def test_prepare_indexes_a_dead_writers_records_before_its_marker_goes(tmp_path,
     assert len(found.records) == 3 and found.uncompacted == [] and len(found.index_names) == 1
 
 
+def test_a_record_left_half_created_by_a_killed_writer_is_removed_for_the_units_of_this_part(tmp_path, ckpt):
+    """Killed between writing a record's temporary file and linking it into place: the next holder of the
+    part removes the temporary file of a unit of its part, never that of another part's unit (whose
+    holder may be creating it now)."""
+    place = LocalPlace(tmp_path)
+    ident = run_identity({"a": 1}, ckpt, OPTIONS, True)
+    RunManifest(place).write_details({"run_identity": ident})
+    commit_units(RunManifest(place), W2, ["a"], close=False, lease={**PART_LEASE, "generation": 1})
+    done = tmp_path / "manifest/done/ds"
+    mine, theirs = done / "b.json.4242-0a1b2c3d.partial", done / "z.json.77-0a1b2c3d.partial"
+    mine.write_bytes(b"{}")
+    theirs.write_bytes(b"{}")
+    state = RunManifest(place).prepare(ident, overwrite=False, units={"ds/a", "ds/b"},
+                                       lease={**PART_LEASE, "generation": 2})
+    assert state.dead_writers == [W2] and state.done == {"ds/a"}
+    assert not mine.exists() and theirs.exists()
+
+
 def test_a_live_writers_marker_is_left_alone(tmp_path, ckpt):
     place = LocalPlace(tmp_path)
     ident = run_identity({"a": 1}, ckpt, OPTIONS, True)

@@ -493,12 +493,16 @@ def dead_objects(part: Part, units: Optional[set[str]], live: set[str]) -> Calla
     dead writer, or one that finished: what it did not commit it left behind); for the names of older
     versions, which carry none, whether `part` wrote it (its ranks' folders and records, the latent tars
     of `units`, None: every unit; probe leftovers only for a whole job). Temporary files of the
-    manifest's own objects (records, journals, indexes) are never touched: another writer may be
-    creating one now, and none is ever read."""
+    manifest's own objects (journals, indexes) are never touched: another writer may be creating one
+    now, and none is ever read; but a record's (a writer killed between writing it and linking it into
+    place leaves one) is, for the units of `part`, whose lease this attempt holds: only a writer fenced
+    out of the part could be creating it, and its commit then fails, as it must."""
     def garbage(rel: str) -> bool:
         writer = writer_of(rel)
         if writer is not None:
             return writer not in live
+        if rel.startswith(f"{DONE_DIR}/") and rel.endswith(".json"):   # from remove_unfinished only
+            return units is None or rel[len(DONE_DIR) + 1:-len(".json")] in units
         if rel.startswith(f"{RECORDS_DIR}/"):
             legacy = _LEGACY_LOG_RANK_RE.match(rel)
             return legacy is not None and part.owns(int(legacy.group(1)))
