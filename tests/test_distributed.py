@@ -148,7 +148,7 @@ RANK_SCRIPT = textwrap.dedent("""
     job = Job(launch, torch.device("cpu"), peer_timeout=float(sys.argv[1]))
     if launch.rank == 1:
         time.sleep(1.5)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
     started = time.monotonic()
     try:
         job.finish({})
@@ -164,18 +164,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_rank_that_dies_without_a_launcher_stops_the_job():
-    """No launcher to kill the others (plain env, like srun without --kill-on-bad-exit): heartbeats do."""
+def two_ranks_one_stopped(peer_timeout: float, signal_name: str):
+    """Two ranks without a launcher to stop the others (plain env, like srun without --kill-on-bad-exit);
+    rank 1 sends itself `signal_name` after joining. Returns (rank 0's exit code, its output, seconds taken)."""
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, "3"], env={**env, "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(peer_timeout), signal_name],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
     started = time.monotonic()
-    out0, err0 = procs[0].communicate(timeout=60)
-    procs[1].communicate(timeout=10)
-    assert procs[1].returncode == -signal.SIGKILL
-    assert procs[0].returncode == 3, err0
-    assert "rank 1 stopped responding (no heartbeat for 3 s" in out0
-    assert time.monotonic() - started < 30
+    try:
+        out0, err0 = procs[0].communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        procs[1].kill()
+        procs[1].communicate(timeout=10)
+    return procs[0].returncode, out0 + err0, took
+
+
+def test_a_rank_that_stops_responding_without_a_launcher_stops_the_job():
+    """A rank alive but silent (stopped, hung, or on a node that was lost, where there is no process to
+    look at): the heartbeats stop the job after --peer-timeout."""
+    code, output, took = two_ranks_one_stopped(3, "SIGSTOP")
+    assert code == 3, output
+    assert "rank 1 stopped responding (no heartbeat for 3 s" in output
+    assert took < 30
+
+
+def test_a_rank_that_dies_on_this_host_stops_the_job_within_a_heartbeat():
+    """Killed (SIGKILL, the OOM killer) on this host: its process is gone (a zombie its parent has not
+    reaped yet counts), so the job stops at once instead of after --peer-timeout."""
+    code, output, took = two_ranks_one_stopped(600, "SIGKILL")
+    assert code == 3, output
+    assert "rank 1 exited before finishing (pid " in output and "on this host: killed, or out of memory" in output
+    assert took < 30
 
 
 # --------------------------------------------------------------------------- who runs where, and the end

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from wds_encode.job.parts import (Lease, LeaseLost, NoConditionalWrites, Part, PartError, lease_alive,
-                                  lease_name, parse_part, part_from_scheduler, pid_namespace, process_start,
-                                  read_lease)
+                                  lease_name, parse_part, part_from_scheduler, read_lease)
+from wds_encode.job.processes import pid_namespace, process_start
 from wds_encode.storage import LocalPlace
 
 
@@ -132,7 +132,7 @@ def test_pid_namespace_names_this_boot_and_namespace_and_is_the_same_in_a_child_
     boot, inode = namespace.split(":")
     assert boot == open("/proc/sys/kernel/random/boot_id").read().strip()
     assert int(inode) == os.stat("/proc/self/ns/pid").st_ino
-    code = "from wds_encode.job.parts import pid_namespace; print(pid_namespace())"
+    code = "from wds_encode.job.processes import pid_namespace; print(pid_namespace())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert child.stdout.strip() == namespace
 

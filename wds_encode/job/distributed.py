@@ -29,7 +29,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -44,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import SPAWNED_RUN_ID_PREFIX, ConfigError, EncodeConfig
+from .processes import process_gone, this_process
 from .resources import cpu_affinity
 
 STORE_TIMEOUT = timedelta(minutes=5)      # one store operation, and connecting to the store
@@ -385,8 +385,9 @@ class Job:
         self.store = dist.PrefixStore(prefix, raw)
         self._failure: Optional[str] = None
         self._stop = threading.Event()
+        self._neighbours: dict[int, dict] = {}   # rank -> its join record, for the ranks on this host
         self.cpu_sharers: int = self._join({
-            "rank": self.rank, "local_rank": launch.local_rank, "host": socket.gethostname(),
+            "rank": self.rank, "local_rank": launch.local_rank, **this_process(),
             "device": str(device), "gpu": gpu_uuid(device) if device_uuid == FROM_DEVICE else device_uuid,
             "cpus": cpu_affinity()})
         self._watchdog = threading.Thread(target=self._watch, name="wds-encode-heartbeat", daemon=True)
@@ -402,6 +403,7 @@ class Job:
         self._barrier("joined", "joined")
         count = self.store.add(f"{node}/count", 0)  # final: every rank of the job has published
         neighbours = [json.loads(self.store.get(f"{node}/{i}")) for i in range(count)]
+        self._neighbours = {n["rank"]: n for n in neighbours}
         problem = shared_gpu_error(record["host"], neighbours)
         if problem is not None:
             self.store.compare_set("join/error", "", problem)
@@ -507,6 +509,10 @@ class Job:
                     return
                 now = time.monotonic()
                 for r, (beats, since) in last_seen.items():
+                    if (reason := self._exited(r)) is not None:
+                        self.abort(reason)
+                        self._failure = reason
+                        return
                     current = self.store.add(f"beat/{r}", 0)
                     if current != beats:
                         last_seen[r] = (current, now)
@@ -520,6 +526,16 @@ class Job:
                 self._failure = (f"lost the job's store at {self.address.host}:{self.address.port} "
                                  f"({type(exc).__name__}: {exc}); another rank or the launcher has died")
                 return
+
+    def _exited(self, rank: int) -> Optional[str]:
+        """Why rank `rank` failed, when it runs on this host and its process has exited before publishing
+        its result (killed by a signal, or by the kernel when out of memory): the job stops within a
+        heartbeat, not after --peer-timeout (a launcher's agent, which would notice too, first waits up to
+        30 s for the survivors, which wait for the dead rank)."""
+        record = self._neighbours.get(rank)
+        if record is None or not process_gone(record) or self.store.check([f"result/{rank}"]):
+            return None
+        return f"rank {rank} exited before finishing (pid {record['pid']} on this host: killed, or out of memory)"
 
     # -- progress: counters summed over ranks
     def add_progress(self, deltas: Mapping[str, int]) -> None:

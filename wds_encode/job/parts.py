@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -30,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 from ..storage import Place
+from .processes import process_gone, this_process
 
 PART_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 PARTS_DIR = "manifest/parts"
@@ -146,19 +145,6 @@ def _int(env: Mapping[str, str], var: str) -> int:
         raise PartError(f"{var}={env[var]!r} is not a whole number") from None
 
 
-def process_start(pid: int) -> Optional[int]:
-    """When process `pid` started (clock ticks after boot, from /proc), or None: no such process, or no /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    try:
-        return int(stat[stat.rindex(")") + 2:].split()[19])   # field 22, counted after the command name
-    except (ValueError, IndexError):
-        return None
-
-
 def lease_name(part: Part) -> str:
     """The lease object of a part, or of a whole job (Part(0, 1))."""
     if part.whole:
@@ -179,17 +165,6 @@ def no_conditional_writes(url: str, part: Part) -> str:
     return (f"{url}: this store ignores conditional writes (If-None-Match), so two tasks of one part could not "
             f"be kept apart: array parts (--part {part.label}) need a store that has them (AWS S3, MinIO, a local "
             "disk); run the job whole (no --part) here")
-
-
-def pid_namespace() -> Optional[str]:
-    """This process's PID namespace and boot (two containers on one host share a hostname and may
-    both be pid 1: only the same namespace on the same boot makes a pid comparable), or None."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return None
 
 
 def read_lease(place: Place, name: str) -> Optional[dict]:
@@ -261,8 +236,7 @@ class Lease:
     def _claim(self, released: bool = False) -> bytes:
         return json.dumps({
             "owner": self.owner, "generation": self.generation, "part": self.part.label,
-            "host": socket.gethostname(), "pid": os.getpid(), "pid_started": process_start(os.getpid()),
-            "pid_namespace": pid_namespace(), "beat": self._beat, "written_at": time.time(),
+            **this_process(), "beat": self._beat, "written_at": time.time(),
             "released": released}).encode("utf-8")
 
     # -- taking it
@@ -321,14 +295,7 @@ class Lease:
     def _gone(self, lease: dict) -> bool:
         """The holder's process no longer exists, as seen from the same PID namespace of the same boot
         (elsewhere, or in another container with the same hostname, only the lease time tells)."""
-        namespace = pid_namespace()
-        if namespace is None or lease.get("pid_namespace") != namespace or lease.get("host") != socket.gethostname():
-            return False
-        try:
-            pid = int(lease.get("pid"))
-        except (TypeError, ValueError):
-            return False
-        return process_start(pid) != lease.get("pid_started")
+        return process_gone(lease)
 
     # -- holding it
     def _start_beating(self) -> None:
