@@ -319,7 +319,9 @@ class FaultProxy:
 
     - cut_get_every=N: every Nth object read (GET /bucket/key answered 200/206 with >= 2 body bytes) gets
       its response head and about half its body, then a TCP reset.
-    - fail_503_every=N: every Nth request is answered `503 Slow Down` by the proxy, never forwarded.
+    - fail_503_every=N: every Nth request is answered `503 Slow Down` by the proxy, never forwarded;
+      fail_503_at_most=M: only the first M of them (botocore's adaptive retries slow the client down after
+      each, so a run answered 503 all along takes a minute where a few make the point).
     - stall(predicate): from the first matching request on, requests are held unanswered until release().
     - reject(predicate, status, code): matching requests get that S3 error (AccessDenied, a full quota...).
     - drop_headers={"if-none-match", "if-match"}: those request headers are not forwarded (a store that
@@ -335,6 +337,7 @@ class FaultProxy:
         self.endpoint = ""
         self.cut_get_every: int | None = None
         self.fail_503_every: int | None = None
+        self.fail_503_at_most: int | None = None
         self.drop_headers: set[str] = set()   # lower-case names not forwarded (a store that ignores If-None-Match)
         self.counts: dict[str, int] = {"requests": 0, "cuts": 0, "errors_503": 0, "held": 0, "rejected": 0}
         self._lock = threading.Lock()
@@ -427,7 +430,8 @@ class FaultProxy:
                 return "reject", self._reject[1:], None
             self._n_requests += 1
             every = self.fail_503_every
-            fail = bool(every) and self._n_requests % every == 0 and not self._last_503
+            fail = (bool(every) and self._n_requests % every == 0 and not self._last_503
+                    and (self.fail_503_at_most is None or self.counts["errors_503"] < self.fail_503_at_most))
             self._last_503 = fail
             if fail:
                 self.counts["errors_503"] += 1

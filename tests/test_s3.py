@@ -200,12 +200,13 @@ def test_s3_on_one_side_only(direction, s3, five_shards, demo_model, tmp_path):
 
 
 def test_dropped_connections_and_503s_are_survived_and_counted(s3, fault_proxy, five_shards, demo_model, tmp_path):
-    """Every third object read is cut mid-body, every seventh request answered 503 SlowDown."""
+    """Every third object read is cut mid-body, every seventh request answered 503 SlowDown (the first 6)."""
     paths, samples = five_shards
     source = upload_inputs(s3, paths)
     s3.make_bucket("latents")
     fault_proxy.cut_get_every = 3
     fault_proxy.fail_503_every = 7
+    fault_proxy.fail_503_at_most = 6
     env = s3_env(fault_proxy.endpoint)
     out = "s3://latents/flaky/"
     result = wds_encode(*encode_args(demo_model, s3_dataset_config(tmp_path, source), out,

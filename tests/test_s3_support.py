@@ -237,6 +237,23 @@ def test_503_without_retries_is_slow_down(s3, fault_proxy):
     assert s3.keys(bucket) == {"obj": 4, "accepted": 1}
 
 
+def test_503_at_most_a_number_of_times(s3, fault_proxy):
+    bucket = s3.make_bucket("slowdown")
+    s3.put(bucket, "obj", b"data")
+    fault_proxy.fail_503_every = 2
+    fault_proxy.fail_503_at_most = 2
+    client = s3.client(fault_proxy.endpoint, retries=NO_RETRIES)
+    outcomes = []
+    for _ in range(8):
+        try:
+            client.head_object(Bucket=bucket, Key="obj")
+            outcomes.append("ok")
+        except ClientError:
+            outcomes.append("503")
+    assert outcomes == ["ok", "503", "ok", "503", "ok", "ok", "ok", "ok"]
+    assert fault_proxy.counts["errors_503"] == 2
+
+
 def test_faults_never_repeat_back_to_back(s3, fault_proxy):
     """Every-1 schedules still alternate, so one retry always gets through."""
     bucket = s3.make_bucket("alternate")
