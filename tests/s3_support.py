@@ -80,6 +80,29 @@ def _new_client(**kwargs):
         return _session.client("s3", **kwargs)
 
 
+def _missing_uploads_answered_as_s3_does() -> None:
+    """moto answers a part or a completion of an upload that was aborted (a take-over's clean-up aborts a
+    paused holder's) with 500 (a KeyError in its backend), which botocore retries ten times, half a minute
+    of backoff; S3 answers 404 NoSuchUpload at once. Make moto's backend do what S3 does (once per process)."""
+    from moto.s3 import models
+    from moto.s3.exceptions import NoSuchUpload
+
+    backend = models.S3Backend
+    if getattr(backend, "_wds_encode_no_such_upload", False):
+        return
+
+    def checked(method):
+        def call(self, bucket_name, multipart_id, *args, **kwargs):
+            if multipart_id not in self.get_bucket(bucket_name).multiparts:
+                raise NoSuchUpload(upload_id=multipart_id)
+            return method(self, bucket_name, multipart_id, *args, **kwargs)
+        return call
+
+    backend.upload_part = checked(backend.upload_part)
+    backend.complete_multipart_upload = checked(backend.complete_multipart_upload)
+    backend._wds_encode_no_such_upload = True
+
+
 class MotoS3:
     """moto's ThreadedMotoServer on 127.0.0.1 (free port), started and stopped by the tests."""
 
@@ -93,6 +116,7 @@ class MotoS3:
     def start(self) -> MotoS3:
         from moto.server import ThreadedMotoServer
 
+        _missing_uploads_answered_as_s3_does()
         werkzeug_log = logging.getLogger("werkzeug")
         if werkzeug_log.level == logging.NOTSET:  # one log line per request would drown real failures
             werkzeug_log.setLevel(logging.WARNING)

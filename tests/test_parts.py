@@ -396,6 +396,10 @@ def test_a_holder_taken_over_finds_out_at_check_and_its_release_leaves_the_new_h
     assert (holder.generation, newcomer.generation) == (1, 2)
     with pytest.raises(LeaseLost, match="not renewed"):   # silent for over half its lease time
         holder.check()
+    # what explains the holder's next failure (a write the newcomer's clean-up refused), before its renewal
+    # has found out: read from the store now
+    assert f"taken over by {socket.gethostname()} pid {os.getpid()}" in holder.taken_over()
+    assert newcomer.taken_over() is None
     stalling.running.set()                        # its renewal goes out, and finds the lease changed
 
     def lost() -> bool:

@@ -484,7 +484,16 @@ def _run_rank(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
             except NoConditionalWrites as exc:
                 lease = None
                 raise ConfigError(str(exc)) from None
-        return _run_part(inputs, job, device, cpus, started, manifest, encoder, window_size, precision_check, lease)
+        try:
+            return _run_part(inputs, job, device, cpus, started, manifest, encoder, window_size, precision_check,
+                             lease)
+        except (LeaseLost, ConfigError):
+            raise
+        except Exception as exc:   # e.g. an upload the new holder's clean-up aborted: say what happened first
+            taken_over = lease.taken_over() if lease is not None else None
+            if taken_over is not None:
+                raise LeaseLost(taken_over) from exc
+            raise
     finally:
         if lease is not None:
             lease.release()

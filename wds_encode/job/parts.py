@@ -322,15 +322,31 @@ class Lease:
                 started = time.monotonic()
                 self._beat += 1
                 if not self._renew():
-                    current = read_lease(self.place, self.name) or {}
-                    self._lost = (f"{self.what} was taken over by {current.get('host')} pid {current.get('pid')} "
-                                  f"(this process had not renewed its lease for {time.monotonic() - self._beat_at:.0f} s)")
+                    self._lost = self._taken_over_by(read_lease(self.place, self.name) or {})
                     if self.on_lost is not None:
                         self.on_lost(self._lost)
                     return
                 self._beat_at = started
             except Exception:  # a flaky store: keep trying; `check` stops commits if it lasts
                 continue
+
+    def _taken_over_by(self, current: dict) -> str:
+        return (f"{self.what} was taken over by {current.get('host')} pid {current.get('pid')} "
+                f"(this process had not renewed its lease for {time.monotonic() - self._beat_at:.0f} s)")
+
+    def taken_over(self) -> Optional[str]:
+        """Why this process lost the lease, if another holds it now (read from the store, not waiting for
+        the next renewal): what explains a failure such as a write refused because the new holder's
+        clean-up removed this process's unfinished upload."""
+        if self._lost is not None:
+            return self._lost
+        try:
+            current = read_lease(self.place, self.name)
+        except Exception:   # the store does not answer: nothing to tell
+            return None
+        if current is None or (current.get("owner"), current.get("generation")) == (self.owner, self.generation):
+            return None
+        return self._taken_over_by(current)
 
     def check(self) -> None:
         """Raise LeaseLost unless this process may still commit (its lease is its own and recently renewed)."""
