@@ -206,3 +206,36 @@ def test_local_processes_racing_replace_from_one_tag_one_wins(tmp_path):
         winner = winners[0]
         assert place.read_tagged(name) == Tagged(f"writer {winner}".encode() * (winner + 1), won[winner])
     assert not list(tmp_path.rglob("*" + PARTIAL))
+
+
+LOCK_AND_PAUSE = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)   # paused inside a compare-and-rename
+"""
+
+
+def test_a_replace_behind_a_lock_holder_that_was_paused_says_so_instead_of_waiting_unseen(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from wds_encode.storage import local
+    place = LocalPlace(str(tmp_path))
+    place.write("lease", b"v1")
+    tag = place.read_tagged("lease").tag
+    monkeypatch.setattr(local, "FOLDER_LOCK_WAIT_SECONDS", 0.5)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_AND_PAUSE, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="held this folder.s lock for over 0.5 s .*paused or hung"):
+            place.replace("lease", b"v2", tag)
+        assert time.monotonic() - started < 10
+        assert place.read("lease") == b"v1"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert place.replace("lease", b"v2", tag) is not None   # the lock went with the process

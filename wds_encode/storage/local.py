@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 from . import FULL_ERRNOS, PARTIAL, PROBE_DIR, ObjectWriter, Place, StorageError, Tagged, local_error
 
 _WRITER_TOKEN = re.compile(r"\.\d+-[0-9a-f]{8}$")   # `write`'s temporary files: NAME.PID-RANDOM.partial
+# A compare-and-rename holds its folder's lock for a read and a rename; a lock held this long belongs to
+# a process that was paused (SIGSTOP, a frozen VM) inside that window: say so rather than wait unseen
+FOLDER_LOCK_WAIT_SECONDS = 120.0
 
 
 def _rename_into_place(source: Path, target: Path) -> None:
@@ -203,7 +207,18 @@ def _folder_lock(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + FOLDER_LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StorageError(str(folder), f"another process has held this folder's lock for over "
+                                       f"{FOLDER_LOCK_WAIT_SECONDS:g} s (a wds-encode paused or hung while "
+                                       "it replaced a file here, on this host or over NFS): resume or stop it, "
+                                       "then rerun") from None
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)   # releases the lock
