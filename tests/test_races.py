@@ -226,6 +226,24 @@ def test_two_tasks_of_one_part_with_slow_lease_writes_do_the_work_once(corpus, d
     assert len({r["writer"].split("-")[1] for r in records if r["part"] == "0/2"}) == 1, "part 0 by one generation"
 
 
+def _holds_a_flock(pid: int) -> bool:
+    """Whether process `pid` holds an flock (a local compare-and-rename's folder lock), by /proc/locks."""
+    with open("/proc/locks") as f:
+        return any(line.split()[1:2] == ["FLOCK"] and line.split()[4:5] == [str(pid)] for line in f)
+
+
+def pause_outside_a_folder_lock(pid: int) -> None:
+    """SIGSTOP the process group of `pid`, again until its lease renewal is not caught inside the folder
+    lock of a local compare-and-rename (held, it would keep the retry waiting for as long as the pause)."""
+    for _ in range(100):
+        os.killpg(pid, signal.SIGSTOP)
+        if not _holds_a_flock(pid):
+            return
+        os.killpg(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("the holder always held its folder lock when paused")
+
+
 def test_a_holder_paused_past_its_lease_stops_and_loses_nothing(corpus, demo_model, output):
     """Row 3: the holder is paused (SIGSTOP) past --lease-seconds, a retry takes over and finishes, then
     the holder resumes: it stops before writing or committing again, and deletes nothing the retry
@@ -233,7 +251,7 @@ def test_a_holder_paused_past_its_lease_stops_and_loses_nothing(corpus, demo_mod
     cmd = command(demo_model, corpus["dataset"], output.url, "--lease-seconds", "4")
     holder = start(cmd, corpus, env=output.env, RACE_SLOW_COMMIT=0.5)
     wait_for(lambda: output.committed() >= 2, "the holder committed units", process=holder)
-    os.killpg(holder.pid, signal.SIGSTOP)
+    pause_outside_a_folder_lock(holder.pid)
     try:
         code, err = finish(start(cmd, corpus, env=output.env))
         assert code == 0, err
