@@ -4,7 +4,7 @@
 import pytest
 
 import wds_encode.storage.s3 as s3_mod
-from wds_encode.storage import PROBE_DIR, S3Options, Storage, StorageError, Tagged
+from wds_encode.storage import PROBE_DIR, StorageError, Tagged
 
 from conftest import MiB, random_bytes
 from s3_support import fast_retries, record_requests

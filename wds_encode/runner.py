@@ -32,7 +32,7 @@ from .config import ConfigError, EncodeConfig
 from .job.distributed import Job, JobAborted, Launch, UnitClaims, check_topology, rank_device
 from .pipeline.encoder import BatchEncoder, PendingBatch, bound_compile_workers, token_dtype
 from .pipeline.manifest import SILENCE, RankLog, RunManifest, versions
-from .pipeline.records import output_files, unit_record
+from .pipeline.records import unit_record
 from .models import load_autoencoder
 from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
