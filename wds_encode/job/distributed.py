@@ -15,7 +15,8 @@ time out on a long job:
   keys, so two ranks given one GPU (a launch mistake: they would split its memory and time) stop
   with a clear error (exit 2) before any work, and each rank knows how many share its cores;
 - every rank sends heartbeats; rank 0 watches everyone, the others watch rank 0, and any rank can
-  publish an abort reason, so a dead rank stops the job within `--peer-timeout`;
+  publish an abort reason, so a dead rank stops the job within a heartbeat when it ran on the watcher's
+  host (its process is gone: `processes.process_gone`), else within `--peer-timeout`;
 - progress counters are summed in the store; at the end every rank publishes its stats there and
   waits (polling, no timeout) until all have; rank 0 reads them all and merges them.
 There is no process group: nothing waits on NCCL or gloo, whose network setup can hang a job.
