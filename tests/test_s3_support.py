@@ -237,19 +237,27 @@ def test_503_without_retries_is_slow_down(s3, fault_proxy):
     assert s3.keys(bucket) == {"obj": 4, "accepted": 1}
 
 
+def request_outcomes(request, times: int) -> list[str]:
+    """`request()` called `times` times: "ok", "503" (an S3 error answer) or "cut" (a broken stream) each."""
+    outcomes = []
+    for _ in range(times):
+        try:
+            request()
+            outcomes.append("ok")
+        except ClientError:
+            outcomes.append("503")
+        except STREAM_ERRORS:
+            outcomes.append("cut")
+    return outcomes
+
+
 def test_503_at_most_a_number_of_times(s3, fault_proxy):
     bucket = s3.make_bucket("slowdown")
     s3.put(bucket, "obj", b"data")
     fault_proxy.fail_503_every = 2
     fault_proxy.fail_503_at_most = 2
     client = s3.client(fault_proxy.endpoint, retries=NO_RETRIES)
-    outcomes = []
-    for _ in range(8):
-        try:
-            client.head_object(Bucket=bucket, Key="obj")
-            outcomes.append("ok")
-        except ClientError:
-            outcomes.append("503")
+    outcomes = request_outcomes(lambda: client.head_object(Bucket=bucket, Key="obj"), 8)
     assert outcomes == ["ok", "503", "ok", "503", "ok", "ok", "ok", "ok"]
     assert fault_proxy.counts["errors_503"] == 2
 
@@ -261,15 +269,7 @@ def test_faults_never_repeat_back_to_back(s3, fault_proxy):
     fault_proxy.fail_503_every = 1
     fault_proxy.cut_get_every = 1
     client = s3.client(fault_proxy.endpoint, retries=NO_RETRIES)
-    outcomes = []
-    for _ in range(8):
-        try:
-            client.get_object(Bucket=bucket, Key="obj")["Body"].read()
-            outcomes.append("ok")
-        except ClientError:
-            outcomes.append("503")
-        except STREAM_ERRORS:
-            outcomes.append("cut")
+    outcomes = request_outcomes(lambda: client.get_object(Bucket=bucket, Key="obj")["Body"].read(), 8)
     # requests 1, 3, 5, 7 are 503s; of the forwarded reads 2, 4, 6, 8, every other one is cut
     assert outcomes == ["503", "cut", "503", "ok", "503", "cut", "503", "ok"]
     assert fault_proxy.counts == {"requests": 8, "cuts": 2, "errors_503": 4, "held": 0, "rejected": 0}

@@ -259,7 +259,9 @@ class Lease:
             lease = None if current is None else _parse_lease(current.data)
             holder = None if lease is None or lease.get("released") else (
                 lease.get("owner"), lease.get("generation"), lease.get("beat"))
-            free = holder is None or self._gone(lease)
+            # a holder whose process is gone (seen from its host and PID namespace) frees it at once;
+            # elsewhere, or in another container with the same hostname, only the lease time tells
+            free = holder is None or process_gone(lease)
             if not free:
                 if holder != seen:
                     seen, seen_since = holder, time.monotonic()
@@ -291,11 +293,6 @@ class Lease:
             if on_wait is not None:
                 on_wait()
             time.sleep(min(1.0, self.lease_seconds / 8))
-
-    def _gone(self, lease: dict) -> bool:
-        """The holder's process no longer exists, as seen from the same PID namespace of the same boot
-        (elsewhere, or in another container with the same hostname, only the lease time tells)."""
-        return process_gone(lease)
 
     # -- holding it
     def _start_beating(self) -> None:
