@@ -259,8 +259,6 @@ def assert_half_precision_close_or_refused(model_loader, dtype, relative_error: 
 
 
 
-
-
 # `make test` hands whole modules to its processes (pytest-xdist, --dist loadfile: a module's fixtures are built
 # once), in collection order. The modules that take longest (it prints the 20 slowest tests) are collected
 # first: a long module begun last keeps one process busy while the others have finished. (Handing their tests

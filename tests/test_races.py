@@ -227,8 +227,8 @@ def test_two_tasks_of_one_part_with_slow_lease_writes_do_the_work_once(corpus, d
 
 def _holds_a_flock(pid: int) -> bool:
     """Whether process `pid` holds an flock (a local compare-and-rename's folder lock), by /proc/locks."""
-    with open("/proc/locks") as f:
-        return any(line.split()[1:2] == ["FLOCK"] and line.split()[4:5] == [str(pid)] for line in f)
+    with open("/proc/locks") as f:   # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE START END"
+        return any(fields[1:2] == ["FLOCK"] and fields[4:5] == [str(pid)] for fields in map(str.split, f))
 
 
 def pause_outside_a_folder_lock(pid: int) -> None:
