@@ -72,8 +72,10 @@ def test_encode_audio_bytes_rejects_unsupported():
         encode_audio_bytes(audio, 44100, "opus")
     with pytest.raises(ValueError, match="MP3"):
         encode_audio_bytes(audio, 96000, "mp3")
-    with pytest.raises(ValueError):
-        encode_audio_bytes(audio, 44100, "m4a")
+    with pytest.raises(ValueError, match="Opus"):
+        encode_audio_bytes(audio, 44100, "webm")
+    with pytest.raises(ValueError, match="supported"):
+        encode_audio_bytes(audio, 44100, "xyz")
 
 
 def test_sample_set_decodes_to_declared_properties():

@@ -1,10 +1,12 @@
 """Synthetic but real audio datasets, for ``wds-encode demo`` and the tests.
 
 Everything is generated from a seed (one independent RNG stream per sample
-index), encoded in memory through libsndfile into real FLAC/WAV/MP3/Ogg files,
-and written as WebDataset tar shards or an audio folder. Same seed, same bytes:
-the one random field libsndfile puts into Ogg files (the stream serial number)
-is replaced by a constant.
+index), encoded in memory into real files -- FLAC/WAV/MP3/Ogg through libsndfile,
+AAC (M4A, MP4 with a video stream, MOV, raw ADTS), Opus in WebM, FLAC in Matroska
+and WMA through PyAV's FFmpeg encoders -- and written as WebDataset tar shards or
+an audio folder. Same seed, same bytes: the one random field libsndfile puts into
+Ogg files (the stream serial number) is replaced by a constant, and FFmpeg's
+muxers write bit-exact output.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,10 +32,21 @@ _ENCODINGS = {
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "opus": ("OGG", "OPUS"),
 }
+# ext -> (FFmpeg muxer, audio encoder, bit rate) for what libsndfile cannot write; `mp4` also gets a video stream.
+_FFMPEG_ENCODINGS = {
+    "m4a": ("ipod", "aac", 192_000),
+    "mp4": ("mp4", "aac", 192_000),
+    "mov": ("mov", "aac", 192_000),
+    "aac": ("adts", "aac", 192_000),
+    "webm": ("webm", "libopus", 160_000),
+    "mka": ("matroska", "flac", None),
+    "wma": ("asf", "wmav2", 192_000),
+}
 # Rates the encoders accept: MPEG-1/2/2.5 layer III, and Opus' internal rates.
 MP3_RATES: tuple[int, ...] = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_RATES: tuple[int, ...] = (8000, 12000, 16000, 24000, 48000)
 
+_VIDEO_FPS = 25
 _PEAK = 0.9
 _FADE_SECONDS = 0.005
 _OGG_SERIAL = 0x57445345  # "WDSE"; constant so Ogg output is byte-reproducible
@@ -182,15 +196,21 @@ def _fixed_ogg_serial(data: bytes) -> bytes:
 
 
 def encode_audio_bytes(audio: np.ndarray, sample_rate: int, ext: str) -> bytes:
-    """Encode float [N, C] (or [N]) audio to a real file in memory via libsndfile.
+    """Encode float [N, C] (or [N]) audio to a real file in memory.
 
-    flac/wav are 16-bit PCM, ogg is Vorbis, mp3 is MPEG layer III, opus is
+    libsndfile: flac/wav are 16-bit PCM, ogg is Vorbis, mp3 is MPEG layer III, opus is
     Ogg/Opus (which only accepts 8/12/16/24/48 kHz; use 48k so nothing is
-    resampled inside the codec).
+    resampled inside the codec). PyAV (FFmpeg's encoders): m4a/mp4/mov/aac are AAC
+    (mp4 with a small video stream beside it, aac raw ADTS), webm is Opus (48 kHz),
+    mka is FLAC in Matroska, wma is WMA v2 (at most 48 kHz).
     """
     ext = ext.lower().lstrip(".")
+    if ext in _FFMPEG_ENCODINGS:
+        if ext == "webm" and sample_rate not in OPUS_RATES:
+            raise ValueError(f"Opus needs one of {OPUS_RATES} Hz (use 48000), got {sample_rate}")
+        return _encode_with_ffmpeg(np.asarray(audio, dtype=np.float32), sample_rate, ext)
     if ext not in _ENCODINGS:
-        raise ValueError(f"cannot encode .{ext}; supported: {tuple(_ENCODINGS)}")
+        raise ValueError(f"cannot encode .{ext}; supported: {tuple(_ENCODINGS) + tuple(_FFMPEG_ENCODINGS)}")
     if ext == "mp3" and sample_rate not in MP3_RATES:
         raise ValueError(f"MP3 needs one of {MP3_RATES} Hz, got {sample_rate}")
     if ext == "opus" and sample_rate not in OPUS_RATES:
@@ -202,11 +222,50 @@ def encode_audio_bytes(audio: np.ndarray, sample_rate: int, ext: str) -> bytes:
     return _fixed_ogg_serial(data) if container == "OGG" else data
 
 
+def _encode_with_ffmpeg(audio: np.ndarray, sample_rate: int, ext: str) -> bytes:
+    import av  # only here: the demo's libsndfile formats need no FFmpeg
+
+    muxer, codec, bit_rate = _FFMPEG_ENCODINGS[ext]
+    planar = np.ascontiguousarray((audio[:, None] if audio.ndim == 1 else audio).T)   # [C, N]
+    layout = {1: "mono", 2: "stereo"}.get(planar.shape[0])
+    if layout is None:
+        raise ValueError(f"cannot encode {planar.shape[0]} channels as .{ext}; give 1 or 2")
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=muxer, options={"fflags": "+bitexact"}) as container:
+        video = None
+        if ext == "mp4":  # as video2dataset's shards hold it: the audio beside a video stream
+            video = container.add_stream("mpeg4", rate=_VIDEO_FPS)
+            video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        stream = container.add_stream(codec, rate=sample_rate, layout=layout)
+        if bit_rate:
+            stream.bit_rate = bit_rate
+        stream.codec_context.flags |= av.codec.context.Flags.bitexact
+        frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = sample_rate, 0
+        frame.time_base = Fraction(1, sample_rate)
+        resampler = av.AudioResampler(format=stream.codec_context.codec.audio_formats[0].name, layout=layout,
+                                      rate=sample_rate)
+        packets = []
+        for converted in resampler.resample(frame) + resampler.resample(None):
+            packets += stream.encode(converted)
+        packets += stream.encode(None)
+        if video is not None:
+            frames = max(1, round(planar.shape[1] / sample_rate * _VIDEO_FPS))
+            for index in range(frames):
+                picture = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 128, np.uint8), format="rgb24")
+                picture.pts = index
+                packets += video.encode(picture)
+            packets += video.encode(None)
+        for packet in packets:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
 # --------------------------------------------------------------------------- datasets
 
 
 def _pick_rate(ext: str, rate: int) -> int:
-    if ext == "opus":
+    if ext in ("opus", "webm"):
         return 48000
     if ext == "mp3" and rate not in MP3_RATES:
         return min(MP3_RATES, key=lambda r: abs(r - rate))

@@ -1,63 +1,32 @@
 """Audio bytes -> fixed-size model windows.
 
-One responsibility: decode an encoded audio file (bytes from a tar member or a
-file), conform its channel count, resample it to the model rate and cut it
-into ``sample_size`` windows -- the same windows stable-audio-tools'
-``pre_encode.py`` would see (``PadCrop_Normalized_T`` after load + resample +
-``Mono``/``Stereo``), but reading only the source frames each window needs, so
-a two-hour file cropped to 30 s costs 30 s of decoding, not two hours.
+One responsibility: take a decoded file (`decoders.open_reader`: bytes from a tar member or a file),
+conform its channel count, resample it to the model rate and cut it into ``sample_size`` windows --
+the same windows stable-audio-tools' ``pre_encode.py`` would see (``PadCrop_Normalized_T`` after load +
+resample + ``Mono``/``Stereo``), but reading only the source frames each window needs, so a two-hour
+FLAC cropped to 30 s costs 30 s of decoding, not two hours.
 
 Nothing here keeps module-level state, so it is safe in DataLoader workers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-AUDIO_EXTENSIONS: tuple[str, ...] = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
+from .decoders import AUDIO_EXTENSIONS, AudioDecodeError, AudioReader, LengthChanged, open_reader
 
 CHUNKING_MODES: tuple[str, ...] = ("crop", "random_crop", "split", "full")
 
-# Frames decoded per read when skipping or counting, so memory stays bounded.
-_BLOCK_FRAMES = 1 << 16
-# libsndfile reports SF_COUNT_MAX-like values when the length is unknown.
-_UNKNOWN_FRAMES = 1 << 62
-# Lossy decoders (MP3's bit reservoir, Vorbis/Opus overlap) produce wrong
-# samples for a while after a seek -- and python-soundfile seeks around every
-# read() -- so each read starts this far before the wanted frame and the extra
-# frames are discarded. Measured worst case with libsndfile 1.2.2 is
-# ~4500 frames (MP3, 44.1 kHz, low-bitrate tone); one second is ample.
-_LOSSY_PREROLL_SECONDS = 1.0
-_MIN_LOSSY_PREROLL = 8192
-# Containers/codecs whose seek is sample-exact in libsndfile (no preroll needed).
-_EXACT_SEEK_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF", "AU", "CAF", "IRCAM", "NIST"})
-_EXACT_SEEK_SUBTYPE_PREFIXES = ("PCM_", "FLOAT", "DOUBLE", "ULAW", "ALAW")
-# Any mid-file seek in an MP3 makes libmpg123 print harmless bit-reservoir errors
-# to stderr. A plain crop never seeks, so there the declared length is trusted
-# (and checked lazily by short reads) instead of verified by seeking to the end.
-_NOISY_SEEK_FORMATS = frozenset({"MP3"})
 # torchaudio.functional.resample defaults (stable-audio-tools uses them too).
 _LOWPASS_FILTER_WIDTH = 6
 _ROLLOFF = 0.99
-
-
-class AudioDecodeError(ValueError):
-    """The data is not usable audio (undecodable, empty, non-finite, unsupported format)."""
-
-
-class _LengthChanged(Exception):
-    """Internal: the decoder found fewer frames than the header declared; re-plan the windows."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +94,7 @@ class Window:
     source_sample_rate: int
     source_channels: int
     stitch: Optional[Stitch] = None  # a chunk of a chunk-encoded file (--overlap): where its latents go
+    delay_unknown: bool = False  # the stream may begin with encoder priming nothing records (raw ADTS AAC)
 
     @property
     def sample_size(self) -> int:
@@ -145,11 +115,15 @@ class Window:
                       total=self.total_length)
         st = self.stitch
         if st is None:
-            return _describe(**fields, offset=self.offset, valid=self.valid_length, size=self.sample_size,
-                             chunk_index=self.chunk_index, num_chunks=self.num_chunks)
-        return {**_describe(**fields, offset=0, valid=self.total_length, size=st.frames * st.ratio,
-                            chunk_index=0, num_chunks=1),
-                "chunk_frames": st.chunk_frames, "overlap": st.overlap, "encoded_chunks": st.count}
+            described = _describe(**fields, offset=self.offset, valid=self.valid_length, size=self.sample_size,
+                                  chunk_index=self.chunk_index, num_chunks=self.num_chunks)
+        else:
+            described = {**_describe(**fields, offset=0, valid=self.total_length, size=st.frames * st.ratio,
+                                     chunk_index=0, num_chunks=1),
+                         "chunk_frames": st.chunk_frames, "overlap": st.overlap, "encoded_chunks": st.count}
+        if self.delay_unknown:  # its times may be late by the encoder's priming (AAC: 1024 source samples)
+            described["decoder_delay_unknown"] = True
+        return described
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -300,268 +274,10 @@ def _norm_ext(ext: str) -> str:
     return (ext or "").lower().lstrip(".")
 
 
-# --------------------------------------------------------------------------- readers
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Point file descriptor 2 at /dev/null while C code runs (Python's own stderr is untouched)."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 to redirect
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-class _SoundFileReader:
-    """Reads source frame ranges [start, stop) from bytes through libsndfile, bounded in memory.
-
-    python-soundfile seeks to the current position around every read() call on
-    a seekable file, and libsndfile's MP3 decoder restarts on every seek (bit
-    reservoir lost: a few thousand wrong samples). So for lossy codecs every
-    range is fetched with ONE read() call that starts ``preroll`` frames early,
-    and the preroll is discarded. Sample-exact formats (PCM, FLAC) seek or skip
-    directly. Non-seekable streams are read sequentially, block by block. The
-    last range is kept so overlapping window contexts (split) are not decoded
-    twice.
-    """
-
-    def __init__(self, data: bytes, ext: str, file: sf.SoundFile):
-        self._data = data
-        self._ext = ext
-        self._file = file
-        self.sample_rate = int(file.samplerate)
-        self.channels = int(file.channels)
-        fmt, subtype = str(file.format), str(file.subtype)
-        exact = fmt in _EXACT_SEEK_FORMATS and subtype.startswith(_EXACT_SEEK_SUBTYPE_PREFIXES)
-        lossy_preroll = max(_MIN_LOSSY_PREROLL, int(self.sample_rate * _LOSSY_PREROLL_SECONDS))
-        self._preroll = 0 if exact else lossy_preroll
-        self._seekable = bool(file.seekable())
-        self._pos = 0
-        self._cache: np.ndarray | None = None
-        self._cache_start = 0
-        self._fmt = fmt
-        self.frames = -1  # set by probe(), which may decode
-
-    def probe(self, check_end: bool) -> None:
-        """Establish the frame count (``check_end``: also seek-verify noisy formats like MP3)."""
-        with self._quiet():
-            self.frames = self._initial_frames(self._fmt, check_end)
-
-    def _quiet(self):
-        """Silence libmpg123's harmless after-seek messages, which users would read as errors."""
-        return _native_stderr_silenced() if self._fmt in _NOISY_SEEK_FORMATS else contextlib.nullcontext()
-
-    # -- lifecycle
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> "_SoundFileReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _reopen(self) -> None:
-        self._file.close()
-        self._file = sf.SoundFile(io.BytesIO(self._data))
-        self._pos = 0
-        self._cache = None
-
-    # -- decoding primitives (every libsndfile failure becomes AudioDecodeError)
-    def _decode(self, frames: int) -> np.ndarray:
-        try:
-            out = self._file.read(frames, dtype="float32", always_2d=True)
-        except Exception as exc:  # libsndfile raises several types; callers only see ours
-            raise AudioDecodeError(
-                f"cannot decode .{self._ext} audio at frame {self._pos}: {exc}") from exc
-        self._pos += len(out)
-        return out
-
-    def _seek(self, frame: int) -> bool:
-        """Seek to ``frame``; on failure switch to sequential reading (from a fresh decoder)."""
-        if not self._seekable:
-            return False
-        try:
-            self._file.seek(frame)
-        except Exception:
-            self._seekable = False
-            self._reopen()
-            return False
-        self._pos = frame
-        return True
-
-    def _skip(self, frames: int) -> bool:
-        """Decode and discard ``frames``; False if the stream ended first."""
-        while frames > 0:
-            got = len(self._decode(min(frames, _BLOCK_FRAMES)))
-            if got == 0:
-                return False
-            frames -= got
-        return True
-
-    def _count(self) -> int:
-        """Exact frame count by decoding the whole stream once, block by block (samples unused)."""
-        self._reopen()
-        total = 0
-        while True:
-            got = len(self._decode(_BLOCK_FRAMES))
-            if got == 0:
-                break
-            total += got
-        self._reopen()
-        return total
-
-    def _initial_frames(self, fmt: str, check_end: bool) -> int:
-        declared = int(self._file.frames)
-        if not self._seekable or declared <= 0 or declared >= _UNKNOWN_FRAMES:
-            return self._count()
-        if fmt in _NOISY_SEEK_FORMATS and not check_end:
-            return declared  # verified lazily by short reads (see _fetch)
-        # Cheap end check: the last declared frame must exist and be the last one.
-        try:
-            self._file.seek(declared - 1)
-            self._pos = declared - 1
-            tail = self._file.read(2, dtype="float32", always_2d=True)
-            self._pos += len(tail)
-            if len(tail) == 1:
-                return declared
-        except Exception:
-            pass
-        return self._count()
-
-    def _length_changed(self) -> None:
-        declared = self.frames
-        self.frames = self._count()
-        if self.frames == declared:  # the stream is as long as declared, yet a read came up short
-            raise AudioDecodeError(f"cannot read .{self._ext} audio consistently (seek failed)")
-        raise _LengthChanged()
-
-    def _fetch(self, begin: int, stop: int) -> np.ndarray:
-        """Decode frames [begin, stop) (stop <= frames) in one read() call, preroll included."""
-        target = begin - min(self._preroll, begin)
-        gap = target - self._pos
-        if self._seekable and gap != 0 and (self._preroll or gap < 0 or gap > _BLOCK_FRAMES):
-            self._seek(target)  # on failure: reopened at frame 0, read sequentially below
-        if target < self._pos:
-            self._reopen()
-        if not self._skip(target - self._pos):
-            self._length_changed()
-        out = self._decode(stop - target)
-        if len(out) < stop - target:
-            self._length_changed()
-        return out[begin - target:]
-
-    # -- public
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Frames [start, min(stop, frames)) as float32 [n, channels]."""
-        stop = min(stop, self.frames)
-        want = max(0, stop - start)
-        if want == 0:
-            return np.zeros((0, self.channels), dtype=np.float32)
-        parts = []
-        cache = self._cache
-        if cache is not None and self._pos == self._cache_start + len(cache) \
-                and self._cache_start <= start < self._pos:
-            parts.append(cache[start - self._cache_start:stop - self._cache_start])
-            begin = min(stop, self._pos)
-        else:
-            begin = start
-        if begin < stop:
-            with self._quiet():
-                parts.append(self._fetch(begin, stop))
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        if len(out) != want:
-            raise AudioDecodeError(f"internal read error in .{self._ext} audio")
-        self._cache, self._cache_start = out, start
-        return out
-
-
-class _ArrayReader:
-    """Reader over a fully decoded array (torchcodec fallback, where seeking is not available)."""
-
-    def __init__(self, audio: np.ndarray, sample_rate: int):
-        self._audio = audio  # [n, channels]
-        self.sample_rate = int(sample_rate)
-        self.channels = int(audio.shape[1])
-        self.frames = int(audio.shape[0])
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "_ArrayReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self._audio[start:min(stop, self.frames)]
-
-
-def _open_with_torchcodec(data: bytes) -> _ArrayReader | None:
-    """Optional fallback for formats libsndfile lacks (m4a/AAC...); None if torchcodec is missing."""
-    try:
-        from torchcodec.decoders import AudioDecoder  # type: ignore[import-not-found]
-    except Exception:
-        return None
-    samples = AudioDecoder(bytes(data)).get_all_samples()
-    audio = samples.data.to(torch.float32).numpy().T  # [n, channels]
-    return _ArrayReader(np.ascontiguousarray(audio), int(samples.sample_rate))
-
-
-def _open_reader(data: bytes, ext: str, check_end: bool = True) -> _SoundFileReader | _ArrayReader:
-    """Open ``data`` and establish its length; every failure is an AudioDecodeError."""
-    ext = _norm_ext(ext)
-    if data is None or len(data) == 0:
-        raise AudioDecodeError(f"no audio frames: empty .{ext} data")
-    try:
-        file = sf.SoundFile(io.BytesIO(data))
-    except Exception as sf_exc:
-        reason = str(getattr(sf_exc, "error_string", None) or sf_exc)
-        try:
-            reader = _open_with_torchcodec(data)
-        except Exception as tc_exc:
-            raise AudioDecodeError(
-                f"cannot decode .{ext} audio: libsndfile says {reason!r}; "
-                f"torchcodec says {tc_exc}") from tc_exc
-        if reader is None:
-            raise AudioDecodeError(
-                f"cannot decode .{ext} audio (undecodable or unsupported format): "
-                f"libsndfile says {reason!r}; "
-                "installing torchcodec with FFmpeg adds more formats (e.g. m4a/AAC)") from sf_exc
-    else:
-        try:
-            reader = _SoundFileReader(data, ext, file)
-        except BaseException:
-            file.close()
-            raise
-        try:
-            reader.probe(check_end)
-        except BaseException:
-            reader.close()
-            raise
-    if reader.frames <= 0:
-        reader.close()
-        raise AudioDecodeError(f"no audio frames in .{ext} data")
-    if reader.sample_rate <= 0 or reader.channels <= 0:
-        reader.close()
-        raise AudioDecodeError(f"invalid .{ext} stream: {reader.sample_rate} Hz, {reader.channels} channels")
-    return reader
-
-
 # --------------------------------------------------------------------------- windows
 
 
-def _render(reader, offset: int, valid: int, channels: int, target_rate: int) -> torch.Tensor:
+def _render(reader: AudioReader, offset: int, valid: int, channels: int, target_rate: int) -> torch.Tensor:
     """Target-rate samples [offset, offset+valid) of the conformed file, as float32 [channels, valid].
 
     Reads only the source frames whose resampling kernel reaches the window,
@@ -628,7 +344,7 @@ def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, samp
     _validate(sample_rate, channels, sample_size, chunking, max_chunks, length_multiple, overlap)
     ext = _norm_ext(ext)
     # A plain crop reads from frame 0 without seeking; don't seek an MP3 just to check its length.
-    reader = _open_reader(data, ext, check_end=chunking != "crop")
+    reader = open_reader(data, ext, check_end=chunking != "crop")
     have = reader.channels
     if channels not in (1, 2) and 1 < have < channels:
         reader.close()
@@ -638,7 +354,7 @@ def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, samp
                      overlap=overlap)
 
 
-def _generate(reader, *, ext: str, sample_rate: int, channels: int, sample_size: int, chunking: str,
+def _generate(reader: AudioReader, *, ext: str, sample_rate: int, channels: int, sample_size: int, chunking: str,
               key: str, seed: int, max_chunks: int | None, length_multiple: int,
               overlap: int = 0) -> Iterator[Window]:
     with reader:
@@ -662,10 +378,10 @@ def _generate(reader, *, ext: str, sample_rate: int, channels: int, sample_size:
                     yield Window(audio=audio.contiguous(), offset=offset, valid_length=valid,
                                  total_length=total, chunk_index=index, num_chunks=len(plan),
                                  sample_rate=sample_rate, source_sample_rate=reader.sample_rate,
-                                 source_channels=reader.channels,
+                                 source_channels=reader.channels, delay_unknown=reader.delay_unknown,
                                  stitch=stitches[index] if stitches else None)
                 return
-            except _LengthChanged:
+            except LengthChanged:
                 if yielded:
                     raise AudioDecodeError(
                         f".{ext} stream ends at frame {reader.frames}, before its header said") from None
@@ -676,12 +392,12 @@ def _generate(reader, *, ext: str, sample_rate: int, channels: int, sample_size:
 def decode_audio(data: bytes, ext: str) -> tuple[torch.Tensor, int]:
     """Whole file as float32 [channels, frames] at its own rate (reference path for tests/verify)."""
     ext = _norm_ext(ext)
-    with _open_reader(data, ext, check_end=False) as reader:  # reads everything anyway
+    with open_reader(data, ext, check_end=False) as reader:  # reads everything anyway
         for _ in range(2):
             try:
                 source = reader.read(0, reader.frames)
                 break
-            except _LengthChanged:
+            except LengthChanged:
                 continue
         else:
             raise AudioDecodeError(f"inconsistent length in .{ext} data")

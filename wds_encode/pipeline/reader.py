@@ -137,8 +137,10 @@ def error_record(shard_id: str, url: str, key: Optional[str], reason: str, *, le
     return {"level": level, "shard": shard_id, "url": url, "key": key, "reason": reason}
 
 
-def _audio_suffix(suffix: str) -> bool:
-    return suffix.rsplit(".", 1)[-1].lower() in AUDIO_EXTENSIONS
+def _audio_rank(suffix: str) -> Optional[int]:
+    """Where a member's suffix stands in AUDIO_EXTENSIONS' order (lower wins), None if it is not audio."""
+    ext = suffix.rsplit(".", 1)[-1].lower()
+    return AUDIO_EXTENSIONS.index(ext) if ext in AUDIO_EXTENSIONS else None
 
 
 def _parse_json(data: bytes) -> dict:
@@ -173,14 +175,12 @@ def _group_tar_members(shard: Shard, members: list[tuple[str, bytes]]) -> RawSam
     key = wds_tar.base_plus_ext(members[0][0])[0]
     sample = RawSample(key=key, path=shard.url, audio_name=None, audio_bytes=None, metadata={},
                        size=sum(len(data) for _, data in members))
+    audio: list[tuple[int, str, bytes]] = []
     for name, data in members:
         suffix = wds_tar.base_plus_ext(name)[1] or ""
-        if _audio_suffix(suffix):
-            if sample.audio_bytes is None:
-                sample.audio_name, sample.audio_bytes = name, data
-                sample.path = f"{shard.url}#{name}"
-            else:
-                sample.warnings.append(f"second audio member {name} ignored")
+        rank = _audio_rank(suffix)
+        if rank is not None:
+            audio.append((rank, name, data))
         elif suffix.lower() == "json":
             try:
                 sample.metadata = _parse_json(data)
@@ -188,6 +188,12 @@ def _group_tar_members(shard: Shard, members: list[tuple[str, bytes]]) -> RawSam
                 sample.errors.append(f"invalid JSON metadata in {name}: {exc}")
         elif suffix.lower() == CAPTION_SUFFIX:  # KEY.txt: the caption, as SA3's pre_encode_dataset.py reads it
             _read_caption(sample, data, name)
+    if audio:  # several: the first in AUDIO_EXTENSIONS' order (KEY.flac before KEY.m4a before KEY.mp4)
+        audio.sort(key=lambda member: member[0])
+        _, sample.audio_name, sample.audio_bytes = audio[0]
+        sample.path = f"{shard.url}#{sample.audio_name}"
+        for _, name, _ in audio[1:]:
+            sample.warnings.append(f"audio member {name} ignored: {sample.audio_name} is read instead")
     return sample
 
 

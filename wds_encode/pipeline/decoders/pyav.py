@@ -1,0 +1,184 @@
+"""PyAV (FFmpeg's libraries, carried in its wheel), the decoder for what libsndfile cannot open: AAC in
+M4A/MP4/MOV or raw ADTS, Opus and Vorbis in WebM/Matroska, WMA, AC-3, and the audio stream of a video
+container.
+
+FFmpeg already drops what the container says to drop at the start: AAC priming an MP4 edit list
+records, Opus pre-skip, Vorbis' first block. At the end, an MP4's declared duration is where the audio
+stops (the rest of the last AAC frame is padding), so `frames` is that duration and reads stop there.
+A raw ADTS stream records neither: its priming stays, and the reader says so (`delay_unknown`).
+
+A file is decoded front to back, with one decoder thread: DataLoader workers are the parallelism, and
+FFmpeg's own thread pool beside them oversubscribes the cores (and has deadlocked in forked workers).
+Runs in DataLoader workers; keeps no module-level state.
+"""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from typing import Iterator, Optional
+
+import av
+import numpy as np
+
+from .base import AudioDecodeError, LengthChanged
+
+EXTENSIONS: tuple[str, ...] = ("m4a", "m4b", "aac", "mka", "webm", "wma", "ac3", "mp4", "mov", "mkv")
+
+# A file whose length the container does not record exactly is decoded once to count its frames; up to
+# this much decoded audio is kept from that pass, so a short file is decoded once, a long one twice.
+KEEP_BYTES = 64 << 20
+# Demuxers whose stream duration is the audio's exact length in samples (ISO BMFF: the edit list, or
+# the media duration), less the priming they tell the decoder to drop.
+_EXACT_DURATION_DEMUXERS = frozenset({"mov", "mp4", "m4a"})
+# Raw streams with no container around them: AAC's priming is not recorded anywhere.
+_UNRECORDED_DELAY_DEMUXERS = frozenset({"aac"})
+# Integer sample formats and the scale that maps them to [-1, 1), as libsndfile's float reads do.
+_INT_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
+
+
+def _frame_array(frame: av.AudioFrame, channels: int) -> np.ndarray:
+    """A decoded frame as float32 [samples, channels]."""
+    data = frame.to_ndarray()
+    name = frame.format.name.rstrip("p")
+    data = data.T if frame.format.is_planar else data.reshape(-1, channels)
+    if name in _INT_SCALE:
+        scale = _INT_SCALE[name]
+        data = data.astype(np.float32)
+        if name == "u8":
+            data -= scale
+        data /= scale
+        return data
+    return data.astype(np.float32, copy=False)
+
+
+class PyAVReader:
+    """Reads source frame ranges [start, stop) of the first audio stream of a container, in one pass.
+
+    Reads move forward through the file (the windows are cut in order); the frames decoded past the end
+    of one read are kept for the next, and a read that starts before them decodes the file again from
+    its start.
+    """
+
+    def __init__(self, data: bytes, ext: str):
+        self._data = data
+        self._ext = ext
+        self._container, self._stream = self._open()
+        context = self._stream.codec_context
+        self.sample_rate = int(context.sample_rate or 0)
+        self.channels = int(context.channels or 0)
+        self.delay_unknown = self._container.format.name in _UNRECORDED_DELAY_DEMUXERS
+        self._whole: Optional[np.ndarray] = None   # the whole file, when it was decoded to count it
+        self._frames_iter: Optional[Iterator[np.ndarray]] = None
+        self._pos = 0                               # frames the current pass has decoded
+        self._tail = np.zeros((0, max(self.channels, 1)), dtype=np.float32)   # frames [_pos - len, _pos)
+        declared = self._declared_frames()
+        self.frames = declared if declared is not None else self._count()
+
+    # -- lifecycle
+    def _open(self):
+        try:
+            container = av.open(io.BytesIO(self._data), mode="r")
+        except Exception as exc:  # FFmpeg's errors, and whatever the demuxer probe raises
+            raise AudioDecodeError(f"cannot decode .{self._ext} audio: FFmpeg says {exc}") from exc
+        if not container.streams.audio:
+            kinds = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
+            container.close()
+            raise AudioDecodeError(f"no audio stream in .{self._ext} data (it holds {kinds})")
+        stream = container.streams.audio[0]
+        stream.codec_context.thread_count = 1
+        return container, stream
+
+    def close(self) -> None:
+        self._frames_iter = None
+        self._container.close()
+
+    def __enter__(self) -> "PyAVReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _restart(self) -> None:
+        """Decode from the first frame again, through a fresh demuxer and decoder."""
+        self.close()
+        self._container, self._stream = self._open()
+        self._pos = 0
+        self._tail = self._tail[:0]
+
+    # -- decoding
+    def _decoded(self) -> Iterator[np.ndarray]:
+        try:
+            for frame in self._container.decode(self._stream):
+                if frame.layout.nb_channels != self.channels:
+                    raise AudioDecodeError(f".{self._ext} audio changes from {self.channels} to "
+                                           f"{frame.layout.nb_channels} channels at frame {self._pos}")
+                if frame.samples:
+                    yield _frame_array(frame, self.channels)
+        except AudioDecodeError:
+            raise
+        except Exception as exc:  # FFmpeg's errors: a corrupt packet, a truncated file
+            raise AudioDecodeError(f"cannot decode .{self._ext} audio at frame {self._pos}: {exc}") from exc
+
+    def _next_block(self) -> Optional[np.ndarray]:
+        if self._frames_iter is None:
+            self._frames_iter = self._decoded()
+        block = next(self._frames_iter, None)
+        if block is not None:
+            self._pos += len(block)
+        return block
+
+    def _declared_frames(self) -> Optional[int]:
+        """The stream's length in samples where its container records it exactly, else None."""
+        stream = self._stream
+        if not _EXACT_DURATION_DEMUXERS & set(self._container.format.name.split(",")):
+            return None
+        if not stream.duration or not stream.time_base or self.sample_rate <= 0:
+            return None
+        frames = Fraction(stream.duration) * stream.time_base * self.sample_rate
+        return int(frames) if frames.denominator == 1 and frames > 0 else None
+
+    def _count(self) -> int:
+        """Frames in the stream, by decoding it; the samples are kept when they fit in KEEP_BYTES."""
+        kept: Optional[list[np.ndarray]] = []
+        size = 0
+        while (block := self._next_block()) is not None:
+            if kept is not None:
+                kept.append(block)
+                size += block.nbytes
+                if size > KEEP_BYTES:
+                    kept = None
+        total = self._pos
+        if kept is None:
+            self._restart()
+        else:  # every read is a slice of this from now on: the demuxer is done
+            self._whole = np.concatenate(kept) if kept else self._tail[:0]
+            self.close()
+        return total
+
+    # -- public
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames [start, min(stop, frames)) as float32 [n, channels]."""
+        stop = min(stop, self.frames)
+        if stop <= start:
+            return np.zeros((0, self.channels), dtype=np.float32)
+        if self._whole is not None:
+            return self._whole[start:stop]
+        if start < self._pos - len(self._tail):
+            self._restart()
+        blocks = [self._tail[max(0, start - (self._pos - len(self._tail))):]]
+        while self._pos < stop:
+            block = self._next_block()
+            if block is None:  # the stream ends before the container said
+                self.frames = self._pos
+                raise LengthChanged()
+            if self._pos > start:
+                blocks.append(block[max(0, len(block) - (self._pos - start)):])
+        span = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]   # frames [start, _pos)
+        self._tail = span
+        return span[:stop - start]
+
+
+def open_pyav(data: bytes, ext: str) -> PyAVReader:
+    """A reader over `data` with its length established; AudioDecodeError when FFmpeg cannot read it."""
+    return PyAVReader(data, ext)
