@@ -232,3 +232,24 @@ def test_sidecar_captions_of_an_audio_folder(tmp_path):
     assert set(reasons) == {"c/broken", "d/gone"} and all(r["level"] == "error" for r in end.errors)
     assert f"caption {root / 'c/broken.txt'} is not valid UTF-8" in reasons["c/broken"]
     assert "cannot read caption" in reasons["d/gone"] and end.samples == 6
+
+
+def test_skip_silent_judges_a_long_file_by_all_its_windows_even_past_the_hold_limit(tmp_path, monkeypatch):
+    """A file whose windows outgrow HOLD_BYTES while still silent is measured to its end: silent, it is
+    filtered with nothing yielded; loud at the end, every window comes out once, in order."""
+    import wds_encode.pipeline.reader as reader_module
+    from wds_encode.pipeline.filters import FileFilters
+
+    monkeypatch.setattr(reader_module, "HOLD_BYTES", 3 * 8000 * 4)   # three mono windows
+    silent = np.zeros((16000 * 2, 1), np.float32)
+    late = silent.copy()
+    late[-4000:] = tone(0.25)
+    path = write_tar(tmp_path / "s.tar", [("silent.wav", float_wav(silent)), ("late.wav", float_wav(late))])
+    options = ReaderOptions(sample_rate=16000, channels=1, sample_size=8000, chunking="split",
+                            filters=FileFilters(skip_silent=-60))
+    items, end = read_all(path, options)
+    assert [i.key for i in items] == [f"late_{n:04d}" for n in range(4)]
+    assert end.filtered == 1 and end.windows == 4
+    [problem] = end.errors
+    assert problem["level"] == "rejected" and problem["key"] == "silent" and "-inf dBFS" in problem["reason"]
+    assert float(items[-1].audio.abs().max()) > 0.4 and all(float(i.audio.abs().max()) == 0 for i in items[:-1])

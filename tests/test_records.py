@@ -9,7 +9,7 @@ W = "r3-g2-a1b2c3"
 
 def record(**kw):
     return unit_record(**{"shard": "ds/a", "url": "/in/a.tar", "rank": 3, "part": "", "worker": 0, "samples": 2,
-                          "windows": 2, "rejected": 0, "audio_seconds": 1.5, "input_bytes": 10, "failed": False,
+                          "windows": 2, "rejected": 0, "filtered": 0, "audio_seconds": 1.5, "input_bytes": 10, "failed": False,
                           "folder_ids": [f"{W}-000001-0000", f"{W}-000000-0001"],
                           "latent_shards": [f"shards/ds/a.{W}-000.tar"], "problems": [], **kw})
 

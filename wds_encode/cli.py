@@ -43,6 +43,7 @@ def _click_type(annotation):
 
 # What an option left unset (None) means, where its description does not say it already
 UNSET_DEFAULTS = {"limit_batches": "no limit", "max_chunks": "no limit", "max_errors": "no limit",
+                  "min_duration": "none", "max_duration": "none", "skip_silent": "off",
                   "num_parts": "from --part K/N or the scheduler's variables"}
 
 
@@ -113,7 +114,9 @@ def format_summary(stats, output: Optional[str] = None) -> str:
            if d.get("units_refused") else "")
         + (f", {d['units_left']} left" if d["units_left"] else "")
         + f" (of {d['units_total']})",
-        f"  samples    {d['samples']}  windows written {d['windows']}  rejected {d['rejected']}",
+        f"  samples    {d['samples']}  windows written {d['windows']}  rejected {d['rejected']}"
+        + (f"  filtered {d['filtered']} (files skipped by --min-duration, --max-duration or --skip-silent: "
+           "errors.jsonl says why)" if d["filtered"] else ""),
         f"  audio      {d['audio_hours']:.4f} h in {d['elapsed_seconds']:.1f} s"
         + (f" (real-time factor {d['realtime_factor']:.1f}x)" if d["audio_seconds"] > 0 else ""),
         f"  problems   {d['errors']} errors, {d['warnings']} warnings"

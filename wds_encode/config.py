@@ -117,6 +117,13 @@ class EncodeConfig(BaseModel):
         "crop", description="crop: one window per file; split: every window of a long file; full: each file at its "
                             "own length (rounded up to the downsampling ratio), split only past --max-seconds")
     max_chunks: Optional[int] = Field(None, ge=1, description="With split or full: at most this many windows per file")
+    min_duration: Optional[float] = Field(None, gt=0, description="Skip files shorter than this many seconds, before "
+                                                                  "encoding (errors.jsonl lists each as rejected)")
+    max_duration: Optional[float] = Field(None, gt=0, description="Skip files longer than this many seconds, before "
+                                                                  "encoding (errors.jsonl lists each as rejected)")
+    skip_silent: Optional[float] = Field(None, le=0, description="Skip files whose loudest window's RMS level stays "
+                                                                 "under this many dBFS (-60: near silence), before "
+                                                                 "encoding (errors.jsonl lists each as rejected)")
     max_seconds: float = Field(300.0, gt=0, le=MAX_SAMPLE_SIZE / 8000,
                                description="With full: the longest window; a longer file is split into windows "
                                            "of this length (its last one at its own length)")
@@ -253,6 +260,13 @@ class EncodeConfig(BaseModel):
         if self.overlap and self.max_chunks is not None:
             raise ValueError(f"--overlap {self.overlap} and --max-chunks {self.max_chunks} exclude each other: with "
                              "--overlap a long file is one output window of its whole length; drop --max-chunks")
+        return self
+
+    @model_validator(mode="after")
+    def _durations_leave_room(self) -> "EncodeConfig":
+        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
+            raise ValueError(f"--min-duration {self.min_duration:g} is over --max-duration {self.max_duration:g}: "
+                             "every file would be skipped")
         return self
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ from typing import Optional
 
 from .config import ConfigError, DatasetConfig, EncodeConfig, load_dataset_config, load_model_config
 from .job.parts import Part, PartError, no_conditional_writes, parse_part, part_from_scheduler
+from .pipeline.filters import FileFilters
 from .pipeline.manifest import OutputState, RunManifest, json_sha256, run_identity
 from .models import resolve_autoencoder_config
 from .models.factory import check_model_files
@@ -62,7 +63,8 @@ class RunInputs:
             size = max(multiple, int(config.max_seconds * sample_rate) // multiple * multiple)
         return ReaderOptions(sample_rate=sample_rate, channels=channels, sample_size=size,
                              chunking=self.chunking, max_chunks=config.max_chunks, seed=config.seed,
-                             length_multiple=multiple, overlap=config.overlap if self.chunking == "full" else 0)
+                             length_multiple=multiple, overlap=config.overlap if self.chunking == "full" else 0,
+                             filters=FileFilters(config.min_duration, config.max_duration, config.skip_silent))
 
     def output_place(self) -> Place:
         return self.storage.place(self.config.output_path)

@@ -66,6 +66,7 @@ class RunStats:
     samples: int = 0
     windows: int = 0
     rejected: int = 0
+    filtered: int = 0             # files skipped by --min-duration, --max-duration or --skip-silent
     errors: int = 0
     warnings: int = 0
     audio_seconds: float = 0.0
@@ -289,6 +290,7 @@ class _WriterThread(threading.Thread):
             record = unit_record(
                 shard=end.shard.shard_id, url=end.shard.url, rank=self.folder.rank, part=self.log.part,
                 worker=end.worker, samples=end.samples, windows=pend.written, rejected=end.rejected,
+                filtered=end.filtered,
                 audio_seconds=end.audio_seconds, input_bytes=end.shard.size, failed=end.failed, latent_shards=tars,
                 folder_ids=[rel.rsplit("/", 1)[1][:-4] for rel in pend.folder_files if rel.endswith(".npy")],
                 problems=end.errors + pend.errors)
@@ -382,7 +384,8 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
     """The job's stats from every rank's: counts add up, times are the longest rank's."""
     merged = RunStats(units_total=units_total, units_skipped=units_skipped, elapsed_seconds=elapsed)
     for stats in per_rank:
-        for name in ("units_done", "units_failed", "units_refused", "samples", "windows", "rejected", "errors", "warnings",
+        for name in ("units_done", "units_failed", "units_refused", "samples", "windows", "rejected", "filtered",
+                     "errors", "warnings",
                      "audio_seconds", "batches", "batched_windows", "fp32_retries", "oom_splits", "retries", "resumes",
                      "steady_audio_seconds", "real_samples", "padding_samples"):
             setattr(merged, name, getattr(merged, name) + stats[name])
@@ -640,6 +643,7 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
         stats.samples += end.samples
         stats.windows += written
         stats.rejected += end.rejected
+        stats.filtered += end.filtered
         stats.audio_seconds += end.audio_seconds
         stats.errors += errors
         stats.warnings += warnings

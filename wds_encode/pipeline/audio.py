@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -329,7 +329,8 @@ def _validate(sample_rate: int, channels: int, sample_size: int, chunking: str,
 
 def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, sample_size: int,
                  chunking: str = "crop", key: str = "", seed: int = 0,
-                 max_chunks: int | None = None, length_multiple: int = 1, overlap: int = 0) -> Iterator[Window]:
+                 max_chunks: int | None = None, length_multiple: int = 1, overlap: int = 0,
+                 check_duration: Optional[Callable[[float], None]] = None) -> Iterator[Window]:
     """Decode ``data`` lazily into model windows.
 
     ``crop``: one window from the start; ``random_crop``: one window at an
@@ -339,7 +340,8 @@ def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, samp
     longer; see `plan_windows`); ``full`` with ``overlap`` (latent frames): a file of at
     least ``sample_size`` samples comes as the overlapping chunks of `plan_chunks`, each
     window's `stitch` saying where its latents go. Opening errors raise here; per-window
-    errors (e.g. non-finite samples) raise while iterating.
+    errors (e.g. non-finite samples) raise while iterating. ``check_duration`` is called with the
+    file's length in seconds once it is opened, before any window is decoded (it raises to skip it).
     """
     _validate(sample_rate, channels, sample_size, chunking, max_chunks, length_multiple, overlap)
     ext = _norm_ext(ext)
@@ -349,6 +351,12 @@ def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, samp
     if channels not in (1, 2) and 1 < have < channels:
         reader.close()
         raise AudioDecodeError(f"cannot make {channels} channels from {have}-channel .{ext} audio")
+    if check_duration is not None:
+        try:
+            check_duration(reader.frames / reader.sample_rate)
+        except BaseException:
+            reader.close()
+            raise
     return _generate(reader, ext=ext, sample_rate=sample_rate, channels=channels, sample_size=sample_size,
                      chunking=chunking, key=key, seed=seed, max_chunks=max_chunks, length_multiple=length_multiple,
                      overlap=overlap)

@@ -86,7 +86,10 @@ def run_identity(model_config: dict, ckpt_path: str | Path, options: dict, rando
                     # --overlap joins a long file's chunks into one window; 0 (the default) keeps old identities
                     **({"overlap": options["overlap"]} if options.get("overlap") else {}),
                     # --no-folder: a resumed output would hold the folder layout of only some units
-                    **({"folder": False} if options.get("folder") is False else {})},
+                    **({"folder": False} if options.get("folder") is False else {}),
+                    # the filters skip files; unset (the default) keeps old identities
+                    **{k: options[k] for k in ("min_duration", "max_duration", "skip_silent")
+                       if options.get(k) is not None}},
     }
     ident["hash"] = json_sha256(ident)
     return ident

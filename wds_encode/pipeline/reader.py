@@ -18,13 +18,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Generator, Iterable, Iterator, Optional
 
 import torch
 import webdataset.tariterators as wds_tar
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, Stitch, iter_windows
+from .filters import REJECTED, FileFilters, FileFiltered, window_level
 from .sources import CAPTION_SUFFIX, Shard, sidecar_caption
 from ..storage import Storage
 
@@ -46,6 +47,7 @@ class ReaderOptions:
     seed: int = 0
     length_multiple: int = 1        # full: windows are rounded up to this (the downsampling ratio)
     overlap: int = 0                # full: latent frames chunks of a long file share (0: independent windows)
+    filters: FileFilters = FileFilters()   # files skipped before encoding (--min/--max-duration, --skip-silent)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class ShardEnd:
     samples: int = 0             # input samples (audio members) seen
     windows: int = 0             # windows yielded
     rejected: int = 0            # windows rejected by a custom metadata module
+    filtered: int = 0            # files skipped by --min-duration, --max-duration or --skip-silent
     audio_seconds: float = 0.0   # seconds of real (unpadded) audio in the yielded windows
     errors: list[dict] = field(default_factory=list)
     failed: bool = False         # the unit could not be read to its end
@@ -339,17 +342,40 @@ class Reader(IterableDataset):
             key = f"{base}_dup{n}"
             report(f"duplicate key in unit, written as {key!r}", level="warning")
         used_keys.add(key)
+        judge = self.options.filters.skip_silent is not None
+        try:
+            again = yield from self._decoded(shard, raw, key, end, report, judge)
+            if again:   # a long file found loud only after its first windows were let go: once more, unjudged
+                yield from self._decoded(shard, raw, key, end, report, judge=False)
+        except FileFiltered as exc:
+            end.filtered += 1
+            report(f"{raw.audio_name}: {exc}", level=REJECTED)
+
+    def _decoded(self, shard: Shard, raw: RawSample, key: str, end: ShardEnd, report: Callable[..., None],
+                 judge: bool) -> Generator[WindowItem, None, bool]:
+        """The sample's windows, held until all are decoded (a long file's passed on as they outgrow
+        HOLD_BYTES). `judge` (--skip-silent): FileFiltered when no window is loud enough; a file that has
+        outgrown HOLD_BYTES while silent is only measured on, and True returned if it turns out loud (its
+        windows were let go: the caller decodes it again). A decoding failure is reported, not raised."""
         ext = (raw.audio_name or "").rsplit(".", 1)[-1].lower()
         opts = self.options
         held: list[Optional[WindowItem]] = []   # a sample's windows, yielded once all decoded...
         held_bytes, passed = 0, 0               # ...unless they outgrow HOLD_BYTES (a long file)
         first_chunk: Optional[WindowItem] = None  # --overlap: the file's first chunk (None: rejected)
+        loudest, measuring = -math.inf, False
         try:
             for window in iter_windows(raw.audio_bytes, ext=ext, sample_rate=opts.sample_rate,
                                        channels=opts.channels, sample_size=opts.sample_size,
                                        chunking=opts.chunking, key=raw.key, seed=opts.seed,
                                        max_chunks=opts.max_chunks, length_multiple=opts.length_multiple,
-                                       overlap=opts.overlap):
+                                       overlap=opts.overlap, check_duration=opts.filters.check_duration):
+                if judge:
+                    real = window.stitch.valid if window.stitch is not None else window.valid_length
+                    loudest = max(loudest, window_level(window.audio, real))
+                    if measuring:
+                        if opts.filters.loud(loudest):
+                            return True
+                        continue
                 if window.stitch is not None and window.stitch.index > 0:
                     # the chunks of one output window: its metadata (and a custom module's verdict) once
                     if first_chunk is None:
@@ -361,9 +387,14 @@ class Reader(IterableDataset):
                     first_chunk = held[-1]
                 held_bytes += window.audio.numel() * window.audio.element_size()
                 if held_bytes > HOLD_BYTES:
+                    if judge and not opts.filters.loud(loudest):
+                        measuring, held = True, []   # silent so far: measure the rest, hold nothing
+                        continue
                     passed += len(held)
                     yield from self._counted(held, end)
                     held, held_bytes = [], 0
+        except FileFiltered:
+            raise
         except Exception as exc:  # never let one sample stop the run
             reason = str(exc) if isinstance(exc, AudioDecodeError) else f"{type(exc).__name__}: {exc}"
             if passed and first_chunk is not None and first_chunk.stitch is not None:
@@ -371,8 +402,11 @@ class Reader(IterableDataset):
             elif passed:
                 reason += f" (after its first {passed} windows were passed on: the sample is incomplete)"
             report(f"{raw.audio_name}: {reason}")
-            return
+            return False
+        if judge and not opts.filters.loud(loudest):
+            raise FileFiltered(opts.filters.silent_reason(loudest))
         yield from self._counted(held, end)
+        return False
 
     def _counted(self, items: list[Optional[WindowItem]], end: ShardEnd) -> Iterator[WindowItem]:
         for item in items:

@@ -29,6 +29,7 @@ class UnitRecord(TypedDict, total=False):
     samples: int
     windows: int               # windows written (both output forms hold the same ones)
     rejected: int              # windows a custom metadata module dropped
+    filtered: int              # files --min-duration, --max-duration or --skip-silent skipped
     audio_seconds: float
     input_bytes: int
     errors: int
@@ -41,14 +42,15 @@ class UnitRecord(TypedDict, total=False):
 
 
 def unit_record(*, shard: str, url: str, rank: int, part: str, worker: int, samples: int, windows: int,
-                rejected: int, audio_seconds: float, input_bytes: int, failed: bool, folder_ids: list[str],
+                rejected: int, filtered: int, audio_seconds: float, input_bytes: int, failed: bool, folder_ids: list[str],
                 latent_shards: list[str], problems: list[dict]) -> UnitRecord:
     """A unit's record as the writer thread has it before the commit (`writer`, `seq` and `finished_at`
     are added by the commit)."""
     errors = sum(1 for problem in problems if problem.get("level") == "error")
+    warnings = sum(1 for problem in problems if problem.get("level") == "warning")
     return UnitRecord(shard=shard, url=url, rank=rank, part=part, worker=worker, samples=samples, windows=windows,
-                      rejected=rejected, audio_seconds=audio_seconds, input_bytes=input_bytes, errors=errors,
-                      warnings=len(problems) - errors, failed=failed, latent_shards=list(latent_shards),
+                      rejected=rejected, filtered=filtered, audio_seconds=audio_seconds, input_bytes=input_bytes, errors=errors,
+                      warnings=warnings, failed=failed, latent_shards=list(latent_shards),
                       folder_ids=sorted(folder_ids), problems=list(problems))
 
 

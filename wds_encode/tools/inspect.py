@@ -628,7 +628,7 @@ def format_inspection(report: dict) -> str:
         lines += ["", "  count  level    reason (example unit/key)"]
         for g in report["errors_by_reason"][:10]:
             ex = g["example"]
-            lines.append(f"  {g['count']:>5}  {g['level']:<7}  {g['reason']}  ({ex['shard']}/{ex['key']})")
+            lines.append(f"  {g['count']:>5}  {g['level']:<8}  {g['reason']}  ({ex['shard']}/{ex['key']})")
         if len(report["errors_by_reason"]) > 10:
             lines.append(f"  ... {len(report['errors_by_reason']) - 10} more reasons (--json lists them)")
     return "\n".join(lines)
@@ -636,8 +636,9 @@ def format_inspection(report: dict) -> str:
 
 def _dataset_table(report: dict) -> list[str]:
     if report["manifest"]:
-        head = ("dataset", "units", "broken", "files", "windows", "rejected", "audio h", "errors", "warnings")
-        keys = ("units", "failed", "samples", "windows", "rejected", "audio_hours", "errors", "warnings")
+        head = ("dataset", "units", "broken", "files", "windows", "rejected", "filtered", "audio h", "errors",
+                "warnings")
+        keys = ("units", "failed", "samples", "windows", "rejected", "filtered", "audio_hours", "errors", "warnings")
     else:
         head = ("dataset", "units seen", "files", "windows", "audio h")
         keys = ("units_seen", "files", "windows", "audio_hours")
