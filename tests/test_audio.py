@@ -542,8 +542,9 @@ if sys.argv[1] == "loud":
     sndfile._NOISY_SEEK_FORMATS = frozenset()
 # the 11th sample of this set (22.05 kHz noise) makes libmpg123 complain after a mid-file seek
 sample, data, _ = make_sample_set(11, seed=0, formats=("mp3",), min_seconds=2, max_seconds=3)[-1]
+# --max-chunks: the file is read range by range (not decoded whole), after a seek to its end checks its length
 windows = list(audio.iter_windows(data, ext="mp3", sample_rate=44100, channels=2, sample_size=16384,
-                                  chunking="split", key=sample.key))
+                                  chunking="split", key=sample.key, max_chunks=8))
 print(len(windows))
 """
 

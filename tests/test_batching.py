@@ -14,7 +14,7 @@ from wds_encode.pipeline.sources import Shard
 
 
 def window(unit: str, length: int, i: int) -> WindowItem:
-    return WindowItem(audio=torch.zeros(1, length), padding_mask=torch.ones(length, dtype=torch.bool),
+    return WindowItem(audio=torch.zeros(1, length),
                       key=f"k{i}", shard_id=f"d/{unit}", metadata={"valid_length": length})
 
 

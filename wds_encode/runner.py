@@ -375,7 +375,8 @@ def _collate(items: list[WindowItem], out: Optional[torch.Tensor] = None
     first = items[0].audio
     audio = out if out is not None else torch.empty((len(items), *first.shape), dtype=first.dtype)
     torch.stack([it.audio for it in items], out=audio)
-    masks = torch.stack([it.padding_mask for it in items])
+    real = torch.tensor([it.real_samples for it in items])
+    masks = torch.arange(first.shape[-1]).unsqueeze(0) < real.unsqueeze(1)   # True on real audio
     keys = [it.noise_key for it in items]
     return audio, masks, keys
 

@@ -55,7 +55,6 @@ class WindowItem:
     """One window ready for the encoder, with its JSON-native metadata."""
 
     audio: Optional[torch.Tensor]          # float32 [C, window size]; None once batched (`without_audio`)
-    padding_mask: Optional[torch.Tensor]   # bool [window size]
     key: str                     # output key: sanitised source key (+ chunk suffix), unique per shard
     shard_id: str
     metadata: dict
@@ -64,7 +63,12 @@ class WindowItem:
 
     def without_audio(self) -> "WindowItem":
         """The same window with its samples let go: what is left after the batch went to the encoder."""
-        return replace(self, audio=None, padding_mask=None)
+        return replace(self, audio=None)
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """bool [window size], True on real audio: made where the batch is, not carried from the worker."""
+        return torch.arange(self.audio.shape[-1]) < self.real_samples
 
     @property
     def real_samples(self) -> int:
@@ -380,7 +384,7 @@ class Reader(IterableDataset):
                     # the chunks of one output window: its metadata (and a custom module's verdict) once
                     if first_chunk is None:
                         break  # rejected by the custom metadata module: the rest need no decoding
-                    held.append(replace(first_chunk, audio=window.audio, padding_mask=window.padding_mask,
+                    held.append(replace(first_chunk, audio=window.audio,
                                         metadata=dict(first_chunk.metadata), stitch=window.stitch))
                 else:
                     held.append(self._item(shard, raw, key, window))
@@ -436,7 +440,7 @@ class Reader(IterableDataset):
                     return None
                 md.update({k: _json_native(v) for k, v in custom.items() if not k.startswith("__")})
         json.dumps(md)  # fail here, on this sample, rather than in the writer
-        return WindowItem(audio=window.audio, padding_mask=window.padding_mask, key=out_key,
+        return WindowItem(audio=window.audio, key=out_key,
                           shard_id=shard.shard_id, metadata=md, stitch=window.stitch)
 
     def _custom_metadata(self, module_path: str) -> Callable:

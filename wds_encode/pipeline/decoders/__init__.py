@@ -18,15 +18,15 @@ AUDIO_EXTENSIONS: tuple[str, ...] = sndfile.EXTENSIONS + pyav.EXTENSIONS
 __all__ = ["AUDIO_EXTENSIONS", "AudioDecodeError", "AudioReader", "LengthChanged", "open_reader"]
 
 
-def open_reader(data: bytes, ext: str, check_end: bool = True) -> AudioReader:
+def open_reader(data: bytes, ext: str, check_end: bool = True, whole: bool = False) -> AudioReader:
     """A reader over `data` (the bytes of a `.ext` file) with its length established; every failure is an
     AudioDecodeError saying what each decoder said. `check_end`: also verify a declared length by
-    seeking to it where that is costly to trust (MP3)."""
+    seeking to it where that is costly to trust (MP3). `whole`: every frame will be read (a split)."""
     if not data:
         raise AudioDecodeError(f"no audio frames: empty .{ext} data")
     if ext in sndfile.EXTENSIONS:
         try:
-            reader = sndfile.open_sndfile(data, ext, check_end)
+            reader = sndfile.open_sndfile(data, ext, check_end, whole)
         except AudioDecodeError:
             raise
         except Exception as sf_exc:  # libsndfile cannot open it: perhaps FFmpeg can

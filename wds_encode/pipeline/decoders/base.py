@@ -6,6 +6,10 @@ from typing import Protocol
 
 import numpy as np
 
+# A file that will be read whole is decoded whole, once, when its decoded audio is at most this (float32):
+# reads are then slices of memory. A longer one is read range by range, within bounded memory.
+KEEP_BYTES = 64 << 20
+
 
 class AudioDecodeError(ValueError):
     """The data is not usable audio (undecodable, empty, non-finite, unsupported format)."""

@@ -21,13 +21,12 @@ from typing import Iterator, Optional
 import av
 import numpy as np
 
-from .base import AudioDecodeError, LengthChanged
+from .base import KEEP_BYTES, AudioDecodeError, LengthChanged
 
 EXTENSIONS: tuple[str, ...] = ("m4a", "m4b", "aac", "mka", "webm", "wma", "ac3", "mp4", "mov", "mkv")
 
 # A file whose length the container does not record exactly is decoded once to count its frames; up to
-# this much decoded audio is kept from that pass, so a short file is decoded once, a long one twice.
-KEEP_BYTES = 64 << 20
+# KEEP_BYTES of decoded audio is kept from that pass, so a short file is decoded once, a long one twice.
 # Demuxers whose stream duration is the audio's exact length in samples (ISO BMFF: the edit list, or
 # the media duration), less the priming they tell the decoder to drop.
 _EXACT_DURATION_DEMUXERS = frozenset({"mov", "mp4", "m4a"})

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import soundfile as sf
 
-from .base import AudioDecodeError, LengthChanged
+from .base import KEEP_BYTES, AudioDecodeError, LengthChanged
 
 EXTENSIONS: tuple[str, ...] = ("flac", "wav", "aiff", "aif", "mp3", "ogg", "oga", "opus")
 
@@ -84,13 +84,29 @@ class SoundFileReader:
         self._cache: np.ndarray | None = None
         self._cache_start = 0
         self._fmt = fmt
+        self._whole: np.ndarray | None = None   # the whole file, when probe() decoded it
         self.frames = -1  # set by probe(), which may decode
         self.delay_unknown = False  # libmpg123 drops the MP3 priming its LAME/Xing header records
 
-    def probe(self, check_end: bool) -> None:
-        """Establish the frame count (``check_end``: also seek-verify noisy formats like MP3)."""
+    def probe(self, check_end: bool, whole: bool = False) -> None:
+        """Establish the frame count (``check_end``: also seek-verify noisy formats like MP3). ``whole``:
+        every frame will be read, so a file of at most KEEP_BYTES decoded is decoded now, in one pass,
+        and read from memory: no seek at all, the length is what the decoder gave."""
         with self._quiet():
+            declared = int(self._file.frames)
+            if whole and 0 < declared < _UNKNOWN_FRAMES and declared * self.channels * 4 <= KEEP_BYTES:
+                self._whole = self._decode_all(declared)
+                self.frames = len(self._whole)
+                return
             self.frames = self._initial_frames(self._fmt, check_end)
+
+    def _decode_all(self, declared: int) -> np.ndarray:
+        """Every frame from the start: the declared count in one call, then whatever follows it."""
+        blocks = [self._decode(declared + 1)]
+        if len(blocks[0]) > declared:   # more than the header said: read on to the end
+            while len(block := self._decode(_BLOCK_FRAMES)):
+                blocks.append(block)
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
     def _quiet(self):
         """Silence libmpg123's harmless after-seek messages, which users would read as errors."""
@@ -115,12 +131,24 @@ class SoundFileReader:
     # -- decoding primitives (every libsndfile failure becomes AudioDecodeError)
     def _decode(self, frames: int) -> np.ndarray:
         try:
-            out = self._file.read(frames, dtype="float32", always_2d=True)
+            out = self._read_on(frames)
         except Exception as exc:  # libsndfile raises several types; callers only see ours
             raise AudioDecodeError(
                 f"cannot decode .{self._ext} audio at frame {self._pos}: {exc}") from exc
         self._pos += len(out)
         return out
+
+    def _read_on(self, frames: int) -> np.ndarray:
+        """The next `frames` frames, from where the decoder is. python-soundfile's read() seeks to the
+        position it is already at after every call, which restarts the FLAC and MP3 decoders (a frame
+        decoded again, or the bit reservoir lost); libsndfile's own sf_readf_float does not."""
+        readf = getattr(getattr(sf, "_snd", None), "sf_readf_float", None)
+        if readf is None or not hasattr(self._file, "_file"):   # another python-soundfile: its read()
+            return self._file.read(frames, dtype="float32", always_2d=True)
+        out = np.empty((frames, self.channels), dtype=np.float32)
+        got = readf(self._file._file, sf._ffi.cast("float *", out.ctypes.data), frames)
+        sf._error_check(self._file._errorcode)
+        return out[:got]
 
     def _seek(self, frame: int) -> bool:
         """Seek to ``frame``; on failure switch to sequential reading (from a fresh decoder)."""
@@ -166,8 +194,7 @@ class SoundFileReader:
         try:
             self._file.seek(declared - 1)
             self._pos = declared - 1
-            tail = self._file.read(2, dtype="float32", always_2d=True)
-            self._pos += len(tail)
+            tail = self._decode(2)
             if len(tail) == 1:
                 return declared
         except Exception:
@@ -182,8 +209,9 @@ class SoundFileReader:
         raise LengthChanged()
 
     def _fetch(self, begin: int, stop: int) -> np.ndarray:
-        """Decode frames [begin, stop) (stop <= frames) in one read() call, preroll included."""
-        target = begin - min(self._preroll, begin)
+        """Decode frames [begin, stop) (stop <= frames), preroll included unless the decoder is already
+        at `begin` (the next window of a split file: its state runs on, nothing is decoded twice)."""
+        target = begin if begin == self._pos else begin - min(self._preroll, begin)
         gap = target - self._pos
         if self._seekable and gap != 0 and (self._preroll or gap < 0 or gap > _BLOCK_FRAMES):
             self._seek(target)  # on failure: reopened at frame 0, read sequentially below
@@ -203,6 +231,8 @@ class SoundFileReader:
         want = max(0, stop - start)
         if want == 0:
             return np.zeros((0, self.channels), dtype=np.float32)
+        if self._whole is not None:
+            return self._whole[start:stop]
         parts = []
         cache = self._cache
         if cache is not None and self._pos == self._cache_start + len(cache) \
@@ -221,7 +251,7 @@ class SoundFileReader:
         return out
 
 
-def open_sndfile(data: bytes, ext: str, check_end: bool) -> SoundFileReader:
+def open_sndfile(data: bytes, ext: str, check_end: bool, whole: bool = False) -> SoundFileReader:
     """A reader over `data` with its length established; `sf.LibsndfileError` (or another exception of
     python-soundfile's) when libsndfile cannot open it at all, AudioDecodeError when it opens but breaks."""
     file = sf.SoundFile(io.BytesIO(data))
@@ -231,7 +261,7 @@ def open_sndfile(data: bytes, ext: str, check_end: bool) -> SoundFileReader:
         file.close()
         raise
     try:
-        reader.probe(check_end)
+        reader.probe(check_end, whole)
     except BaseException:
         reader.close()
         raise
