@@ -68,13 +68,15 @@ def decode_alone(ext: str, data: bytes) -> int:
     return len(sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0])
 
 
-def cpu_timed(function, repeats: int) -> float:
-    """CPU seconds of this process per call, the best of `repeats`."""
-    best = float("inf")
+def cpu_timed(functions: list, repeats: int) -> list[float]:
+    """CPU seconds of this process per call of each function, the best of `repeats`; the functions take
+    turns, so a machine that speeds up or slows down part-way weighs on each alike."""
+    best = [float("inf")] * len(functions)
     for _ in range(repeats):
-        start = time.process_time()
-        function()
-        best = min(best, time.process_time() - start)
+        for index, function in enumerate(functions):
+            start = time.process_time()
+            function()
+            best[index] = min(best[index], time.process_time() - start)
     return best
 
 
@@ -88,8 +90,7 @@ def measure(ext: str, tar: Path, members: list[bytes], seconds_of_audio: float, 
         assert isinstance(items[-1], ShardEnd) and not items[-1].errors, items[-1].errors
         windows.append(sum(isinstance(i, WindowItem) for i in items))
 
-    decoder = cpu_timed(lambda: [decode_alone(ext, data) for data in members], repeats)
-    reader = cpu_timed(read, repeats)
+    decoder, reader = cpu_timed([lambda: [decode_alone(ext, data) for data in members], read], repeats)
     return {"format": ext, "audio_seconds": seconds_of_audio, "windows": windows[-1],
             "decoder_x": seconds_of_audio / decoder, "reader_x": seconds_of_audio / reader,
             "reader_over_decoder": decoder / reader}

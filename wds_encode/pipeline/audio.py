@@ -305,7 +305,7 @@ def _render(reader: AudioReader, offset: int, valid: int, channels: int, target_
         end = (last_block + 1) * orig + width + 1
         skip = offset - start_block * new
     source = reader.read(start, end)
-    audio = conform_channels(torch.from_numpy(np.ascontiguousarray(source.T)), channels)
+    audio = conform_channels(torch.from_numpy(np.ascontiguousarray(source)), channels)   # the window's own copy
     audio = resample(audio, source_rate, target_rate)[:, skip:skip + valid]
     if audio.shape[1] != valid:
         raise AudioDecodeError(f"decoded {audio.shape[1]} of {valid} samples for window at {offset}")
@@ -415,8 +415,8 @@ def decode_audio(data: bytes, ext: str) -> tuple[torch.Tensor, int]:
                 continue
         else:
             raise AudioDecodeError(f"inconsistent length in .{ext} data")
-        if len(source) == 0:
+        if source.shape[1] == 0:
             raise AudioDecodeError(f"no audio frames in .{ext} data")
-        audio = torch.from_numpy(np.ascontiguousarray(source.T))
+        audio = torch.from_numpy(np.ascontiguousarray(source))
         _check_finite(audio, f".{ext} audio")
         return audio, reader.sample_rate

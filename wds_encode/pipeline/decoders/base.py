@@ -25,7 +25,7 @@ class AudioReader(Protocol):
 
     `frames` is the file's length as the container records it (priming and padding the container says to
     drop are not counted); `read(start, stop)` gives frames [start, min(stop, frames)) as float32
-    [n, channels], raising `LengthChanged` when the stream ends early. `delay_unknown`: the stream may
+    [channels, n] (perhaps a view: copy it to keep it), raising `LengthChanged` when the stream ends early. `delay_unknown`: the stream may
     begin with encoder priming that nothing in it records (raw ADTS AAC), so its first frames may be
     silence the source did not have.
     """

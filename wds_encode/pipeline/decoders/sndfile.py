@@ -226,13 +226,14 @@ class SoundFileReader:
 
     # -- public
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Frames [start, min(stop, frames)) as float32 [n, channels]."""
+        """Frames [start, min(stop, frames)) as float32 [channels, n] (a view of libsndfile's interleaved
+        frames: the caller's copy makes it contiguous)."""
         stop = min(stop, self.frames)
         want = max(0, stop - start)
         if want == 0:
-            return np.zeros((0, self.channels), dtype=np.float32)
+            return np.zeros((self.channels, 0), dtype=np.float32)
         if self._whole is not None:
-            return self._whole[start:stop]
+            return self._whole[start:stop].T
         parts = []
         cache = self._cache
         if cache is not None and self._pos == self._cache_start + len(cache) \
@@ -248,7 +249,7 @@ class SoundFileReader:
         if len(out) != want:
             raise AudioDecodeError(f"internal read error in .{self._ext} audio")
         self._cache, self._cache_start = out, start
-        return out
+        return out.T
 
 
 def open_sndfile(data: bytes, ext: str, check_end: bool, whole: bool = False) -> SoundFileReader:

@@ -1,0 +1,62 @@
+"""wds_encode.pipeline.decoders: each backend reads any range of a file as a slice of its whole decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wds_encode.pipeline.audio import decode_audio
+from wds_encode.pipeline.decoders import AudioDecodeError, open_reader, pyav
+from wds_encode.synth import encode_audio_bytes, synth_waveform
+
+RANGES = [(0, 1000), (500, 3000), (2999, 50_000), (49_000, 60_000), (100, 200), (80_000, 10**9), (5, 6)]
+
+
+@pytest.mark.parametrize("ext", ["m4a", "mp4", "webm", "aac", "flac", "mp3"])
+@pytest.mark.parametrize("whole", [False, True])
+def test_any_range_is_the_same_slice_of_the_whole_decode(ext, whole):
+    """Forward reads overlapping the last (a resampler's lead), a jump ahead, one back to the start
+    (decoded again), one past the end (cut at it): each equals the whole file's decode there."""
+    rate = 48000 if ext == "webm" else 44100
+    data = encode_audio_bytes(synth_waveform("pluck", 2.0, rate, 2, np.random.default_rng(1)), rate, ext)
+    full = decode_audio(data, ext)[0].numpy()
+    with open_reader(data, ext, whole=whole) as reader:
+        assert reader.frames == full.shape[1] and reader.channels == 2 and reader.sample_rate == rate
+        for start, stop in RANGES:
+            got = reader.read(start, stop)
+            assert got.shape == (2, max(0, min(stop, full.shape[1]) - start)), (start, stop)
+            assert np.array_equal(got, full[:, start:stop]), (start, stop)
+
+
+def test_a_container_with_no_audio_stream_says_what_it_holds():
+    import io
+
+    import av
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        video = container.add_stream("mpeg4", rate=25)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        for index in range(5):
+            picture = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            picture.pts = index
+            for packet in video.encode(picture):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+    with pytest.raises(AudioDecodeError, match=r"no audio stream in \.mp4 data \(it holds video\)"):
+        open_reader(buffer.getvalue(), "mp4")
+
+
+def test_an_mp4_stops_where_its_duration_says_not_at_the_end_of_its_last_aac_frame():
+    """AAC codes 1024-sample frames: the last one is padded past the audio. The MP4's duration says where
+    the audio ends, and the reader stops there; the decoder alone gives the padding too."""
+    import io
+
+    import av
+    data = encode_audio_bytes(synth_waveform("chord", 2.0, 44100, 2, np.random.default_rng(2)), 44100, "m4a")
+    with av.open(io.BytesIO(data)) as container:
+        decoded = sum(frame.samples for frame in container.decode(container.streams.audio[0]))
+    assert decoded % 1024 == 0 and decoded > 88200
+    with pyav.PyAVReader(data, "m4a") as reader:
+        assert reader.frames == 88200
+        assert reader.read(0, 10**9).shape == (2, 88200)
