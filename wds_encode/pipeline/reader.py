@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import tarfile
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional
 
@@ -33,6 +34,8 @@ from ..storage import Storage
 # past this much audio (a long file split into many windows) they are passed on as they come instead.
 HOLD_BYTES = 128 << 20
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
+_WDS_META = re.compile(r"__[^/]*__($|/)")   # webdataset's metadata members (`__key__`...): not samples
+TAR_BUFFER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,17 @@ def _group_tar_members(shard: Shard, members: list[tuple[str, bytes]]) -> RawSam
     return sample
 
 
+def tar_members(fileobj: io.BufferedIOBase) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of a tar stream, in order, skipping webdataset's `__*__`
+    metadata members, as webdataset's `tar_file_iterator` does, but through a 1 MB buffer: tarfile's own
+    10 KB one cuts a 5 MB member into 500 reads and joins, as much CPU as decoding it when it is a WAV."""
+    with tarfile.open(fileobj=fileobj, mode="r|*", bufsize=TAR_BUFFER_BYTES) as stream:
+        for info in stream:
+            if info.isreg() and not _WDS_META.match(info.name):
+                yield info.name, stream.extractfile(info).read()
+            stream.members = []   # a stream is read once: keep no TarInfo of members already read
+
+
 def iter_tar_samples(shard: Shard, fileobj: io.BufferedIOBase, on_error: Callable[[str, str], None]
                      ) -> Iterator[RawSample]:
     """Stream a tar and group consecutive members by key.
@@ -214,8 +228,7 @@ def iter_tar_samples(shard: Shard, fileobj: io.BufferedIOBase, on_error: Callabl
     current_key: Optional[str] = None
     members: list[tuple[str, bytes]] = []
     try:
-        for item in wds_tar.tar_file_iterator(fileobj):
-            name, data = item["fname"], item["data"]
+        for name, data in tar_members(fileobj):
             prefix, _suffix = wds_tar.base_plus_ext(name)
             if prefix is None:
                 on_error(name, f"member {name!r} has no extension; skipped")
