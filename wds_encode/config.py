@@ -117,6 +117,10 @@ class EncodeConfig(BaseModel):
         "crop", description="crop: one window per file; split: every window of a long file; full: each file at its "
                             "own length (rounded up to the downsampling ratio), split only past --max-seconds")
     max_chunks: Optional[int] = Field(None, ge=1, description="With split or full: at most this many windows per file")
+    resample_on: Literal["auto", "workers", "device"] = Field(
+        "auto", description="Where files at another rate than the model's are resampled: in the decode workers, or "
+                            "on the device after the host-to-device copy (the same kernel; it frees the decode "
+                            "cores); auto: the device on a GPU, the workers on a CPU")
     min_duration: Optional[float] = Field(None, gt=0, description="Skip files shorter than this many seconds, before "
                                                                   "encoding (errors.jsonl lists each as rejected)")
     max_duration: Optional[float] = Field(None, gt=0, description="Skip files longer than this many seconds, before "

@@ -53,7 +53,7 @@ class RunInputs:
     part_source: str = ""        # where the part came from: "--part", or the scheduler's variable
     listing: str = "listed"      # "kept": the units the output's first run listed; "listed": listed now
 
-    def window_options(self, sample_rate: int, channels: int) -> ReaderOptions:
+    def window_options(self, sample_rate: int, channels: int, resample_here: bool = True) -> ReaderOptions:
         """How the reader cuts files for this run: fixed windows of --sample-size, or with --chunking
         full windows at each file's own length (rounded up to the ratio), at most --max-seconds."""
         config = self.config
@@ -64,7 +64,8 @@ class RunInputs:
         return ReaderOptions(sample_rate=sample_rate, channels=channels, sample_size=size,
                              chunking=self.chunking, max_chunks=config.max_chunks, seed=config.seed,
                              length_multiple=multiple, overlap=config.overlap if self.chunking == "full" else 0,
-                             filters=FileFilters(config.min_duration, config.max_duration, config.skip_silent))
+                             filters=FileFilters(config.min_duration, config.max_duration, config.skip_silent),
+                             resample_here=resample_here)
 
     def output_place(self) -> Place:
         return self.storage.place(self.config.output_path)

@@ -43,6 +43,7 @@ from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_
 from .job.progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .pipeline.batching import LengthBatcher
 from .pipeline.reader import Reader, ShardEnd, WindowItem, error_record
+from .pipeline.resampling import device_batch
 from .pipeline.sources import Shard
 from .storage import Place, StorageError, redact
 from .pipeline.writers import FolderWriter, LatentShardWriter, new_writer_id, npy_bytes
@@ -91,6 +92,7 @@ class RunStats:
     channels_last: bool = False   # the encoder's convolutions ran in the channels-last layout
     cpus: str = ""                # the CPUs this rank could use, and how it split them (resources.plan_cpus)
     chunking: str = ""            # crop | random_crop | split | full: how files became windows
+    resample_on: str = ""         # workers | device: where windows at another rate were resampled
     stopped_early: bool = False
     stopped_by: str = ""          # the signal that stopped the job's claiming (it committed what was in flight)
     units_per_rank: list[int] = field(default_factory=list)  # merged stats: units each rank encoded
@@ -398,9 +400,18 @@ def merge_stats(per_rank: list[dict], *, units_total: int, units_skipped: int, e
     if per_rank:  # how rank 0 ran (the others run the same way on the same kind of device)
         first = per_rank[0]
         for name in ("batch_size", "batch_probe", "compiled", "channels_last", "cpus", "autotune", "precision_check",
-                     "chunking"):
+                     "chunking", "resample_on"):
             setattr(merged, name, first[name])
     return merged
+
+
+def resample_in_workers(resample_on: str, device: torch.device) -> bool:
+    """--resample-on: in the decode workers, or on the device after the copy; `auto`: the device on a GPU
+    (the workers' cores go to decoding), the workers on a CPU, where they resample beside the encoder's
+    threads instead of taking turns with them (measured: see README, Throughput)."""
+    if resample_on == "auto":
+        return device.type != "cuda"
+    return resample_on == "workers"
 
 
 def use_compile(config: EncodeConfig, device: torch.device, todo: list[Shard]) -> bool:
@@ -619,7 +630,9 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
     the writer thread collects each batch's latents when the device has them."""
     config = inputs.config
     model, device, batch_size = encoder.model, encoder.device, stats.batch_size
-    reader = Reader(todo, inputs.window_options(model.sample_rate, model.in_channels),
+    resample_here = resample_in_workers(config.resample_on, device)
+    stats.resample_on = "workers" if resample_here else "device"
+    reader = Reader(todo, inputs.window_options(model.sample_rate, model.in_channels, resample_here),
                     UnitClaims(job.address, len(todo)), inputs.storage)
     num_workers = min(max_workers, len(todo))
     # in_order=False: a worker decoding a long file does not hold up windows the others have ready
@@ -693,8 +706,12 @@ def _encode_units(inputs: RunInputs, todo: list[Shard], encoder: BatchEncoder, s
             if isinstance(part, ShardEnd):
                 put(("end", part))
                 continue
-            slot = staging_slot(part) if encoder.staging is not None else None  # pinned buffers: CUDA
-            audio, masks, keys = _collate(part, out=slot.tensor if slot is not None else None)
+            if any(item.resampling is not None for item in part):   # windows at their source rate
+                slot = None
+                audio, masks, keys = device_batch(part, device, model.sample_rate)
+            else:
+                slot = staging_slot(part) if encoder.staging is not None else None  # pinned buffers: CUDA
+                audio, masks, keys = _collate(part, out=slot.tensor if slot is not None else None)
             pending = encoder.submit(audio, masks, keys, slot=slot)
             part = [item.without_audio() for item in part]   # the writer needs metadata only
             put(("batch", (batch_index, part, pending)))

@@ -80,6 +80,18 @@ def _describe(*, channels: int, sample_rate: int, source_sample_rate: int, sourc
     }
 
 
+@dataclass(frozen=True)
+class Resampling:
+    """A window still at its source rate (resampled on the device, `pipeline/resampling.py`): its audio is
+    the source frames the resampler's kernel reaches, and resampling them to the target rate and keeping
+    samples [skip, skip + valid), zero-padded to `size`, gives the window the workers would have made."""
+
+    source_rate: int
+    skip: int
+    valid: int
+    size: int
+
+
 @dataclass(frozen=True, eq=False)
 class Window:
     """One model-input window cut from a file, plus where it came from."""
@@ -95,10 +107,11 @@ class Window:
     source_channels: int
     stitch: Optional[Stitch] = None  # a chunk of a chunk-encoded file (--overlap): where its latents go
     delay_unknown: bool = False  # the stream may begin with encoder priming nothing records (raw ADTS AAC)
+    resampling: Optional[Resampling] = None  # `audio` is still at the source rate: see Resampling
 
     @property
     def sample_size(self) -> int:
-        return int(self.audio.shape[-1])
+        return self.resampling.size if self.resampling is not None else int(self.audio.shape[-1])
 
     @property
     def padding_mask(self) -> torch.Tensor:
@@ -282,14 +295,11 @@ def _norm_ext(ext: str) -> str:
 # --------------------------------------------------------------------------- windows
 
 
-def _render(reader: AudioReader, offset: int, valid: int, channels: int, target_rate: int) -> torch.Tensor:
-    """Target-rate samples [offset, offset+valid) of the conformed file, as float32 [channels, valid].
-
-    Reads only the source frames whose resampling kernel reaches the window,
-    aligned to the resampler's block grid, so the result equals (up to float
-    rounding) the same slice of a whole-file resample.
-    """
-    source_rate = reader.sample_rate
+def _source_range(offset: int, valid: int, source_rate: int, target_rate: int) -> tuple[int, int, int]:
+    """(start, end, skip): the source frames [start, end) whose resampling kernel reaches target samples
+    [offset, offset + valid), aligned to the resampler's block grid, and where those samples begin in the
+    resampled segment; resampling the segment then equals (up to float rounding) the same slice of a
+    whole-file resample."""
     if source_rate == target_rate:
         start, end, skip = offset, offset + valid, 0
     else:
@@ -304,9 +314,23 @@ def _render(reader: AudioReader, offset: int, valid: int, channels: int, target_
         start = start_block * orig
         end = (last_block + 1) * orig + width + 1
         skip = offset - start_block * new
+    return start, end, skip
+
+
+def _source_segment(reader: AudioReader, offset: int, valid: int, channels: int, target_rate: int
+                    ) -> tuple[torch.Tensor, int]:
+    """The conformed source frames target samples [offset, offset+valid) need, float32 [channels, n], and
+    where those samples begin once the segment is resampled."""
+    start, end, skip = _source_range(offset, valid, reader.sample_rate, target_rate)
     source = reader.read(start, end)
-    audio = conform_channels(torch.from_numpy(np.ascontiguousarray(source)), channels)   # the window's own copy
-    audio = resample(audio, source_rate, target_rate)[:, skip:skip + valid]
+    return conform_channels(torch.from_numpy(np.ascontiguousarray(source)), channels), skip   # its own copy
+
+
+def _render(reader: AudioReader, offset: int, valid: int, channels: int, target_rate: int) -> torch.Tensor:
+    """Target-rate samples [offset, offset+valid) of the conformed file, as float32 [channels, valid],
+    from only the source frames the resampler's kernel reaches (`_source_range`)."""
+    segment, skip = _source_segment(reader, offset, valid, channels, target_rate)
+    audio = resample(segment, reader.sample_rate, target_rate)[:, skip:skip + valid]
     if audio.shape[1] != valid:
         raise AudioDecodeError(f"decoded {audio.shape[1]} of {valid} samples for window at {offset}")
     return audio
@@ -335,7 +359,8 @@ def _validate(sample_rate: int, channels: int, sample_size: int, chunking: str,
 def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, sample_size: int,
                  chunking: str = "crop", key: str = "", seed: int = 0,
                  max_chunks: int | None = None, length_multiple: int = 1, overlap: int = 0,
-                 check_duration: Optional[Callable[[float], None]] = None) -> Iterator[Window]:
+                 check_duration: Optional[Callable[[float], None]] = None, resample_here: bool = True
+                 ) -> Iterator[Window]:
     """Decode ``data`` lazily into model windows.
 
     ``crop``: one window from the start; ``random_crop``: one window at an
@@ -347,6 +372,7 @@ def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, samp
     window's `stitch` saying where its latents go. Opening errors raise here; per-window
     errors (e.g. non-finite samples) raise while iterating. ``check_duration`` is called with the
     file's length in seconds once it is opened, before any window is decoded (it raises to skip it).
+    ``resample_here=False``: a file at another rate comes as its windows' source frames (`Resampling`).
     """
     _validate(sample_rate, channels, sample_size, chunking, max_chunks, length_multiple, overlap)
     ext = _norm_ext(ext)
@@ -365,12 +391,12 @@ def iter_windows(data: bytes, *, ext: str, sample_rate: int, channels: int, samp
             raise
     return _generate(reader, ext=ext, sample_rate=sample_rate, channels=channels, sample_size=sample_size,
                      chunking=chunking, key=key, seed=seed, max_chunks=max_chunks, length_multiple=length_multiple,
-                     overlap=overlap)
+                     overlap=overlap, resample_here=resample_here)
 
 
 def _generate(reader: AudioReader, *, ext: str, sample_rate: int, channels: int, sample_size: int, chunking: str,
               key: str, seed: int, max_chunks: int | None, length_multiple: int,
-              overlap: int = 0) -> Iterator[Window]:
+              overlap: int = 0, resample_here: bool = True) -> Iterator[Window]:
     with reader:
         yielded = False
         while True:  # re-plans (before the first yield) if the header over-stated the length
@@ -382,9 +408,14 @@ def _generate(reader: AudioReader, *, ext: str, sample_rate: int, channels: int,
             stitches = plan_chunks(total, sample_size, overlap, length_multiple) if chunking == "full" else []
             try:
                 for index, (offset, valid, size) in enumerate(plan):
-                    audio = _render(reader, offset, valid, channels, sample_rate)
+                    resampling = None
+                    if resample_here or reader.sample_rate == sample_rate:
+                        audio = _render(reader, offset, valid, channels, sample_rate)
+                    else:
+                        audio, skip = _source_segment(reader, offset, valid, channels, sample_rate)
+                        resampling = Resampling(reader.sample_rate, skip, valid, size)
                     _check_finite(audio, f"window {index} of .{ext} audio")
-                    if valid < size:
+                    if valid < size and resampling is None:
                         padded = audio.new_zeros((channels, size))
                         padded[:, :valid] = audio
                         audio = padded
@@ -393,7 +424,7 @@ def _generate(reader: AudioReader, *, ext: str, sample_rate: int, channels: int,
                                  total_length=total, chunk_index=index, num_chunks=len(plan),
                                  sample_rate=sample_rate, source_sample_rate=reader.sample_rate,
                                  source_channels=reader.channels, delay_unknown=reader.delay_unknown,
-                                 stitch=stitches[index] if stitches else None)
+                                 stitch=stitches[index] if stitches else None, resampling=resampling)
                 return
             except LengthChanged:
                 if yielded:

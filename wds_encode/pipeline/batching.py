@@ -35,7 +35,7 @@ class LengthBatcher:
         self.ends: list[ShardEnd] = []                     # ends held back, in arrival order
 
     def add(self, item: WindowItem) -> list[Released]:
-        length = int(item.audio.shape[-1])
+        length = item.size
         bucket = self.buckets.setdefault(length, [])
         bucket.append(item)
         self.held += 1

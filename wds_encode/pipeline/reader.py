@@ -25,7 +25,7 @@ import torch
 import webdataset.tariterators as wds_tar
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .audio import AUDIO_EXTENSIONS, AudioDecodeError, Stitch, iter_windows
+from .audio import AUDIO_EXTENSIONS, AudioDecodeError, Resampling, Stitch, iter_windows
 from .filters import REJECTED, FileFilters, FileFiltered, window_level
 from .sources import CAPTION_SUFFIX, Shard, sidecar_caption
 from ..storage import Storage
@@ -51,6 +51,7 @@ class ReaderOptions:
     length_multiple: int = 1        # full: windows are rounded up to this (the downsampling ratio)
     overlap: int = 0                # full: latent frames chunks of a long file share (0: independent windows)
     filters: FileFilters = FileFilters()   # files skipped before encoding (--min/--max-duration, --skip-silent)
+    resample_here: bool = True      # False: windows at another rate go on at it, resampled on the device
 
 
 @dataclass
@@ -63,15 +64,21 @@ class WindowItem:
     metadata: dict
     input_bytes: int = 0         # bytes of input this window accounts for (the sample's, on its first window)
     stitch: Optional[Stitch] = None  # a chunk of a chunk-encoded file (--overlap); `metadata` is the file's
+    resampling: Optional[Resampling] = None  # `audio` is still at its source rate (resampled on the device)
 
     def without_audio(self) -> "WindowItem":
         """The same window with its samples let go: what is left after the batch went to the encoder."""
         return replace(self, audio=None)
 
     @property
+    def size(self) -> int:
+        """The window's length at the model's rate (what batches group by)."""
+        return self.resampling.size if self.resampling is not None else int(self.audio.shape[-1])
+
+    @property
     def padding_mask(self) -> torch.Tensor:
         """bool [window size], True on real audio: made where the batch is, not carried from the worker."""
-        return torch.arange(self.audio.shape[-1]) < self.real_samples
+        return torch.arange(self.size) < self.real_samples
 
     @property
     def real_samples(self) -> int:
@@ -385,9 +392,12 @@ class Reader(IterableDataset):
                                        channels=opts.channels, sample_size=opts.sample_size,
                                        chunking=opts.chunking, key=raw.key, seed=opts.seed,
                                        max_chunks=opts.max_chunks, length_multiple=opts.length_multiple,
-                                       overlap=opts.overlap, check_duration=opts.filters.check_duration):
+                                       overlap=opts.overlap, check_duration=opts.filters.check_duration,
+                                       # a custom metadata module is given the window at the model's rate
+                                       resample_here=opts.resample_here or bool(shard.custom_metadata_module)):
                 if judge:
-                    real = window.stitch.valid if window.stitch is not None else window.valid_length
+                    real = window.audio.shape[-1] if window.resampling is not None else \
+                        window.stitch.valid if window.stitch is not None else window.valid_length
                     loudest = max(loudest, window_level(window.audio, real))
                     if measuring:
                         if opts.filters.loud(loudest):
@@ -397,7 +407,7 @@ class Reader(IterableDataset):
                     # the chunks of one output window: its metadata (and a custom module's verdict) once
                     if first_chunk is None:
                         break  # rejected by the custom metadata module: the rest need no decoding
-                    held.append(replace(first_chunk, audio=window.audio,
+                    held.append(replace(first_chunk, audio=window.audio, resampling=window.resampling,
                                         metadata=dict(first_chunk.metadata), stitch=window.stitch))
                 else:
                     held.append(self._item(shard, raw, key, window))
@@ -453,7 +463,7 @@ class Reader(IterableDataset):
                     return None
                 md.update({k: _json_native(v) for k, v in custom.items() if not k.startswith("__")})
         json.dumps(md)  # fail here, on this sample, rather than in the writer
-        return WindowItem(audio=window.audio, key=out_key,
+        return WindowItem(audio=window.audio, key=out_key, resampling=window.resampling,
                           shard_id=shard.shard_id, metadata=md, stitch=window.stitch)
 
     def _custom_metadata(self, module_path: str) -> Callable:
