@@ -778,7 +778,9 @@ FULL=(--chunking full --max-seconds 3 --bucket-buffer 16)
 # fp32 on the CPU: the reference every GPU run is compared with, and it records no precision check.
 run_cmd cpu-fp32 180 "${RUN[@]}" "${SPLIT[@]}" --device cpu --batch-size 4 --output-path "$W/cpu-fp32"
 check run_fp32 cpu-fp32 "$W/cpu-fp32"
-# the demo's latents (on the GPU when there is one) are the CPU's, to fp32 accuracy
+# the demo's latents (on the GPU when there is one) are the CPU's, to fp32 accuracy; its files are at
+# 16 to 48 kHz, so on a GPU this also checks --resample-on device (auto there) against the workers'
+# resampling of the CPU run
 check latents demo-latents-vs-cpu-fp32 "$W/demo/out" "$W/cpu-fp32" 1e-4
 # bf16 on the CPU: the run checks its precision against fp32 first; it goes on (and records the
 # agreement) or refuses with exit 2. Either is a pass; the verdict says which.
