@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from wds_encode.pipeline.audio import decode_audio
-from wds_encode.pipeline.decoders import AudioDecodeError, open_reader, pyav
+from wds_encode.pipeline.decoders import AUDIO_EXTENSIONS, AudioDecodeError, open_reader, pyav, sndfile
 from wds_encode.synth import encode_audio_bytes, synth_waveform
 
 RANGES = [(0, 1000), (500, 3000), (2999, 50_000), (49_000, 60_000), (100, 200), (80_000, 10**9), (5, 6)]
@@ -60,3 +60,45 @@ def test_an_mp4_stops_where_its_duration_says_not_at_the_end_of_its_last_aac_fra
     with pyav.PyAVReader(data, "m4a") as reader:
         assert reader.frames == 88200
         assert reader.read(0, 10**9).shape == (2, 88200)
+
+
+def test_every_suffix_has_one_decoder_and_one_place_in_the_order():
+    assert sorted(AUDIO_EXTENSIONS) == sorted(sndfile.EXTENSIONS + pyav.EXTENSIONS)
+    assert len(set(AUDIO_EXTENSIONS)) == len(AUDIO_EXTENSIONS)
+
+
+def _ffmpeg_file(muxer: str, codec: str, audio: np.ndarray) -> bytes:
+    """`audio` [2, n] at 44.1 kHz through one of FFmpeg's encoders and muxers (the less common formats)."""
+    import io
+    from fractions import Fraction
+
+    import av
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=muxer, options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(codec, rate=44100, layout="stereo")
+        resampler = av.AudioResampler(format=stream.codec_context.codec.audio_formats[0].name, layout="stereo",
+                                      rate=44100)
+        frame = av.AudioFrame.from_ndarray(audio, format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = 44100, 0, Fraction(1, 44100)
+        packets = []
+        for converted in resampler.resample(frame) + resampler.resample(None):
+            packets += stream.encode(converted)
+        for packet in packets + stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+# (suffix, muxer, codec, frames more than the source at most, priming recorded)
+LESS_COMMON = [("wv", "wv", "wavpack", 0, True), ("tta", "tta", "tta", 0, True), ("caf", "caf", "pcm_s16le", 0, True),
+               ("m4v", "mp4", "aac", 0, True), ("3gp", "3gp", "aac", 0, True), ("avi", "avi", "pcm_s16le", 0, True),
+               ("mp2", "mp2", "mp2", 2 * 1152, False), ("flv", "flv", "aac", 2 * 1024, False)]
+
+
+@pytest.mark.parametrize("ext,muxer,codec,extra,recorded", LESS_COMMON, ids=[row[0] for row in LESS_COMMON])
+def test_less_common_formats_decode_at_their_length_or_say_their_delay_is_unknown(ext, muxer, codec, extra,
+                                                                                 recorded):
+    audio = (np.random.default_rng(0).standard_normal((2, 22050)) * 0.1).astype(np.float32)
+    with open_reader(_ffmpeg_file(muxer, codec, audio), ext) as reader:
+        assert reader.sample_rate == 44100 and reader.channels == 2
+        assert 22050 <= reader.frames <= 22050 + extra
+        assert reader.delay_unknown is (not recorded)

@@ -13,7 +13,10 @@ from .base import AudioDecodeError, AudioReader, LengthChanged
 # Every suffix read as audio, in the order that picks a sample's audio when it has several members
 # (`KEY.flac` before `KEY.mp3` before `KEY.m4a` before `KEY.mp4`): lossless first, then lossy audio
 # files, then containers that usually hold video.
-AUDIO_EXTENSIONS: tuple[str, ...] = sndfile.EXTENSIONS + pyav.EXTENSIONS
+AUDIO_EXTENSIONS: tuple[str, ...] = ("flac", "wav", "aiff", "aif", "wv", "tta", "caf",
+                                     "mp3", "ogg", "oga", "opus", "m4a", "m4b", "aac", "mp2", "mka", "webm", "wma",
+                                     "ac3",
+                                     "mp4", "mov", "m4v", "3gp", "mkv", "avi", "flv")
 
 __all__ = ["AUDIO_EXTENSIONS", "AudioDecodeError", "AudioReader", "LengthChanged", "open_reader"]
 

@@ -23,15 +23,18 @@ import numpy as np
 
 from .base import KEEP_BYTES, AudioDecodeError, LengthChanged
 
-EXTENSIONS: tuple[str, ...] = ("m4a", "m4b", "aac", "mka", "webm", "wma", "ac3", "mp4", "mov", "mkv")
+EXTENSIONS: tuple[str, ...] = ("wv", "tta", "caf", "m4a", "m4b", "aac", "mp2", "mka", "webm", "wma", "ac3",
+                               "mp4", "mov", "m4v", "3gp", "mkv", "avi", "flv")
 
 # A file whose length the container does not record exactly is decoded once to count its frames; up to
 # KEEP_BYTES of decoded audio is kept from that pass, so a short file is decoded once, a long one twice.
 # Demuxers whose stream duration is the audio's exact length in samples (ISO BMFF: the edit list, or
 # the media duration), less the priming they tell the decoder to drop.
 _EXACT_DURATION_DEMUXERS = frozenset({"mov", "mp4", "m4a"})
-# Raw streams with no container around them: AAC's priming is not recorded anywhere.
-_UNRECORDED_DELAY_DEMUXERS = frozenset({"aac"})
+# (demuxer, codec) that record no encoder priming: raw ADTS AAC, AAC and MPEG audio in FLV and AVI, raw MP2.
+# (MP4/MOV/M4A edit lists, Matroska's CodecDelay, Opus pre-skip and LAME headers do record it.)
+_UNRECORDED_DELAY = frozenset({("aac", "aac"), ("flv", "aac"), ("avi", "aac"), ("avi", "mp2"), ("avi", "mp3"),
+                               ("mp3", "mp2")})
 # Integer sample formats and the scale that maps them to [-1, 1), as libsndfile's float reads do.
 _INT_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
 
@@ -75,7 +78,8 @@ class PyAVReader:
         context = self._stream.codec_context
         self.sample_rate = int(context.sample_rate or 0)
         self.channels = int(context.channels or 0)
-        self.delay_unknown = self._container.format.name in _UNRECORDED_DELAY_DEMUXERS
+        demuxer = self._container.format.name.split(",")[0]
+        self.delay_unknown = (demuxer, context.name.removesuffix("float")) in _UNRECORDED_DELAY  # mp2float: mp2
         self._whole: Optional[np.ndarray] = None   # the whole file, when it was decoded to count it
         self._frames_iter: Optional[Iterator[av.AudioFrame]] = None
         self._pos = 0                               # frames the current pass has decoded
