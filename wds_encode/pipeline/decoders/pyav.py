@@ -31,6 +31,10 @@ EXTENSIONS: tuple[str, ...] = ("wv", "tta", "caf", "m4a", "m4b", "aac", "mp2", "
 # Demuxers whose stream duration is the audio's exact length in samples (ISO BMFF: the edit list, or
 # the media duration), less the priming they tell the decoder to drop.
 _EXACT_DURATION_DEMUXERS = frozenset({"mov", "mp4", "m4a"})
+# A read further ahead than this seeks (where timestamps are sample numbers) rather than decoding on,
+# from this much before it (the preroll after which the decoder's state is whole again).
+SEEK_AHEAD_SECONDS = 10.0
+SEEK_PREROLL_SECONDS = 1.0
 # (demuxer, codec) that record no encoder priming: raw ADTS AAC, AAC and MPEG audio in FLV and AVI, raw MP2.
 # (MP4/MOV/M4A edit lists, Matroska's CodecDelay, Opus pre-skip and LAME headers do record it.)
 _UNRECORDED_DELAY = frozenset({("aac", "aac"), ("flv", "aac"), ("avi", "aac"), ("avi", "mp2"), ("avi", "mp3"),
@@ -63,12 +67,17 @@ def _frame_array(frame: av.AudioFrame, channels: int) -> np.ndarray:
     return data.astype(np.float32, copy=False)
 
 
+class _SeekFailed(Exception):
+    """A seek gave no usable timestamp; the read is done again from the file's start."""
+
+
 class PyAVReader:
     """Reads source frame ranges [start, stop) of the first audio stream of a container, in one pass.
 
     Reads move forward through the file (the windows are cut in order); a read's frames, and those decoded
     past its end, are kept for the next, which may start within them (a resampler's lead); a read that
-    starts before them decodes the file again from its start.
+    starts before them decodes the file again from its start. In an MP4/M4A/MOV, whose timestamps count
+    samples, a read far ahead (a random crop of a long file) seeks instead, to a second before it.
     """
 
     def __init__(self, data: bytes, ext: str):
@@ -84,8 +93,11 @@ class PyAVReader:
         self._frames_iter: Optional[Iterator[av.AudioFrame]] = None
         self._pos = 0                               # frames the current pass has decoded
         self._kept: list[np.ndarray] = []          # frames [_pos - their length, _pos), [channels, n] each
+        self._resync = False                        # after a seek: take _pos from the next frame's timestamp
         declared = self._declared_frames()
         self.frames = declared if declared is not None else self._count()
+        # seek by timestamp where a timestamp is a sample number
+        self._seekable = declared is not None and self._stream.time_base == Fraction(1, self.sample_rate)
 
     # -- lifecycle
     def _open(self):
@@ -137,8 +149,21 @@ class PyAVReader:
             self._frames_iter = self._decoded()
         frame = next(self._frames_iter, None)
         if frame is not None:
+            if self._resync:   # the first frame after a seek: where it is, its timestamp says
+                self._resync = False
+                if frame.pts is None:
+                    raise _SeekFailed()
+                self._pos = int(frame.pts)
             self._pos += frame.samples
         return frame
+
+    def _seek(self, start: int) -> None:
+        """Decode on from a second before `start`: the decoder's state (an AAC frame overlaps the one
+        before it) is whole again by then, and that second is discarded by `read`."""
+        target = max(0, start - int(SEEK_PREROLL_SECONDS * self.sample_rate))
+        self._frames_iter = None
+        self._container.seek(target, stream=self._stream, backward=True)
+        self._pos, self._kept, self._resync = target, [], True
 
     def _declared_frames(self) -> Optional[int]:
         """The stream's length in samples where its container records it exactly, else None."""
@@ -178,8 +203,20 @@ class PyAVReader:
             return np.zeros((self.channels, 0), dtype=np.float32)
         if self._whole is not None:
             return self._whole[:, start:stop]
+        try:
+            return self._read(start, stop)
+        except _SeekFailed:   # no timestamp, or one past where we asked: from the start, without seeking
+            self._seekable = False
+            self._restart()
+            return self._read(start, stop)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         kept_start = self._pos - sum(piece.shape[1] for piece in self._kept)
-        if start < kept_start:
+        far = self._seekable and start > SEEK_AHEAD_SECONDS * self.sample_rate
+        if far and (start < kept_start or start - self._pos > SEEK_AHEAD_SECONDS * self.sample_rate):
+            self._seek(start)
+            kept_start = self._pos
+        elif start < kept_start:
             self._restart()
             kept_start = 0
         out = np.empty((self.channels, stop - start), dtype=np.float32)
@@ -193,11 +230,13 @@ class PyAVReader:
                 beyond.append(piece[:, max(0, stop - at):])
             at += piece.shape[1]
         while self._pos < stop:
-            frame_start = self._pos
             frame = self._next_frame()
             if frame is None:  # the stream ends before the container said
                 self.frames = self._pos
                 raise LengthChanged()
+            frame_start = self._pos - frame.samples
+            if frame_start > start + filled:   # a seek landed past the frames this read needs
+                raise _SeekFailed()
             lo, hi = max(start, frame_start), min(stop, self._pos)
             if hi <= lo:
                 continue
