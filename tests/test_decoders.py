@@ -133,3 +133,18 @@ def test_a_read_far_into_an_m4a_seeks_and_gives_the_same_samples(monkeypatch):
         assert error < source_error / 4, (error, source_error)
         again = reader.read(start - 2 * rate, start)   # back, but past 10 s: seeks again
         assert np.linalg.norm(again - full[:, start - 2 * rate:start]) < 0.25 * source_error * np.linalg.norm(again)
+
+
+@pytest.mark.parametrize("ext", ["webm", "m4a", "aac", "wma"])
+def test_a_truncated_file_is_read_to_where_it_ends_or_is_one_decode_error(ext):
+    """WebM and WMA (no index to contradict) end where their data does; an M4A whose index outlives its
+    data, or an ADTS stream cut inside a frame, is an AudioDecodeError naming the format, not a crash."""
+    rate = 48000 if ext == "webm" else 44100
+    data = encode_audio_bytes(synth_waveform("chord", 2.0, rate, 2, np.random.default_rng(0)), rate, ext)
+    cut = data[:len(data) // 2]
+    try:
+        with open_reader(cut, ext, whole=True) as reader:
+            assert 0 < reader.frames < 2 * rate and reader.read(0, 10**9).shape == (2, reader.frames)
+            assert ext in ("webm", "wma")
+    except AudioDecodeError as exc:
+        assert ext in ("m4a", "aac") and f".{ext} audio" in str(exc)

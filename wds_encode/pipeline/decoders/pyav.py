@@ -95,7 +95,11 @@ class PyAVReader:
         self._kept: list[np.ndarray] = []          # frames [_pos - their length, _pos), [channels, n] each
         self._resync = False                        # after a seek: take _pos from the next frame's timestamp
         declared = self._declared_frames()
-        self.frames = declared if declared is not None else self._count()
+        try:
+            self.frames = declared if declared is not None else self._count()
+        except BaseException:   # undecodable: let the demuxer go now, not when it is collected
+            self.close()
+            raise
         # seek by timestamp where a timestamp is a sample number
         self._seekable = declared is not None and self._stream.time_base == Fraction(1, self.sample_rate)
 
