@@ -2,10 +2,13 @@
 
 The folders show the parts, in layers (no module imports from a layer above its own):
 - pipeline/: the stages one sample walks through, in order: sources (work units) -> reader (tar
-  members -> windows, via audio) -> batching (windows of one length per batch) -> encoder (latents,
-  and the precision check at start; pinned holds the page-locked buffers batches reach a GPU through)
-  -> writers (folder layout + latent shards) -> manifest (what is committed: one record per unit,
-  compacted into index objects so that readers need a handful of requests at any scale).
+  members -> windows, in a decode worker: decoders/ turns bytes into source frames, one module per
+  backend, libsndfile and PyAV; audio cuts and resamples them into windows; filters skips files by
+  length or level) -> batching (windows of one length per batch) -> resampling (in the main process,
+  `--resample-on device`: windows still at their source rate resampled on the device) -> encoder
+  (latents, and the precision check at start; pinned holds the page-locked buffers batches reach a GPU
+  through) -> writers (folder layout + latent shards) -> manifest (what is committed: one record per
+  unit, compacted into index objects so that readers need a handful of requests at any scale).
 - models/: the networks, stable-audio-tools' families and Stable Audio 3's SAME (models/layout: their
   channels-last CPU form); storage/: local paths and s3:// alike behind one interface, one module per
   backend (storage/local, storage/s3, storage/stream for S3 reads resumed with a ranged GET).
