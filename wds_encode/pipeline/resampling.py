@@ -33,7 +33,10 @@ def device_batch(items: list[WindowItem], device: torch.device, target_rate: int
         # a batch of segments, zero-padded at the end to the longest: the samples each window keeps see
         # only its own segment (past its end the resampler sees zeros either way)
         longest = max(int(items[i].audio.shape[-1]) for i in indices)
-        segments = torch.zeros((len(indices), channels, longest), dtype=torch.float32)
+        # page-locked on CUDA, so the copy below does not block (torch's pinned-block cache keeps the
+        # block until that copy is done, and hands it out again for the next batch)
+        segments = torch.zeros((len(indices), channels, longest), dtype=torch.float32,
+                               pin_memory=device.type == "cuda")
         for row, index in enumerate(indices):
             segment = items[index].audio
             segments[row, :, :segment.shape[-1]] = segment
