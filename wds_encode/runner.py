@@ -38,7 +38,8 @@ from .models.layout import swappable_convs
 from .job.heap import give_back_freed_memory, keep_freed_memory
 from .plan import RunInputs, adopt_kept_listing, plan_inputs, prepare_output, units_fingerprint
 from .job.parts import PARTS_DIR, Lease, LeaseLost, NoConditionalWrites
-from .job.preemption import GracefulStop, decode_worker_init, start_decode_workers, stop_workers
+from .job.preemption import (GracefulStop, decode_worker_init, start_decode_workers, stop_signals_ignored,
+                             stop_workers)
 from .job.resources import CpuPlan, available_memory, plan_cpus, slurm_cpus_per_task
 from .job.progress import ProgressCounter, ProgressDisplay, ProgressMonitor, ProgressTotals
 from .pipeline.batching import LengthBatcher
@@ -588,9 +589,11 @@ def _run_part(inputs: RunInputs, job: Job, device: torch.device, cpus: CpuPlan, 
             log = RankLog(manifest, writer_id, out_rank, part="" if part.whole else part.label,
                           lease=plan["lease"], check=lease.check if lease is not None else job.raise_if_failed)
             _encode_units(inputs, todo, encoder, stats, job, log, cpus.workers, abandoned)
-        stats.stopped_by = job.stop_reason() or ""
+            stats.stopped_by = job.stop_reason() or ""
         stats.elapsed_seconds = time.time() - started
-        per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(), "device": str(device)})
+        with stop_signals_ignored(bool(stats.stopped_by)):
+            per_rank = job.finish({**asdict(stats), "rank": job.rank, "host": socket.gethostname(),
+                                   "device": str(device)})
         finished = True
     finally:
         if monitor is not None:  # after every rank has finished, so the last line counts everyone

@@ -55,6 +55,23 @@ def start_decode_workers(loader) -> Iterator:
 
 
 @contextmanager
+def stop_signals_ignored(stopping: bool) -> Iterator[None]:
+    """Around a rank's last step after a stop signal (publishing its counts, `Job.finish`), when `stopping`:
+    further stop signals are ignored. torch's agent signals each rank's process group again while it shuts
+    down; with the default action back in place that killed a rank before it published, and its peers
+    reported it killed, not stopped. (Without a stop, a signal here acts as it always does.)"""
+    if not stopping or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
 def _stop_signals_blocked():
     if threading.current_thread() is not threading.main_thread():
         yield
