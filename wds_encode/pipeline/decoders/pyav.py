@@ -51,8 +51,8 @@ def _frame_array(frame: av.AudioFrame, channels: int) -> np.ndarray:
     name = frame.format.name
     if name == "fltp":
         out = np.empty((channels, samples), dtype=np.float32)
-        for channel, plane in enumerate(frame.planes):
-            out[channel] = np.frombuffer(plane, dtype=np.float32, count=samples)
+        for channel, plane in enumerate(_float_planes(frame)):
+            out[channel] = plane
         return out
     data = frame.to_ndarray()
     name = name.rstrip("p")
@@ -65,6 +65,11 @@ def _frame_array(frame: av.AudioFrame, channels: int) -> np.ndarray:
         data /= scale
         return data
     return data.astype(np.float32, copy=False)
+
+
+def _float_planes(frame: av.AudioFrame) -> list[np.ndarray]:
+    """A planar float frame's channels, each a view of the frame's own memory (copy before it goes)."""
+    return [np.frombuffer(plane, dtype=np.float32, count=frame.samples) for plane in frame.planes]
 
 
 class _SeekFailed(Exception):
@@ -245,9 +250,8 @@ class PyAVReader:
             if hi <= lo:
                 continue
             if frame.format.name == "fltp" and self._pos <= stop:   # the common case: planes straight in
-                for channel, plane in enumerate(frame.planes):
-                    out[channel, filled:filled + hi - lo] = np.frombuffer(
-                        plane, dtype=np.float32, count=frame.samples)[lo - frame_start:]
+                for channel, plane in enumerate(_float_planes(frame)):
+                    out[channel, filled:filled + hi - lo] = plane[lo - frame_start:]
             else:
                 block = _frame_array(frame, self.channels)
                 out[:, filled:filled + hi - lo] = block[:, lo - frame_start:hi - frame_start]

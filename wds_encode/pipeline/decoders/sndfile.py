@@ -23,9 +23,8 @@ _BLOCK_FRAMES = 1 << 16
 # libsndfile reports SF_COUNT_MAX-like values when the length is unknown.
 _UNKNOWN_FRAMES = 1 << 62
 # Lossy decoders (MP3's bit reservoir, Vorbis/Opus overlap) produce wrong
-# samples for a while after a seek -- and python-soundfile seeks around every
-# read() -- so each read starts this far before the wanted frame and the extra
-# frames are discarded. Measured worst case with libsndfile 1.2.2 is
+# samples for a while after a seek, so a read that needs a seek starts this far
+# before the wanted frame and the extra frames are discarded. Measured worst case with libsndfile 1.2.2 is
 # ~4500 frames (MP3, 44.1 kHz, low-bitrate tone); one second is ample.
 _LOSSY_PREROLL_SECONDS = 1.0
 _MIN_LOSSY_PREROLL = 8192
@@ -59,20 +58,22 @@ def _native_stderr_silenced() -> Iterator[None]:
 class SoundFileReader:
     """Reads source frame ranges [start, stop) from bytes through libsndfile, bounded in memory.
 
-    python-soundfile seeks to the current position around every read() call on
-    a seekable file, and libsndfile's MP3 decoder restarts on every seek (bit
-    reservoir lost: a few thousand wrong samples). So for lossy codecs every
-    range is fetched with ONE read() call that starts ``preroll`` frames early,
-    and the preroll is discarded. Sample-exact formats (PCM, FLAC) seek or skip
-    directly. Non-seekable streams are read sequentially, block by block. The
-    last range is kept so overlapping window contexts (split) are not decoded
-    twice.
+    Reads go through libsndfile's own sf_readf_float (`_read_on`), so a range that starts where the
+    last one ended is decoded on, with the decoder's state intact. A range elsewhere seeks: libsndfile's
+    MP3 decoder restarts on every seek (bit reservoir lost: a few thousand wrong samples), so for lossy
+    codecs such a read starts ``preroll`` frames early and the preroll is discarded; sample-exact formats
+    (PCM, FLAC) seek or skip directly. Non-seekable streams are read sequentially, block by block. A
+    file that will be read whole (`probe(whole=True)`) is decoded at once and read from memory. The
+    last range is kept so overlapping window contexts (split) are not decoded twice.
     """
 
     def __init__(self, data: bytes, ext: str, file: sf.SoundFile):
         self._data = data
         self._ext = ext
         self._file = file
+        # libsndfile's own read: python-soundfile's read() seeks to where it already is after every call,
+        # which restarts the FLAC and MP3 decoders (a frame decoded again, or the bit reservoir lost)
+        self._readf = getattr(getattr(sf, "_snd", None), "sf_readf_float", None) if hasattr(file, "_file") else None
         self.sample_rate = int(file.samplerate)
         self.channels = int(file.channels)
         fmt, subtype = str(file.format), str(file.subtype)
@@ -139,14 +140,12 @@ class SoundFileReader:
         return out
 
     def _read_on(self, frames: int) -> np.ndarray:
-        """The next `frames` frames, from where the decoder is. python-soundfile's read() seeks to the
-        position it is already at after every call, which restarts the FLAC and MP3 decoders (a frame
-        decoded again, or the bit reservoir lost); libsndfile's own sf_readf_float does not."""
-        readf = getattr(getattr(sf, "_snd", None), "sf_readf_float", None)
-        if readf is None or not hasattr(self._file, "_file"):   # another python-soundfile: its read()
+        """The next `frames` frames, from where the decoder is (`_readf`; without it, python-soundfile's
+        read(), after which the decoder has restarted)."""
+        if self._readf is None:
             return self._file.read(frames, dtype="float32", always_2d=True)
         out = np.empty((frames, self.channels), dtype=np.float32)
-        got = readf(self._file._file, sf._ffi.cast("float *", out.ctypes.data), frames)
+        got = self._readf(self._file._file, sf._ffi.cast("float *", out.ctypes.data), frames)
         sf._error_check(self._file._errorcode)
         return out[:got]
 
@@ -211,7 +210,8 @@ class SoundFileReader:
     def _fetch(self, begin: int, stop: int) -> np.ndarray:
         """Decode frames [begin, stop) (stop <= frames), preroll included unless the decoder is already
         at `begin` (the next window of a split file: its state runs on, nothing is decoded twice)."""
-        target = begin if begin == self._pos else begin - min(self._preroll, begin)
+        continuous = begin == self._pos and self._readf is not None   # no seek since the last read
+        target = begin if continuous else begin - min(self._preroll, begin)
         gap = target - self._pos
         if self._seekable and gap != 0 and (self._preroll or gap < 0 or gap > _BLOCK_FRAMES):
             self._seek(target)  # on failure: reopened at frame 0, read sequentially below
